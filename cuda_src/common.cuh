@@ -1,0 +1,63 @@
+// Shared vocabulary of every cupy_varlen kernel: fixed-width types, the element type's conversions,
+// and the PTX primitives that are not about a single concern (exp2, shuffles).
+//
+// NVRTC compiles this without the CUDA toolkit's headers (cuda_fp16.h / cuda_bf16.h need an include
+// path the user may not have), so 16-bit elements travel as raw bit patterns and are converted with
+// PTX `cvt`. The specialization arrives as -D macros from cupy_varlen/_spec.py:
+//   CV_DTYPE_BF16 (1 = bfloat16, 0 = float16)
+#pragma once
+
+#define CV_DEVICE __device__ __forceinline__
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#ifndef CV_DTYPE_BF16
+#error "CV_DTYPE_BF16 must be defined by the kernel spec"
+#endif
+
+// Packs two fp32 values into one register of two 16-bit elements, `lo` in the low half: the layout
+// mma.sync expects for consecutive columns of a fragment.
+CV_DEVICE u32 pack_float2(float lo, float hi) {
+  u32 packed;
+#if CV_DTYPE_BF16
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
+#else
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
+#endif
+  return packed;
+}
+
+// ex2.approx maps -inf to +0, which is what masked scores need; libm's exp2f adds range checks.
+CV_DEVICE float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Hides a value's provenance from the optimizer. Loop-invariant address arithmetic that ptxas
+// would otherwise hoist out of the main loop (and then spill, with 255 registers in use) is
+// recomputed where it is used instead: a few integer ops per tile copy.
+CV_DEVICE int opaque(int x) {
+  asm volatile("mov.b32 %0, %0;\n" : "+r"(x));
+  return x;
+}
+
+CV_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
+
+CV_DEVICE u32 smem_addr(const void* ptr) {
+  return static_cast<u32>(__cvta_generic_to_shared(ptr));
+}
+
+// The four lanes that share an mma row (same lane / 4) hold its columns; these reduce over them.
+CV_DEVICE float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+CV_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}

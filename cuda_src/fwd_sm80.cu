@@ -1,0 +1,184 @@
+// FlashAttention-2 forward for packed variable-length batches, on mma.sync tensor cores (sm_80+).
+//
+// One CTA computes one query tile (kBlockM rows of one sequence, one head). It streams the key/value
+// tiles that the mask allows, last tile first (so the tile that needs element masking is met while
+// the running max is still forming), through a ring of kStages K slots and kStages V slots filled
+// by cp.async. O and lse are written once at the end.
+//
+// A shared-memory tile of kBlockN keys may be consumed in kSubTiles register sub-tiles of kSubN
+// keys (QK^T, softmax, PV each): the score registers shrink with kSubN while barriers and copies
+// stay per kBlockN. Copy schedule:
+//  - one sub-tile: K and V staggered as in FlashAttention-2: V[i] is requested while S = Q K[i]^T
+//    is computed and K[i + kStages] while P V[i] is, so each copy overlaps a GEMM;
+//  - several sub-tiles: K[i + kStages - 1] and V[i + kStages - 1] are requested together at the
+//    top of iteration i (their slots were freed by iteration i - 1), needing kStages >= 2.
+//
+// Specialization (-D from cupy_varlen/_spec.py): CV_HEAD_DIM (head-dim tile), CV_BLOCK_M,
+// CV_BLOCK_N, CV_SUB_N, CV_WARPS, CV_STAGES, CV_WINDOWED, CV_MIN_BLOCKS, CV_QK_UNROLL,
+// CV_DTYPE_BF16.
+
+constexpr int kHeadDim = CV_HEAD_DIM;
+constexpr int kBlockM = CV_BLOCK_M;
+constexpr int kBlockN = CV_BLOCK_N;
+constexpr int kSubN = CV_SUB_N;
+constexpr int kSubTiles = kBlockN / kSubN;
+constexpr int kWarps = CV_WARPS;
+constexpr int kStages = CV_STAGES;
+constexpr int kThreads = kWarps * 32;
+constexpr int kWarpRows = kBlockM / kWarps;
+constexpr int kMAtoms = kWarpRows / 16;
+constexpr int kNAtoms = kSubN / 8;
+constexpr int kDAtoms = kHeadDim / 8;
+constexpr bool kStaggerK = kSubTiles == 1;
+// cp.async groups younger than K[i] / V[i] that may still be in flight when each is awaited.
+constexpr int kPendingAfterK = kStaggerK ? 2 * (kStages - 1) : 2 * kStages - 3;
+constexpr int kPendingAfterV = 2 * (kStages - 1);
+static_assert(kWarpRows % 16 == 0, "each warp owns whole 16-row mma blocks");
+static_assert(kBlockN % kSubN == 0 && kSubN % 16 == 0, "sub-tiles split the key tile evenly");
+static_assert(kStaggerK ? kStages >= 1 : kStages >= 2, "sub-tiled schedule needs two K/V slots");
+
+typedef SmemTile<kBlockM, kHeadDim> QTile;
+typedef SmemTile<kBlockN, kHeadDim> KVTile;
+
+extern "C" __global__ void __launch_bounds__(kThreads, CV_MIN_BLOCKS)
+varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+           u16* __restrict__ out, float* __restrict__ lse,
+           const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+           const int* __restrict__ schedule,
+           i64 q_row_stride, i64 q_head_stride, i64 k_row_stride, i64 k_head_stride,
+           i64 v_row_stride, i64 v_head_stride, i64 o_row_stride, i64 o_head_stride,
+           i64 lse_head_stride, int heads_per_kv, int head_dim, float scale, float scale_log2,
+           int window_left, int window_right) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  TileWork work;
+  int head;
+  if (!decode_tile(schedule, heads_per_kv, blockIdx.x, work, head)) return;
+  const int kv_head = head / heads_per_kv;
+  SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, work.batch_idx);
+#if CV_WINDOWED
+  const AttnWindow window = {window_left, window_right};
+#else
+  const AttnWindow window = {-1, -1};
+#endif
+  int m0 = work.m_block * kBlockM;
+  int rows_valid = min(kBlockM, seq.q_len - m0);
+  const int row_last = m0 + rows_valid - 1;
+  const int chunks_valid = head_dim / 8;
+
+  const u16* q_tile = q + (i64)(seq.q_start + m0) * q_row_stride + (i64)head * q_head_stride;
+
+  const MaskBand band = make_band(seq.q_len, seq.k_len, window);
+  const KeyBlockRange range = key_block_range(m0, row_last, seq.k_len, band, kBlockN);
+  const TileMaskTest<kSubN> mask_test(m0, row_last, seq.k_len, band);
+  const int n_iters = range.count();
+
+  const u32 q_smem = smem_addr(smem);
+  const u32 k_smem = q_smem + QTile::kBytes;
+  const u32 v_smem = k_smem + kStages * KVTile::kBytes;
+
+  // Iteration i visits key tile n_block_max - 1 - i. Every call commits a group, empty past the
+  // last tile, so the wait counts below hold for any number of iterations. The tile's address is
+  // rebuilt from the kernel parameters on each call: two 64-bit sequence base pointers kept live
+  // through the main loop are what spill first at 255 registers.
+  auto load_kv = [&](u32 slots, const u16* base, i64 row_stride, i64 head_stride, int iter) {
+    if (iter < n_iters) {
+      const int n0 = (range.n_block_max - 1 - iter) * kBlockN;
+      const u16* tile = base + (i64)(opaque(seq.k_start) + n0) * row_stride +
+                        (i64)opaque(kv_head) * head_stride;
+      load_tile_async<kBlockN, kHeadDim, kThreads>(slots + (iter % kStages) * KVTile::kBytes,
+                                                   tile, row_stride, seq.k_len - n0, chunks_valid,
+                                                   tid);
+    }
+    cp_async_commit();
+  };
+
+  // Issue order K0 (with Q), V0, K1, V1, ...; see the copy schedule above.
+  load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem, q_tile, q_row_stride, rows_valid,
+                                               chunks_valid, tid);
+  load_kv(k_smem, k, k_row_stride, k_head_stride, 0);
+  if (kStaggerK) {
+#pragma unroll
+    for (int s = 1; s < kStages; ++s) {
+      load_kv(v_smem, v, v_row_stride, v_head_stride, s - 1);
+      load_kv(k_smem, k, k_row_stride, k_head_stride, s);
+    }
+  } else {
+    load_kv(v_smem, v, v_row_stride, v_head_stride, 0);
+#pragma unroll
+    for (int s = 1; s < kStages - 1; ++s) {
+      load_kv(k_smem, k, k_row_stride, k_head_stride, s);
+      load_kv(v_smem, v, v_row_stride, v_head_stride, s);
+    }
+  }
+
+  float acc_o[kMAtoms][kDAtoms][4];
+#pragma unroll
+  for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+    for (int d = 0; d < kDAtoms; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[m][d][e] = 0.f;
+  OnlineSoftmax<kMAtoms> softmax;
+  const LaneCoords lc(lane);
+  const int warp_row0 = warp * kWarpRows;
+
+  for (int it = 0; it < n_iters; ++it) {
+    const u32 k_slot = k_smem + (it % kStages) * KVTile::kBytes;
+    const u32 v_slot = v_smem + (it % kStages) * KVTile::kBytes;
+    const int n0 = (range.n_block_max - 1 - it) * kBlockN;
+
+    cp_async_wait<kPendingAfterK>();  // K[it] landed
+    __syncthreads();                  // ... for every thread; iteration it - 1 freed its slots
+    if (!kStaggerK) load_kv(k_smem, k, k_row_stride, k_head_stride, it + kStages - 1);
+    load_kv(v_smem, v, v_row_stride, v_head_stride, it + kStages - 1);
+
+    // Rolled: unrolled, ptxas overlaps the next sub-tile's QK^T with this one's PV and keeps two
+    // score tiles live, which is what sub-tiling exists to avoid.
+#pragma unroll 1
+    for (int sub = 0; sub < kSubTiles; ++sub) {
+      float s[kMAtoms][kNAtoms][4];
+#pragma unroll
+      for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+        for (int n = 0; n < kNAtoms; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[m][n][e] = 0.f;
+      gemm_qk<kMAtoms, kNAtoms, kHeadDim, kBlockM, kBlockN, CV_QK_UNROLL>(
+          s, q_smem, k_slot, warp_row0, sub * kSubN, lc);
+      const int sub_n0 = n0 + sub * kSubN;
+      if (mask_test.needs_mask(sub_n0)) apply_mask(s, m0 + warp_row0, sub_n0, lane, seq.k_len, band);
+
+      if (sub == 0) {
+        cp_async_wait<kPendingAfterV>();  // V[it] landed
+        __syncthreads();                  // ... for every thread (and K[it] is read, if staggered)
+        if (kStaggerK) load_kv(k_smem, k, k_row_stride, k_head_stride, it + kStages);
+      }
+
+      softmax.update(s, acc_o, scale_log2);
+      gemm_pv<kMAtoms, kNAtoms, kDAtoms, kHeadDim, kBlockN>(acc_o, s, v_slot, sub * kSubN, lc);
+    }
+  }
+
+  // Re-derive the tile's coordinates rather than hold them through the main loop (opaque() makes
+  // the compiler reload them instead of keeping the first values live).
+  decode_tile(schedule, heads_per_kv, opaque(blockIdx.x), work, head);
+  seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, work.batch_idx);
+  m0 = work.m_block * kBlockM;
+  rows_valid = min(kBlockM, seq.q_len - m0);
+
+  float row_lse[kMAtoms][2];
+  softmax.finalize(acc_o, scale, row_lse);
+  if (lse != nullptr)
+    store_lse(row_lse, lse + (i64)head * lse_head_stride + seq.q_start + m0, rows_valid, warp_row0,
+              lane);
+
+  // The Q tile's space stages O: every warp must be past its last read of Q, and no copy may still
+  // be landing in shared memory (the trailing groups are empty, but Q's may be all there is).
+  cp_async_wait<0>();
+  __syncthreads();
+  store_output<kMAtoms, kDAtoms, kBlockM, kHeadDim, kThreads>(
+      acc_o, smem, out + (i64)(seq.q_start + m0) * o_row_stride + (i64)head * o_head_stride,
+      o_row_stride, rows_valid, chunks_valid, warp_row0, lane, tid);
+}

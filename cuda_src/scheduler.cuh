@@ -1,0 +1,146 @@
+// Varlen work assignment: one CTA per (query tile of one sequence, head), no CTA spent on padding,
+// heaviest tiles first.
+//
+// A one-block kernel reads cu_seqlens on the device (the host never does) and writes the schedule:
+// the number of query tiles and their list sorted by cost, longest first (LPT), where a tile's cost
+// is the number of key tiles its mask lets it visit (so causal and windowed tiles are weighed by
+// their real work). The sort is a counting sort into kCostBuckets cost buckets: LPT only needs the
+// order roughly right, and it runs in a few passes of one block. The order of tiles within a
+// bucket depends on atomics, but no result does: every tile is computed independently.
+//
+// Consecutive tiles of one sequence that fall in the same bucket get consecutive ranks (one atomic
+// reserves the run). The 1-D grid is a host-side upper bound on tiles (tile_bound) times heads and
+// walks ranks head by head: CTA i takes rank (i / g) mod tile_bound of head
+// g * (i / (g * tile_bound)) + i mod g, g being the query heads per K/V head. So the query heads that
+// share K/V run side by side, the query tiles of one (sequence, head) run at the same time and read
+// the same K/V from L2, and the grid ends on the cheapest tiles of the last heads. Surplus CTAs
+// (ranks past the real tile count) exit at once.
+#pragma once
+
+constexpr int kCostBuckets = 1024;
+constexpr int kScheduleThreads = 1024;
+
+// Workspace (int32): [0] number of tiles, [1] the grid's tile bound, then (batch_idx, m_block) per
+// tile by rank.
+constexpr int kScheduleHeader = 2;
+
+struct TileWork {
+  int batch_idx;  // sequence
+  int m_block;    // query tile within the sequence
+};
+
+CV_DEVICE int tile_cost(const SeqInfo& seq, int m_block, int block_m, int block_n, AttnWindow w) {
+  const int row_first = m_block * block_m;
+  const int row_last = min(row_first + block_m, seq.q_len) - 1;
+  const MaskBand band = make_band(seq.q_len, seq.k_len, w);
+  // +1: a tile with no key to visit still loads Q and writes O.
+  return key_block_range(row_first, row_last, seq.k_len, band, block_n).count() + 1;
+}
+
+CV_DEVICE int cost_bucket(int cost, int max_cost) {
+  return (int)((i64)cost * (kCostBuckets - 1) / max_cost);
+}
+
+// Block-wide exclusive prefix sum of one value per thread (blockDim.x == kScheduleThreads).
+CV_DEVICE int block_exclusive_sum(int value, int* warp_totals) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int inclusive = value;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int up = __shfl_up_sync(0xffffffffu, inclusive, d);
+    if (lane >= d) inclusive += up;
+  }
+  if (lane == 31) warp_totals[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int total = warp_totals[lane];
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int up = __shfl_up_sync(0xffffffffu, total, d);
+      if (lane >= d) total += up;
+    }
+    warp_totals[lane] = total;
+  }
+  __syncthreads();
+  return (warp > 0 ? warp_totals[warp - 1] : 0) + inclusive - value;
+}
+
+extern "C" __global__ void __launch_bounds__(kScheduleThreads)
+varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                     int batch, int block_m, int block_n, int window_left, int window_right,
+                     int tile_bound, int* __restrict__ workspace) {
+  __shared__ int bucket_count[kCostBuckets];
+  __shared__ int warp_totals[32];
+  __shared__ int max_cost, num_tiles;
+  const AttnWindow window = {window_left, window_right};
+  for (int i = threadIdx.x; i < kCostBuckets; i += blockDim.x) bucket_count[i] = 0;
+  if (threadIdx.x == 0) max_cost = num_tiles = 0;
+  __syncthreads();
+
+  // Each thread walks whole sequences; the passes recompute costs rather than store them.
+  int my_max = 0, my_tiles = 0;
+  for (int b = threadIdx.x; b < batch; b += blockDim.x) {
+    const SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, b);
+    const int tiles = (seq.q_len + block_m - 1) / block_m;
+    my_tiles += tiles;
+    for (int m = 0; m < tiles; ++m) my_max = max(my_max, tile_cost(seq, m, block_m, block_n, window));
+  }
+  atomicMax(&max_cost, my_max);
+  atomicAdd(&num_tiles, my_tiles);
+  __syncthreads();
+  const int cost_cap = max(max_cost, 1);
+
+  for (int b = threadIdx.x; b < batch; b += blockDim.x) {
+    const SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, b);
+    const int tiles = (seq.q_len + block_m - 1) / block_m;
+    for (int m = 0; m < tiles; ++m)
+      atomicAdd(&bucket_count[cost_bucket(tile_cost(seq, m, block_m, block_n, window), cost_cap)], 1);
+  }
+  __syncthreads();
+
+  // Bucket k's first rank: the tiles of every costlier bucket come before it.
+  const int bucket = kCostBuckets - 1 - threadIdx.x;
+  const int count = bucket_count[bucket];
+  const int first_rank = block_exclusive_sum(count, warp_totals);
+  bucket_count[bucket] = first_rank;  // from here on: the bucket's next free rank
+  __syncthreads();
+
+  int* order = workspace + kScheduleHeader;
+  for (int b = threadIdx.x; b < batch; b += blockDim.x) {
+    const SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, b);
+    const int tiles = (seq.q_len + block_m - 1) / block_m;
+    int m = tiles - 1;
+    while (m >= 0) {
+      const int bucket = cost_bucket(tile_cost(seq, m, block_m, block_n, window), cost_cap);
+      int run = 1;  // tiles m, m-1, ... in the same bucket
+      while (m - run >= 0 &&
+             cost_bucket(tile_cost(seq, m - run, block_m, block_n, window), cost_cap) == bucket)
+        ++run;
+      const int rank = atomicAdd(&bucket_count[bucket], run);
+      for (int r = 0; r < run; ++r) {
+        order[2 * (rank + r)] = b;
+        order[2 * (rank + r) + 1] = m - r;
+      }
+      m -= run;
+    }
+  }
+  if (threadIdx.x == 0) {
+    workspace[0] = num_tiles;
+    workspace[1] = tile_bound;
+  }
+}
+
+// The work of CTA `cta` (see above); false for surplus CTAs.
+CV_DEVICE bool decode_tile(const int* __restrict__ workspace, int heads_per_kv, int cta,
+                           TileWork& w, int& head) {
+  const int tile_bound = __ldg(workspace + 1);
+  const int rest = cta / heads_per_kv;
+  const int kv_head = rest / tile_bound;
+  const int rank = rest - kv_head * tile_bound;
+  if (rank >= __ldg(workspace)) return false;
+  head = kv_head * heads_per_kv + (cta - rest * heads_per_kv);
+  const int2 entry = __ldg(reinterpret_cast<const int2*>(workspace + kScheduleHeader) + rank);
+  w.batch_idx = entry.x;
+  w.m_block = entry.y;
+  return true;
+}

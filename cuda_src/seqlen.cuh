@@ -1,0 +1,18 @@
+// Where a sequence starts and how long it is, from the cumulative offsets.
+#pragma once
+
+struct SeqInfo {
+  int q_start, q_len;
+  int k_start, k_len;
+};
+
+// A decreasing pair of offsets is invalid input; reading it as an empty sequence keeps every access
+// inside the tensors (check_inputs=True reports it instead).
+CV_DEVICE SeqInfo load_seq_info(const int* cu_seqlens_q, const int* cu_seqlens_k, int batch_idx) {
+  SeqInfo s;
+  s.q_start = __ldg(cu_seqlens_q + batch_idx);
+  s.q_len = max(__ldg(cu_seqlens_q + batch_idx + 1) - s.q_start, 0);
+  s.k_start = __ldg(cu_seqlens_k + batch_idx);
+  s.k_len = max(__ldg(cu_seqlens_k + batch_idx + 1) - s.k_start, 0);
+  return s;
+}

@@ -1,0 +1,86 @@
+// Online softmax over streamed key tiles (FlashAttention-2): per query row a running max and a
+// running sum of exponentials; the output accumulator is rescaled whenever the max grows.
+//
+// Scores stay in raw (unscaled) units; the softmax scale is folded into one FFMA per score,
+// exp2(s * scale_log2 - max * scale_log2), with scale_log2 = scale * log2(e). The host guarantees
+// scale > 0, so multiplying by it preserves the order of scores and -inf stays -inf.
+#pragma once
+
+template <int kMAtoms>
+struct OnlineSoftmax {
+  // [m][half]: rows group and group + 8 of row block m.
+  float row_max[kMAtoms][2];
+  float row_sum[kMAtoms][2];  // partial over this lane's columns; reduced across the quad at the end
+
+  CV_DEVICE OnlineSoftmax() {
+#pragma unroll
+    for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        row_max[m][h] = neg_inf();
+        row_sum[m][h] = 0.f;
+      }
+  }
+
+  // Turns the score tile into probabilities (relative to the new running max) in place and rescales
+  // the output accumulator to that max.
+  template <int kNAtoms, int kDAtoms>
+  CV_DEVICE void update(float (&s)[kMAtoms][kNAtoms][4], float (&acc_o)[kMAtoms][kDAtoms][4],
+                        float scale_log2) {
+#pragma unroll
+    for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float tile_max = row_max[m][h];
+#pragma unroll
+        for (int n = 0; n < kNAtoms; ++n)
+          tile_max = fmaxf(tile_max, fmaxf(s[m][n][2 * h], s[m][n][2 * h + 1]));
+        tile_max = quad_max(tile_max);
+        // A row that has met only masked keys keeps a max of -inf; exponentiating against 0 keeps
+        // its probabilities 0 instead of NaN (-inf - -inf).
+        const float max_scaled = (tile_max == neg_inf()) ? 0.f : tile_max * scale_log2;
+        const float correction = fast_exp2(row_max[m][h] * scale_log2 - max_scaled);
+        row_max[m][h] = tile_max;
+        float tile_sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < kNAtoms; ++n)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float p = fast_exp2(fmaf(s[m][n][2 * h + j], scale_log2, -max_scaled));
+            s[m][n][2 * h + j] = p;
+            tile_sum += p;
+          }
+        row_sum[m][h] = row_sum[m][h] * correction + tile_sum;
+        // Once the running max has settled it rarely moves; skipping the rescale then (the test
+        // is warp-uniform, so no divergence) saves kDAtoms * 2 multiplies per row and tile.
+        if (__any_sync(0xffffffffu, correction != 1.f)) {
+#pragma unroll
+          for (int d = 0; d < kDAtoms; ++d) {
+            acc_o[m][d][2 * h] *= correction;
+            acc_o[m][d][2 * h + 1] *= correction;
+          }
+        }
+      }
+  }
+
+  // Divides the output by the row sums and returns the natural-log sum of exponentials of the
+  // scaled scores. A row with no allowed key gets output 0 and lse -inf.
+  template <int kDAtoms>
+  CV_DEVICE void finalize(float (&acc_o)[kMAtoms][kDAtoms][4], float scale,
+                          float (&lse)[kMAtoms][2]) {
+#pragma unroll
+    for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float sum = quad_sum(row_sum[m][h]);
+        const bool empty = !(sum > 0.f);
+        const float inv = empty ? 0.f : 1.f / sum;
+        lse[m][h] = empty ? neg_inf() : row_max[m][h] * scale + __logf(sum);
+#pragma unroll
+        for (int d = 0; d < kDAtoms; ++d) {
+          acc_o[m][d][2 * h] *= inv;
+          acc_o[m][d][2 * h + 1] *= inv;
+        }
+      }
+  }
+};

@@ -1,0 +1,82 @@
+// Shared-memory tiles of 16-bit elements and the asynchronous copies that fill them.
+//
+// A tile holds kRows rows of kHeadDim elements. Rows are cut into 16-byte chunks (8 elements), the
+// unit of cp.async and of one ldmatrix row. The head dimension is split into panels of 64 elements
+// (32 when kHeadDim is not a multiple of 64), each panel stored as its own rows x panel block, and
+// within a panel the chunk index is XORed with a function of the row. ldmatrix reads 8 rows at the
+// same chunk; the XOR sends those 8 reads to 8 different 16-byte bank groups, so neither ldmatrix
+// nor the cp.async writes (8 consecutive chunks of one row per quarter-warp) conflict.
+#pragma once
+
+template <int kRows, int kHeadDim>
+struct SmemTile {
+  static_assert(kHeadDim % 32 == 0, "head-dim tile must be a multiple of 32");
+  static constexpr int kChunksPerRow = kHeadDim / 8;
+  static constexpr int kPanelChunks = (kHeadDim % 64 == 0) ? 8 : 4;
+  static constexpr int kBytes = kRows * kHeadDim * 2;
+
+  // Row bits that scramble the chunk index: row % 8 for 128-byte panel rows; for 64-byte rows two
+  // rows share a 128-byte line, so (row / 2) % 4.
+  static CV_DEVICE int swizzle_key(int row) {
+    return (kPanelChunks == 8) ? (row & 7) : ((row >> 1) & 3);
+  }
+
+  // Byte offset of chunk `chunk` of row `row`.
+  static CV_DEVICE int offset(int row, int chunk) {
+    const int panel = chunk / kPanelChunks;
+    const int in_panel = chunk % kPanelChunks;
+    return ((panel * kRows + row) * kPanelChunks + (in_panel ^ swizzle_key(row))) * 16;
+  }
+
+  // ldmatrix address for lane-dependent (lane_row, lane_chunk_bit) plus compile-time (row0, chunk0)
+  // with row0 a multiple of 8 and chunk0 even: the swizzle key then depends on the lane alone and
+  // the chunk bit never carries, so the unrolled loops fold everything but one XOR and one add.
+  static CV_DEVICE u32 ldmatrix_addr(u32 base, int row0, int chunk0, int lane_row, int lane_chunk_bit) {
+    const int panel = chunk0 / kPanelChunks;
+    const int in_panel = (chunk0 % kPanelChunks) ^ lane_chunk_bit ^ swizzle_key(lane_row);
+    return base + ((panel * kRows + row0 + lane_row) * kPanelChunks + in_panel) * 16;
+  }
+};
+
+CV_DEVICE void cp_async_16(u32 dst, const void* src, bool valid) {
+  // src-size 0 zero-fills the destination without reading: rows past a sequence's end and columns
+  // past the real head dim become zeros, never another sequence's data.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+CV_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+CV_DEVICE void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Starts the copy of a kRows x kHeadDim tile whose row r lives at gmem + r * row_stride. Rows at or
+// past rows_valid and chunks at or past chunks_valid are zero-filled.
+//
+// Each row is served by a power-of-two group of lanes (idle lanes where the row has fewer chunks),
+// so a thread keeps one chunk column and steps down the tile by a fixed row count: its addresses are
+// one base plus compile-time multiples, and nothing per-copy is held in registers across the main
+// loop.
+template <int kRows, int kHeadDim, int kThreads>
+CV_DEVICE void load_tile_async(u32 smem_base, const u16* gmem, i64 row_stride, int rows_valid,
+                               int chunks_valid, int tid) {
+  typedef SmemTile<kRows, kHeadDim> Tile;
+  constexpr int kChunks = Tile::kChunksPerRow;
+  constexpr int kLanesPerRow = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
+  constexpr int kRowStep = kThreads / kLanesPerRow;
+  static_assert(kRows % kRowStep == 0, "tile rows must divide evenly among threads");
+  tid = opaque(tid);
+  const int chunk = tid % kLanesPerRow;
+  const int row0 = tid / kLanesPerRow;
+  if (kChunks != kLanesPerRow && chunk >= kChunks) return;
+  const u16* src = gmem + row0 * row_stride + chunk * 8;
+  const i64 step = kRowStep * row_stride;
+#pragma unroll
+  for (int i = 0; i < kRows / kRowStep; ++i) {
+    const int row = row0 + i * kRowStep;
+    const bool valid = row < rows_valid && chunk < chunks_valid;
+    cp_async_16(smem_base + Tile::offset(row, chunk), valid ? src + i * step : gmem, valid);
+  }
+}

@@ -1,0 +1,297 @@
+"""Public forward entry point: argument validation, dispatch and the framework bridge."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import cupy
+import numpy as np
+
+from . import _arrays, _build, _launch, _spec
+
+_LOG2E = 1.4426950408889634
+_INT32_MAX = 2**31 - 1
+_MAX_GRID_Y = 65535
+
+
+def _fail(exc, name, msg):
+    raise exc(f"varlen_attn: {name} {msg}")
+
+
+def _check_int(name, value, minimum=0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(TypeError, name, f"must be a Python int, got {type(value).__name__}")
+    if value < minimum:
+        _fail(ValueError, name, f"must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(TypeError, name, f"must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _check_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        _fail(TypeError, "scale", f"must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0.0):
+        _fail(ValueError, "scale", f"must be a finite positive number, got {scale}")
+    return scale
+
+
+def _check_window(window_size, causal):
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        _fail(TypeError, "window_size", f"must be a pair (left, right), got {window_size!r}")
+    left, right = (_check_int(f"window_size[{i}]", w, minimum=-1) for i, w in enumerate(window_size))
+    if causal:
+        if right > 0:
+            _fail(ValueError, "window_size",
+                  f"right = {right} contradicts causal=True (which means right = 0)")
+        right = 0
+    return left, right
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(device: int) -> str:
+    cc = cupy.cuda.Device(device).compute_capability  # e.g. "90"
+    return _spec.arch_for_capability(int(cc[:-1]), int(cc[-1]))
+
+
+@functools.lru_cache(maxsize=None)
+def _dispatch(dtype: str, head_dim: int, windowed: bool, device: int):
+    spec = _spec.choose_fwd_spec(dtype, head_dim, windowed, _device_arch(device))
+    return spec, _build.load_kernels(spec, device)
+
+
+def _aligned(info) -> bool:
+    """16-byte vector access needs a 16-byte aligned base and row/head strides of 8 elements."""
+    s0, s1, _ = info.strides
+    return info.ptr % 16 == 0 and isinstance(s0, int) and isinstance(s1, int) and s0 % 8 == 0 \
+        and s1 % 8 == 0
+
+
+def _check_qkv(fw, q, k, v):
+    infos = []
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if _arrays.framework_of(x) is not fw:
+            _fail(TypeError, name, f"must be a {fw.name} array like q, got {type(x).__name__}")
+        info = fw.info(x)
+        if len(info.shape) != 3:
+            _fail(ValueError, name,
+                  f"must be 3-D (total_tokens, num_heads, head_dim), got shape {info.shape}")
+        if info.dtype not in _arrays.DTYPE_NAMES:
+            _fail(TypeError, name, f"must be float16 or bfloat16, got {info.dtype}")
+        if info.shape[2] > 1 and info.strides[2] != 1:
+            _fail(ValueError, name,
+                  f"must be contiguous in its last dimension (stride 1), got strides {info.strides}")
+        infos.append(info)
+    qi, ki, vi = infos
+    for name, info in (("k", ki), ("v", vi)):
+        if info.dtype != qi.dtype:
+            _fail(TypeError, name, f"dtype {info.dtype} differs from q's {qi.dtype}")
+    total_q, heads, head_dim = qi.shape
+    total_k, heads_kv, head_dim_k = ki.shape
+    if vi.shape != ki.shape:
+        _fail(ValueError, "v", f"shape {vi.shape} must equal k's shape {ki.shape}")
+    if head_dim_k != head_dim:
+        _fail(ValueError, "k", f"head dim {head_dim_k} differs from q's head dim {head_dim}")
+    if head_dim % 8 != 0 or not 8 <= head_dim <= _spec.MAX_HEAD_DIM:
+        _fail(ValueError, "q",
+              f"head dim must be a multiple of 8 in [8, {_spec.MAX_HEAD_DIM}], got {head_dim}")
+    if heads < 1 or heads_kv < 1:
+        _fail(ValueError, "q", f"needs at least one head (q has {heads}, k has {heads_kv})")
+    if heads % heads_kv != 0:
+        _fail(ValueError, "k",
+              f"num_heads {heads_kv} must divide q's num_heads {heads} (GQA/MQA groups)")
+    if heads > _MAX_GRID_Y:
+        _fail(ValueError, "q", f"num_heads {heads} exceeds {_MAX_GRID_Y}")
+    if max(total_q, total_k) > _INT32_MAX:
+        _fail(ValueError, "q", "total tokens must fit the int32 cu_seqlens (< 2**31)")
+    return qi, ki, vi
+
+
+def _check_devices(named_infos):
+    """Last of the checks, so that every other one also runs (and is tested) on CPU arrays."""
+    (first_name, first), *rest = named_infos
+    if first.device < 0:
+        _fail(ValueError, first_name, "must be on a CUDA device, got host memory")
+    for name, info in rest:
+        if info is not None and info.device != first.device:
+            where = "host memory" if info.device < 0 else f"cuda:{info.device}"
+            _fail(ValueError, name, f"is in {where} but {first_name} is on cuda:{first.device}")
+
+
+def _check_cu_seqlens(fw, cu_q, cu_k):
+    results = []
+    for name, x in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if _arrays.framework_of(x) is not fw:
+            _fail(TypeError, name, f"must be a {fw.name} array like q, got {type(x).__name__}")
+        info = fw.info(x)
+        if info.dtype != "int32":
+            _fail(TypeError, name, f"must be int32, got {info.dtype}")
+        if len(info.shape) != 1 or info.shape[0] < 1:
+            _fail(ValueError, name, f"must be 1-D of length batch + 1, got shape {info.shape}")
+        results.append((x, info))
+    if results[0][1].shape != results[1][1].shape:
+        _fail(ValueError, "cu_seqlens_k",
+              f"length {results[1][1].shape[0]} differs from cu_seqlens_q's "
+              f"{results[0][1].shape[0]}")
+    return results
+
+
+def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                causal=False, scale=None, window_size=(-1, -1), return_lse=False, out=None):
+    r"""Attention over a packed batch of variable-length sequences.
+
+    Sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key/value rows
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; no row attends across sequences.
+
+    .. math::
+        \mathrm{out}_i = \sum_{j \in A(i)} \mathrm{softmax}_j(\mathrm{scale}\; q_i \cdot k_j)\, v_j
+
+    Shapes (B sequences, :math:`T_q = \sum L_q`, :math:`T_k = \sum L_k`, H query heads,
+    :math:`H_{kv}` key/value heads, head dim D):
+
+    ============== ========================== ==============================================
+    argument        shape                      notes
+    ============== ========================== ==============================================
+    q               (T_q, H, D)                float16 or bfloat16; D a multiple of 8, <= 256
+    k, v            (T_k, H_kv, D)             q's dtype and device; H % H_kv == 0 (GQA/MQA)
+    cu_seqlens_q    (B + 1,) int32             cumulative offsets, starting at 0
+    cu_seqlens_k    (B + 1,) int32             same length as cu_seqlens_q
+    out (returned)  (T_q, H, D)                q's dtype and array type
+    lse (returned)  (H, T_q) float32           with ``return_lse=True``
+    ============== ========================== ==============================================
+
+    Args:
+        q, k, v: torch tensors or CuPy arrays on one CUDA device. Only the last dimension must be
+            contiguous: views of a packed (T, 3, H, D) tensor work without a copy.
+        cu_seqlens_q, cu_seqlens_k: int32 offsets on the same device; sequences may be empty.
+            They are never read on the host.
+        max_seqlen_q, max_seqlen_k: Python ints, at least the longest sequence. They are checked
+            for type only; the grid is sized from the token totals, so a loose (or even too
+            small) value never changes the result or costs much.
+        causal: mask keys after the query's position, aligned bottom-right: query i of a
+            sequence with lengths (Lq, Lk) sees key j iff j <= i + Lk - Lq.
+        scale: softmax scale, a finite positive float; default ``1/sqrt(D)``.
+        window_size: ``(left, right)`` sliding window, -1 for unbounded: key j is allowed iff
+            ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``. ``causal=True`` means right = 0
+            (a positive right with causal is an error).
+        return_lse: also return the natural-log sum of exponentials of the scaled scores.
+        out: optional preallocated (T_q, H, D) array of q's dtype and type (may be a strided
+            view); written in place and returned. Must not overlap k or v.
+
+    Returns:
+        ``out``, or ``(out, lse)`` with ``return_lse=True``. A query row with no allowed key
+        (empty key sequence, or everything masked) gets out 0 and lse -inf, never NaN.
+
+    Runs on the caller's current stream (torch's for torch tensors, CuPy's for CuPy arrays) with
+    no host synchronization, so a call can be captured in a CUDA graph and replayed with new data.
+    Any other ``__dlpack__`` array is taken through ``cupy.from_dlpack`` and answered with CuPy
+    arrays.
+
+    Example::
+
+        >>> import torch, cupy_varlen
+        >>> lens = torch.tensor([0, 300, 1024, 1324 + 77], dtype=torch.int32, device="cuda")
+        >>> q, k, v = (torch.randn(1401, 8, 64, device="cuda", dtype=torch.bfloat16)
+        ...            for _ in range(3))
+        >>> out = cupy_varlen.varlen_attn(q, k, v, lens, lens, 1024, 1024, causal=True)
+    """
+    q, k, v, cu_seqlens_q, cu_seqlens_k, out = (
+        _arrays.adopt(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k, out)
+    )
+    fw = _arrays.framework_of(q)
+    if fw is None:
+        _fail(TypeError, "q", f"must be a torch tensor or CuPy array, got {type(q).__name__}")
+    qi, ki, vi = _check_qkv(fw, q, k, v)
+    (cu_q, cu_qi), (cu_k, cu_ki) = _check_cu_seqlens(fw, cu_seqlens_q, cu_seqlens_k)
+    _check_int("max_seqlen_q", max_seqlen_q)
+    _check_int("max_seqlen_k", max_seqlen_k)
+    causal = _check_bool("causal", causal)
+    return_lse = _check_bool("return_lse", return_lse)
+    total_q, heads, head_dim = qi.shape
+    total_k, heads_kv, _ = ki.shape
+    scale = _check_scale(scale, head_dim)
+    left, right = _check_window(window_size, causal)
+    # A window reaching past every token is no window: the unmasked kernel serves it, and the
+    # kernel's band arithmetic never sees values near the int32 limit.
+    reach = total_q + total_k
+    left = -1 if left >= reach else left
+    right = -1 if right >= reach else right
+    batch = cu_qi.shape[0] - 1
+
+    if out is not None:
+        if _arrays.framework_of(out) is not fw:
+            _fail(TypeError, "out", f"must be a {fw.name} array like q, got {type(out).__name__}")
+        oi = fw.info(out)
+        if oi.shape != qi.shape:
+            _fail(ValueError, "out", f"shape {oi.shape} must equal q's shape {qi.shape}")
+        if oi.dtype != qi.dtype:
+            _fail(TypeError, "out", f"dtype {oi.dtype} must equal q's dtype {qi.dtype}")
+        if head_dim > 1 and oi.strides[2] != 1:
+            _fail(ValueError, "out", f"must be contiguous in its last dimension, got strides "
+                  f"{oi.strides}")
+    if batch == 0 and (total_q or total_k):
+        _fail(ValueError, "cu_seqlens_q", "has no sequences (length 1) but q or k has tokens")
+    _check_devices([("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
+                    ("cu_seqlens_k", cu_ki), ("out", None if out is None else oi)])
+    device = qi.device
+    # The kernels index cu_seqlens[b] directly; a strided view takes a (tiny) copy.
+    if batch > 0 and cu_qi.strides[0] != 1:
+        cu_q = fw.copy(cu_q)
+        cu_qi = fw.info(cu_q)
+    if batch > 0 and cu_ki.strides[0] != 1:
+        cu_k = fw.copy(cu_k)
+        cu_ki = fw.info(cu_k)
+
+    result = out if out is not None else fw.empty((total_q, heads, head_dim), q)
+    lse = fw.empty((heads, total_q), q, "float32") if return_lse else None
+    if total_q > 0 and batch > 0:
+        _run_forward(fw, q, k, v, qi, ki, vi, result, cu_q, cu_k, cu_qi, cu_ki, lse,
+                     batch=batch, device=device, scale=scale, window=(left, right))
+    return (result, lse) if return_lse else result
+
+
+def _run_forward(fw, q, k, v, qi, ki, vi, out, cu_q, cu_k, cu_qi, cu_ki, lse, *, batch, device,
+                 scale, window):
+    # Misaligned inputs (an odd storage offset, strides that are not multiples of 8) take a copy:
+    # slower, never wrong. A misaligned out is computed aside and copied in.
+    if not _aligned(qi):
+        q = fw.copy(q)
+        qi = fw.info(q)
+    if not _aligned(ki):
+        k = fw.copy(k)
+        ki = fw.info(k)
+    if not _aligned(vi):
+        v = fw.copy(v)
+        vi = fw.info(v)
+    oi = fw.info(out)
+    target = out
+    if not _aligned(oi):
+        out = fw.empty(qi.shape, q)
+        oi = fw.info(out)
+
+    total_q, heads, head_dim = qi.shape
+    windowed = window != (-1, -1)
+    with cupy.cuda.Device(device):
+        spec, kernels = _dispatch(_arrays.DTYPE_NAMES[qi.dtype], head_dim, windowed, device)
+        workspace = fw.empty((_launch.workspace_size(total_q, batch, spec),), cu_q, "int32")
+        _launch.launch_forward(
+            kernels, spec, fw.stream_ptr(device),
+            q=qi.ptr, k=ki.ptr, v=vi.ptr, out=oi.ptr,
+            lse=0 if lse is None else fw.info(lse).ptr,
+            cu_q=cu_qi.ptr, cu_k=cu_ki.ptr, workspace=fw.info(workspace).ptr,
+            q_strides=qi.strides, k_strides=ki.strides, v_strides=vi.strides,
+            o_strides=oi.strides, lse_head_stride=total_q,
+            total_q=total_q, batch=batch, heads=heads, heads_per_kv=heads // ki.shape[1],
+            head_dim=head_dim, scale=scale, scale_log2=scale * _LOG2E, window=window,
+        )
+    if out is not target:
+        fw.copy_into(target, out)

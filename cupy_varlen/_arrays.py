@@ -1,0 +1,164 @@
+"""The torch / CuPy bridge: what an array is, where it lives, how to allocate beside it.
+
+Kernels take raw device pointers, so neither framework's array has to be converted to run one: a
+torch tensor is read through ``data_ptr()`` and ``stride()``, a CuPy array through ``data.ptr`` and
+``strides``, zero-copy either way. Outputs are allocated by the caller's framework (torch's caching
+allocator, so CUDA graphs and memory accounting work) and kernels go on its current stream. Any
+other object with ``__dlpack__`` is taken in through ``cupy.from_dlpack`` (zero-copy) and answered
+with CuPy arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+try:  # torch is optional: CuPy-only use must work without it
+    import torch
+except ImportError:  # pragma: no cover - exercised only where torch is absent
+    torch = None
+
+import cupy
+
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+    """What the kernels need to know about one array."""
+
+    shape: tuple
+    strides: tuple  # in elements
+    dtype: str  # framework-neutral name: "bfloat16", "float16", "int32", "float32", ...
+    device: int  # CUDA ordinal, or -1 for host memory
+    ptr: int
+
+
+class Framework:
+    """Operations on one array type; the subclasses are the only framework-specific code."""
+
+    name = ""
+
+    def info(self, x) -> ArrayInfo:
+        raise NotImplementedError
+
+    def empty(self, shape, like, dtype=None):
+        """Uninitialized array on ``like``'s device, of ``like``'s dtype unless ``dtype`` ("float32",
+        "int32") is given."""
+        raise NotImplementedError
+
+    def stream_ptr(self, device: int) -> int:
+        raise NotImplementedError
+
+    def copy(self, x):
+        """A fresh, contiguous (hence 16-byte aligned) copy."""
+        raise NotImplementedError
+
+    def copy_into(self, dst, src) -> None:
+        raise NotImplementedError
+
+
+class TorchFramework(Framework):
+    name = "torch"
+
+    def __init__(self):
+        self._dtypes = {
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+            "float32": torch.float32,
+            "int32": torch.int32,
+        }
+        self._names = {v: k for k, v in self._dtypes.items()}
+
+    def info(self, x) -> ArrayInfo:
+        dev = x.device
+        return ArrayInfo(
+            tuple(x.shape),
+            x.stride(),
+            self._names.get(x.dtype, str(x.dtype).replace("torch.", "")),
+            dev.index if dev.type == "cuda" else -1,
+            x.data_ptr(),
+        )
+
+    def empty(self, shape, like, dtype=None):
+        dt = like.dtype if dtype is None else self._dtypes[dtype]
+        return torch.empty(shape, dtype=dt, device=like.device)
+
+    def stream_ptr(self, device):
+        return torch.cuda.current_stream(device).cuda_stream
+
+    def copy(self, x):
+        return x.clone(memory_format=torch.contiguous_format)
+
+    def copy_into(self, dst, src):
+        dst.copy_(src)
+
+
+class CupyFramework(Framework):
+    name = "cupy"
+
+    def info(self, x) -> ArrayInfo:
+        itemsize = x.itemsize
+        strides = tuple(s // itemsize if s % itemsize == 0 else s / itemsize for s in x.strides)
+        return ArrayInfo(tuple(x.shape), strides, str(x.dtype), x.device.id, x.data.ptr)
+
+    def empty(self, shape, like, dtype=None):
+        # The input's own dtype object: CuPy spells bfloat16 through ml_dtypes, which we never name.
+        with like.device:
+            return cupy.empty(shape, dtype=like.dtype if dtype is None else dtype)
+
+    def stream_ptr(self, device):
+        with cupy.cuda.Device(device):
+            return cupy.cuda.get_current_stream().ptr
+
+    def copy(self, x):
+        with x.device:
+            return x.copy()
+
+    def copy_into(self, dst, src):
+        with dst.device:
+            dst[...] = src
+
+
+_TORCH = TorchFramework() if torch is not None else None
+_CUPY = CupyFramework()
+
+
+def framework_of(x):
+    """The framework whose arrays ``x`` is, or None (after DLPack import, see :func:`adopt`)."""
+    if _TORCH is not None and isinstance(x, torch.Tensor):
+        return _TORCH
+    if isinstance(x, cupy.ndarray):
+        return _CUPY
+    return None
+
+
+def adopt(x):
+    """Brings a foreign device array in as CuPy through DLPack (zero-copy); torch and CuPy arrays,
+    and anything that is not a device array, pass as they are (validation names them)."""
+    if framework_of(x) is None and hasattr(x, "__dlpack__"):
+        try:
+            return cupy.from_dlpack(x)
+        except Exception:  # host memory or an unsupported dtype: leave it for the type check
+            return x
+    return x
+
+
+class StreamHandle:
+    """Raw stream for CuPy's launcher, which only reads ``.ptr`` (no CuPy Stream object per call)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+_streams: dict = {}
+
+
+def stream_handle(ptr: int) -> StreamHandle:
+    handle = _streams.get(ptr)
+    if handle is None:
+        if len(_streams) > 256:
+            _streams.clear()
+        handle = _streams[ptr] = StreamHandle(ptr)
+    return handle

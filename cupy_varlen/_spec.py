@@ -1,0 +1,206 @@
+"""Kernel specializations.
+
+A :class:`FwdSpec` is the complete, frozen description of one compiled forward kernel: element type,
+head-dim tile, tile shape, pipeline depth, mask kind and target architecture. Its fields become the
+kernel's ``-D`` macros and, with the assembled source, its cache key, in one place.
+:func:`choose_fwd_spec` is the dispatcher; :func:`all_fwd_specs` lists every specialization it can
+choose, which the CPU test suite compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+DTYPES = ("bf16", "fp16")
+HEAD_DIM_TILES = (32, 64, 96, 128, 160, 192, 224, 256)
+MAX_HEAD_DIM = HEAD_DIM_TILES[-1]
+
+# Architectures we build for. A cubin runs on later minor revisions of its major version (sm_80 code
+# on an sm_87), but sm_86/sm_89 get their own entry because their shared memory is smaller.
+# sm_90a enables Hopper's arch-specific instructions; the sm_80 kernel runs on it unchanged.
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
+
+# Dynamic shared memory one block may opt into, per architecture (bytes).
+SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90a": 227 * 1024}
+
+# Forward kernel sources, in include order. Each file is one concern; see cuda_src/.
+FWD_SOURCES = (
+    "common.cuh",
+    "tiles.cuh",
+    "mma_sm80.cuh",
+    "softmax.cuh",
+    "mask.cuh",
+    "seqlen.cuh",
+    "scheduler.cuh",
+    "epilogue.cuh",
+    "fwd_sm80.cu",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # query rows per CTA
+    block_n: int  # keys per streamed tile
+    warps: int
+    stages: int  # K/V ring depth
+    min_blocks: int  # CTAs per SM the register budget is sized for (__launch_bounds__)
+    qk_unroll: int = 0  # unroll factor of QK^T's head-dim loop (0: full); trades ILP for registers
+    sub_n: int = 0  # keys per register sub-tile (0: block_n); fewer score registers, same barriers
+
+    @property
+    def keys_per_subtile(self) -> int:
+        return self.sub_n or self.block_n
+
+
+# (head-dim tile) -> tile shape, per architecture, as found by benchmarks/tune_tiles.py: the
+# largest tiles and deepest K/V ring that fit the shared memory of the CTAs per SM they are sized
+# for and compile with no register spills for every dtype and mask kind (the CPU tests re-check).
+# Four warps own 32 query rows each where registers allow: a B fragment read from shared memory
+# then feeds two mma row blocks, half the ldmatrix traffic per FLOP of 16-row warps.
+_T = TileConfig
+_TILES_SM90 = {
+    32: _T(128, 128, 4, 2, 2, sub_n=64),
+    64: _T(128, 128, 4, 2, 2, sub_n=64),
+    96: _T(128, 64, 4, 2, 2),
+    128: _T(128, 64, 4, 2, 2, qk_unroll=4),
+    160: _T(128, 64, 8, 2, 1),
+    192: _T(128, 64, 8, 2, 1),
+    224: _T(128, 64, 8, 2, 1),
+    256: _T(128, 64, 8, 2, 1),
+}
+_TILES_SM80 = {
+    32: _T(128, 128, 4, 2, 2, sub_n=64),
+    64: _T(128, 128, 4, 2, 2, sub_n=64),
+    96: _T(128, 64, 4, 2, 2),
+    128: _T(128, 32, 4, 2, 2),
+    160: _T(128, 64, 8, 2, 1),
+    192: _T(128, 64, 8, 2, 1),
+    224: _T(128, 64, 8, 1, 1),
+    256: _T(128, 64, 8, 1, 1),
+}
+# sm_86 / sm_89: 100 KB of shared memory per SM.
+_TILES_SM86 = {
+    32: _T(128, 128, 4, 2, 2, sub_n=64),
+    64: _T(128, 64, 4, 2, 2),
+    96: _T(128, 32, 4, 2, 2),
+    128: _T(128, 64, 8, 2, 1),
+    160: _T(128, 64, 8, 1, 1),
+    192: _T(128, 64, 8, 1, 1),
+    224: _T(64, 64, 4, 1, 1),
+    256: _T(64, 64, 4, 1, 1, qk_unroll=2),
+}
+_TILE_TABLES = {
+    "sm_80": _TILES_SM80,
+    "sm_86": _TILES_SM86,
+    "sm_89": _TILES_SM86,
+    "sm_90a": _TILES_SM90,
+}
+# Tuning hook (benchmarks, tests): (arch, head-dim tile) -> TileConfig replacing the table's entry.
+tile_overrides: dict = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdSpec:
+    """One forward-kernel specialization."""
+
+    dtype: str  # "bf16" | "fp16"
+    head_dim_tile: int  # head dim rounded up to a multiple of 32
+    tiles: TileConfig
+    windowed: bool  # causal or sliding window: per-element masking beyond the sequence tail
+    arch: str  # one of ARCHS
+
+    kernel_name = "varlen_fwd"
+    schedule_kernel_name = "varlen_tile_schedule"
+    sources = FWD_SOURCES
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.head_dim_tile not in HEAD_DIM_TILES:
+            raise ValueError(f"head_dim_tile must be one of {HEAD_DIM_TILES}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.smem_bytes > SMEM_LIMIT[self.arch]:
+            raise ValueError(f"{self} needs {self.smem_bytes} B of shared memory")
+
+    @property
+    def threads(self) -> int:
+        return self.tiles.warps * 32
+
+    @property
+    def smem_bytes(self) -> int:
+        row_bytes = self.head_dim_tile * 2
+        t = self.tiles
+        return row_bytes * (t.block_m + 2 * t.stages * t.block_n)
+
+    @property
+    def defines(self) -> dict:
+        t = self.tiles
+        return {
+            "CV_DTYPE_BF16": int(self.dtype == "bf16"),
+            "CV_HEAD_DIM": self.head_dim_tile,
+            "CV_BLOCK_M": t.block_m,
+            "CV_BLOCK_N": t.block_n,
+            "CV_SUB_N": t.keys_per_subtile,
+            "CV_WARPS": t.warps,
+            "CV_STAGES": t.stages,
+            "CV_MIN_BLOCKS": t.min_blocks,
+            "CV_WINDOWED": int(self.windowed),
+            "CV_QK_UNROLL": t.qk_unroll or self.head_dim_tile // 16,
+        }
+
+    @property
+    def options(self) -> tuple:
+        """NVRTC options. ``--ptxas-options=-v`` puts registers and spills in the program log."""
+        return (
+            f"-arch={self.arch}",
+            "-std=c++17",
+            "--ptxas-options=-v",
+            "-lineinfo",
+        ) + tuple(f"-D{k}={v}" for k, v in sorted(self.defines.items()))
+
+    def __str__(self) -> str:
+        t = self.tiles
+        mask = "window" if self.windowed else "full"
+        sub = f"/{t.sub_n}" if t.sub_n and t.sub_n != t.block_n else ""
+        unroll = f" u{t.qk_unroll}" if t.qk_unroll else ""
+        return (
+            f"fwd[{self.dtype} d{self.head_dim_tile} {t.block_m}x{t.block_n}{sub} w{t.warps} "
+            f"s{t.stages}{unroll} {mask} {self.arch}]"
+        )
+
+
+def head_dim_tile(head_dim: int) -> int:
+    return -(-head_dim // 32) * 32
+
+
+def arch_for_capability(major: int, minor: int) -> str:
+    """The build target for a device of compute capability major.minor."""
+    cc = major * 10 + minor
+    if cc < 80:
+        raise RuntimeError(
+            f"cupy_varlen needs compute capability 8.0 or newer (tensor-core bf16); "
+            f"this device is {major}.{minor}"
+        )
+    if cc in (86, 89):
+        return f"sm_{cc}"
+    if major == 8:
+        return "sm_80"
+    return "sm_90a"
+
+
+def choose_fwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str) -> FwdSpec:
+    tile = head_dim_tile(head_dim)
+    tiles = tile_overrides.get((arch, tile)) or _TILE_TABLES[arch][tile]
+    return FwdSpec(dtype, tile, tiles, windowed, arch)
+
+
+def all_fwd_specs(archs=ARCHS):
+    """Every specialization the dispatcher can return, for the given architectures."""
+    return [
+        choose_fwd_spec(dtype, tile, windowed, arch)
+        for arch in archs
+        for dtype in DTYPES
+        for tile in HEAD_DIM_TILES
+        for windowed in (False, True)
+    ]

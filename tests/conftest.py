@@ -1,0 +1,146 @@
+"""Shared test helpers: packed-batch construction, the reference comparison, torch's varlen_attn.
+
+Tolerance rule (GPU tests): a kernel's relative error ||out - ref|| / ||ref|| against the float64
+reference must be at most 1.5x the error of torch.nn.attention.varlen.varlen_attn on the same
+inputs where torch supports the case, and under the dtype's floor otherwise (bf16 2e-2, fp16 4e-3:
+a few units of the output's rounding). lse is compared in float32 against the reference's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from cupy_varlen.reference import varlen_attn_reference
+
+
+def cuda_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+requires_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ERROR_FLOOR = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def cu_seqlens(lengths, device="cuda"):
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def make_packed(q_lens, k_lens=None, heads=4, heads_kv=None, head_dim=64, dtype=torch.bfloat16,
+                seed=0, device="cuda", logit_scale=1.0):
+    """Random packed q, k, v (standard normal, never zeros) and their cu_seqlens."""
+    k_lens = q_lens if k_lens is None else k_lens
+    heads_kv = heads if heads_kv is None else heads_kv
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(rows, h):
+        return torch.randn(rows, h, head_dim, generator=g).to(device=device, dtype=dtype)
+
+    q = rand(sum(q_lens), heads)
+    k = rand(sum(k_lens), heads_kv)
+    v = rand(sum(k_lens), heads_kv)
+    if logit_scale != 1.0:
+        q = (q.float() * logit_scale).to(dtype)
+    return q, k, v, cu_seqlens(q_lens, device), cu_seqlens(k_lens, device)
+
+
+def rel_error(out, ref) -> float:
+    out = torch.as_tensor(out).to(torch.float64)
+    ref = ref.to(torch.float64)
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    return varlen_attn
+
+
+def torch_varlen_out(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None,
+                     window_size=(-1, -1)):
+    """torch's varlen_attn on the same inputs, or None where this torch cannot run the case."""
+    fn = _torch_varlen()
+    if fn is None:
+        return None
+    params = inspect.signature(fn).parameters
+    left, right = window_size
+    if causal:
+        right = 0
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (left, right)
+    elif left != -1 or right not in (-1, 0):
+        return None
+    elif right == 0:
+        kwargs["is_causal"] = True
+    if scale is not None:
+        if "scale" not in params:
+            return None
+        kwargs["scale"] = scale
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            group = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+    try:
+        return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+    except Exception:
+        return None
+
+
+def check_forward(q, k, v, cu_q, cu_k, *, causal=False, scale=None, window_size=(-1, -1),
+                  max_q=None, max_k=None, compare_torch=True, check_lse=True):
+    """Runs cupy_varlen into a NaN-poisoned output, checks every element was written, and
+    compares out and lse with the float64 reference under the tolerance rule. Returns the error."""
+    import cupy_varlen
+
+    lens_q = (cu_q[1:] - cu_q[:-1]).tolist()
+    lens_k = (cu_k[1:] - cu_k[:-1]).tolist()
+    max_q = max(lens_q, default=0) if max_q is None else max_q
+    max_k = max(lens_k, default=0) if max_k is None else max_k
+    out = torch.full_like(q, float("nan"))
+    got, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal,
+                                       scale=scale, window_size=window_size, return_lse=True,
+                                       out=out)
+    assert got is out
+    assert not torch.isnan(out).any(), "unwritten (or NaN) output elements"
+    ref, ref_lse = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=causal, scale=scale,
+                                         window_size=window_size, return_lse=True)
+    err = rel_error(out, ref)
+    bound = ERROR_FLOOR[q.dtype]
+    if compare_torch:
+        theirs = torch_varlen_out(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale,
+                                  window_size=window_size)
+        if theirs is not None and q.shape[0] > 0 and ref.norm() > 0:
+            bound = max(1.5 * rel_error(theirs, ref), 1e-3 if q.dtype == torch.bfloat16 else 2e-4)
+    assert err <= bound, f"relative error {err:.3g} > bound {bound:.3g}"
+    if check_lse:
+        assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), finite), "lse -inf pattern differs"
+        assert (lse[~finite] == -math.inf).all(), "rows with no key must have lse -inf"
+        if finite.any():
+            lse_err = (lse.double()[finite] - ref_lse[finite]).abs().max().item()
+            assert lse_err <= 2e-3 + 1e-4 * ref_lse[finite].abs().max().item(), lse_err
+    return err

@@ -1,0 +1,133 @@
+"""Every kernel specialization the dispatcher can choose compiles through CuPy's NVRTC, for every
+architecture we build for, with no register spills; and the compile cache is keyed and stored
+soundly. No GPU needed: NVRTC compiles for any target."""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+
+import pytest
+
+from cupy_varlen import _build, _spec
+
+SPECS = _spec.all_fwd_specs()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_specialization_compiles_without_spills(spec):
+    # Straight through NVRTC with a unique trailing comment, so no cache on any level can answer
+    # (NVRTC 13.0 was seen returning an empty ptxas report for a source it had compiled before).
+    source = _build.assemble_source(spec) + f"\n// {uuid.uuid4()}\n"
+    cubin, log = _build._nvrtc_compile(source, spec.options, "spill_check.cu")
+    assert cubin[:4] == b"\x7fELF"
+    usage = _build.parse_ptxas_report(log)
+    assert set(usage) == {spec.kernel_name, spec.schedule_kernel_name}, log
+    for name, u in usage.items():
+        assert not u.spills, f"{spec} {name}: {u}"
+        if name == spec.kernel_name:  # the CTAs per SM the tile table was sized for fit
+            assert u.registers * spec.threads * spec.tiles.min_blocks <= 65536
+    assert spec.smem_bytes <= _spec.SMEM_LIMIT[spec.arch]
+
+
+def test_every_arch_and_head_dim_has_a_spec():
+    for arch in _spec.ARCHS:
+        for head_dim in range(8, 257, 8):
+            spec = _spec.choose_fwd_spec("bf16", head_dim, False, arch)
+            assert spec.head_dim_tile >= head_dim and spec.head_dim_tile - head_dim < 32
+
+
+def test_arch_for_capability():
+    assert _spec.arch_for_capability(8, 0) == "sm_80"
+    assert _spec.arch_for_capability(8, 7) == "sm_80"
+    assert _spec.arch_for_capability(8, 6) == "sm_86"
+    assert _spec.arch_for_capability(8, 9) == "sm_89"
+    assert _spec.arch_for_capability(9, 0) == "sm_90a"
+    with pytest.raises(RuntimeError, match="8.0 or newer"):
+        _spec.arch_for_capability(7, 5)
+
+
+def test_source_assembly_inlines_every_file_once():
+    spec = SPECS[0]
+    source = _build.assemble_source(spec)
+    for name in spec.sources:
+        assert source.count(f'#line 1 "{name}"') == 1
+    assert "#include" not in source  # nothing can be picked up behind the cache key's back
+
+
+def test_cache_key_covers_options_and_source(monkeypatch):
+    spec = SPECS[0]
+    source = _build.assemble_source(spec)
+    key = _build._cache_key(spec, source)
+    assert key == _build._cache_key(spec, source)
+    assert key != _build._cache_key(spec, source + " ")
+    other = _spec.FwdSpec(spec.dtype, spec.head_dim_tile, spec.tiles, not spec.windowed, spec.arch)
+    assert key != _build._cache_key(other, source)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUPY_VARLEN_CACHE_DIR", str(tmp_path / "cache"))
+    _build.clear_memory_cache()
+    yield tmp_path / "cache"
+    _build.clear_memory_cache()
+
+
+def test_disk_cache_roundtrip(cache_dir):
+    spec = SPECS[0]
+    first = _build.compile_spec(spec)
+    assert not first.from_disk
+    _build.clear_memory_cache()
+    second = _build.compile_spec(spec)
+    assert second.from_disk and second.cubin == first.cubin and second.log == first.log
+
+
+def test_corrupt_cache_entry_is_recompiled(cache_dir):
+    spec = SPECS[0]
+    good = _build.compile_spec(spec)
+    (entry,) = list(cache_dir.glob("*.cubin"))
+    blob = entry.read_bytes()
+    flipped = blob[:-1] + bytes([blob[-1] ^ 0xFF])
+    for damage in (b"", blob[:100], flipped):
+        entry.write_bytes(damage)
+        _build.clear_memory_cache()
+        again = _build.compile_spec(spec)
+        assert not again.from_disk and again.cubin == good.cubin
+        assert _build._unpack_entry(entry.read_bytes()) is not None  # replaced by a sound entry
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_cache_dir_falls_back_to_memory(cache_dir):
+    cache_dir.mkdir(parents=True)
+    cache_dir.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        compiled = _build.compile_spec(SPECS[0])
+        assert compiled.cubin[:4] == b"\x7fELF"
+        assert not list(cache_dir.glob("*"))
+    finally:
+        cache_dir.chmod(stat.S_IRWXU)
+
+
+def test_unwritable_cache_path_falls_back_to_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("CUPY_VARLEN_CACHE_DIR", str(blocker / "cache"))
+    _build.clear_memory_cache()
+    try:
+        assert _build.compile_spec(SPECS[0]).cubin[:4] == b"\x7fELF"
+    finally:
+        _build.clear_memory_cache()
+
+
+def test_ptxas_report_parser():
+    log = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas info    : Function properties for k\n"
+        "ptxas         .     24 bytes stack frame, 8 bytes spill stores, 16 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 128 bytes smem\n"
+    )
+    (usage,) = _build.parse_ptxas_report(log).values()
+    assert (usage.registers, usage.stack_frame, usage.spill_stores, usage.spill_loads) == (
+        255, 24, 8, 16)
+    assert usage.shared_static == 128 and usage.spills

@@ -1,0 +1,225 @@
+"""Forward kernel against the float64 reference on the GPU (skipped without one).
+
+Every check runs into a NaN-poisoned out= buffer (unwritten elements show) on fresh random data,
+and holds the error to 1.5x torch varlen_attn's on the same inputs (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cupy_varlen
+from conftest import (DTYPES, check_forward, cu_seqlens, make_packed, rel_error, requires_gpu)
+from cupy_varlen.reference import varlen_attn_reference
+
+pytestmark = requires_gpu
+
+# Lengths that are not tile multiples, with empty and single-token sequences among them.
+RAGGED = [37, 0, 1, 128, 200, 64, 513]
+RAGGED_K = [50, 3, 0, 127, 190, 300, 513]
+
+
+@pytest.mark.parametrize("head_dim", list(range(8, 257, 8)))
+def test_every_head_dim(head_dim):
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=2, head_dim=head_dim, seed=head_dim)
+    check_forward(q, k, v, cu_q, cu_k)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 160, 192, 224, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dim_tiles(dtype, head_dim, causal):
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=3, head_dim=head_dim,
+                                      dtype=DTYPES[dtype], seed=7 * head_dim + causal)
+    check_forward(q, k, v, cu_q, cu_k, causal=causal)
+
+
+@pytest.mark.parametrize("heads,heads_kv", [(8, 8), (8, 4), (8, 2), (8, 1), (32, 8)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_mqa(heads, heads_kv, causal):
+    q, k, v, cu_q, cu_k = make_packed([33, 257, 1, 130], [40, 250, 9, 130], heads=heads,
+                                      heads_kv=heads_kv, head_dim=64, seed=heads_kv)
+    check_forward(q, k, v, cu_q, cu_k, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(16, 0), (0, 0), (32, 8), (-1, 5), (7, -1), (200, 130),
+                                    (10**6, 10**6), (0, -1)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_windows(window, causal, head_dim):
+    if causal and window[1] > 0:
+        pytest.skip("causal fixes right = 0")
+    q, k, v, cu_q, cu_k = make_packed([300, 129, 1, 64, 0], [300, 200, 70, 10, 5],
+                                      head_dim=head_dim, seed=sum(window) % 1000)
+    check_forward(q, k, v, cu_q, cu_k, causal=causal, window_size=window)
+
+
+@pytest.mark.parametrize("q_lens,k_lens", [
+    ([100, 300, 64], [30, 300, 1]),      # Lq > Lk: causal rows before the diagonal see nothing
+    ([5, 17, 1], [400, 1000, 129]),      # Lq < Lk: decode-like
+    ([50, 60], [0, 0]),                  # empty key sequences: out 0, lse -inf
+    ([0, 0, 7], [9, 0, 7]),              # empty query sequences
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_unequal_and_empty(q_lens, k_lens, causal):
+    q, k, v, cu_q, cu_k = make_packed(q_lens, k_lens, head_dim=64, seed=len(q_lens) + causal)
+    check_forward(q, k, v, cu_q, cu_k, causal=causal)
+
+
+def test_fully_masked_rows_are_zero_with_neg_inf_lse():
+    q, k, v, cu_q, cu_k = make_packed([200], [20], head_dim=64)
+    out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 200, 20, causal=True, return_lse=True)
+    # Rows i < Lq - Lk = 180 have no key at or before their diagonal.
+    assert (out[:180] == 0).all()
+    assert (lse[:, :180] == -math.inf).all()
+    assert torch.isfinite(out).all() and torch.isfinite(lse[:, 180:]).all()
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.3, 2.0])
+def test_custom_scale(scale):
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, head_dim=128, seed=3)
+    check_forward(q, k, v, cu_q, cu_k, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_large_logits(dtype):
+    # Scores in the hundreds: the online softmax must rescale without overflow.
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, head_dim=64, dtype=DTYPES[dtype], seed=4,
+                                      logit_scale=30.0)
+    check_forward(q, k, v, cu_q, cu_k, causal=True)
+
+
+def test_packed_qkv_views():
+    lens = [100, 33, 257]
+    total, heads, head_dim = sum(lens), 4, 64
+    qkv = torch.randn(total, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(1)  # strided views, no copy
+    assert q.data_ptr() != q.contiguous().data_ptr()
+    cu = cu_seqlens(lens)
+    check_forward(q, k, v, cu, cu, causal=True)
+
+
+def test_misaligned_views_fall_back_to_copies():
+    lens = [70, 130]
+    total = sum(lens)
+    base = torch.randn(total * 4 * 64 + 8, device="cuda", dtype=torch.float16)
+    q = base[3:3 + total * 4 * 64].view(total, 4, 64)  # 6-byte offset: not 16-byte aligned
+    k = torch.randn(total, 4, 68, device="cuda", dtype=torch.float16)[..., :64]  # head stride 68
+    v = torch.randn(total, 4, 64, device="cuda", dtype=torch.float16)
+    cu = cu_seqlens(lens)
+    # torch's own kernel faults on these views (misaligned address), so the reference alone judges.
+    check_forward(q, k, v, cu, cu, compare_torch=False)
+    # A misaligned out= is computed aside and copied in.
+    out_base = torch.full((total * 4 * 64 + 8,), float("nan"), device="cuda", dtype=torch.float16)
+    out = out_base[1:1 + total * 4 * 64].view(total, 4, 64)
+    cupy_varlen.varlen_attn(q, k, v, cu, cu, 130, 130, out=out)
+    ref = varlen_attn_reference(q, k, v, cu, cu)
+    assert rel_error(out, ref) < 4e-3
+    assert torch.isnan(out_base[0]) and torch.isnan(out_base[1 + total * 4 * 64:]).all()
+
+
+def test_out_strided_view_touches_nothing_else():
+    lens = [90, 1, 300]
+    q, k, v, cu_q, cu_k = make_packed(lens, heads=4, head_dim=64)
+    # out is every other head of a larger buffer; the rest is a guard region.
+    buf = torch.full((q.shape[0], 8, 64), 7.0, device="cuda", dtype=q.dtype)
+    out = buf[:, ::2]
+    ret = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 300, 300, out=out)
+    assert ret is out
+    assert (buf[:, 1::2] == 7.0).all()
+    assert rel_error(out, varlen_attn_reference(q, k, v, cu_q, cu_k)) < 2e-2
+
+
+def test_max_seqlen_does_not_change_results():
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, head_dim=64, seed=9)
+    base = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 513, 513)
+    loose = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 10**6, 10**6)
+    tight_wrong = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, 1)
+    assert torch.equal(base, loose) and torch.equal(base, tight_wrong)
+
+
+def test_deterministic_bitwise():
+    q, k, v, cu_q, cu_k = make_packed([1000, 37, 2048], heads=8, head_dim=128, seed=11)
+    outs = [cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 2048, 2048, causal=True, return_lse=True)
+            for _ in range(3)]
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+
+
+def test_cupy_arrays_in_cupy_arrays_out():
+    import cupy
+
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, head_dim=64, seed=12)
+    cq, ck, cv, ccu_q, ccu_k = (cupy.from_dlpack(x) for x in (q, k, v, cu_q, cu_k))
+    out, lse = cupy_varlen.varlen_attn(cq, ck, cv, ccu_q, ccu_k, 513, 513, causal=True,
+                                       return_lse=True)
+    assert isinstance(out, cupy.ndarray) and isinstance(lse, cupy.ndarray)
+    assert out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
+    expect, expect_lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 513, 513, causal=True,
+                                                 return_lse=True)
+    assert torch.equal(torch.from_dlpack(out), expect)
+    assert torch.equal(torch.from_dlpack(lse), expect_lse)
+
+
+def test_runs_on_the_current_torch_stream():
+    q, k, v, cu_q, cu_k = make_packed([2048, 1000], heads=8, head_dim=64, seed=13)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # Inputs written on the side stream just before the call: a launch on any other stream
+        # would race with this write.
+        q2 = q * 1.5
+        out = cupy_varlen.varlen_attn(q2, k, v, cu_q, cu_k, 2048, 2048)
+        out2 = out.clone()
+    side.synchronize()
+    assert rel_error(out2, varlen_attn_reference(q2, k, v, cu_q, cu_k)) < 2e-2
+
+
+def test_cuda_graph_capture_and_replay_with_new_data():
+    lens_a, lens_b = [300, 700, 24], [600, 400, 24]  # same batch and totals, new boundaries
+    q, k, v, cu_q, cu_k = make_packed(lens_a, heads=4, head_dim=64, seed=14)
+    static = [x.clone() for x in (q, k, v, cu_q, cu_k)]
+    cupy_varlen.varlen_attn(*static, 1024, 1024, causal=True)  # compile and load outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cupy_varlen.varlen_attn(*static, 1024, 1024, causal=True)
+    q2, k2, v2, cu_q2, cu_k2 = make_packed(lens_b, heads=4, head_dim=64, seed=15)
+    for dst, src in zip(static, (q2, k2, v2, cu_q2, cu_k2)):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = varlen_attn_reference(q2, k2, v2, cu_q2, cu_k2, causal=True)
+    assert rel_error(out, ref) < 2e-2
+
+
+def test_offsets_beyond_int32():
+    # total_q * H * D > 2**31 elements: the last sequences sit past the 32-bit offset range.
+    heads, head_dim, length = 32, 128, 1024
+    n_seq = 2**31 // (heads * head_dim * length) + 2
+    total = n_seq * length
+    assert total * heads * head_dim > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(16)
+    q = torch.randn(total, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(total, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(total, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    cu = cu_seqlens([length] * n_seq)
+    out = torch.full_like(q, float("nan"))
+    cupy_varlen.varlen_attn(q, k, v, cu, cu, length, length, causal=True, out=out)
+    tail = slice(total - 2 * length, total)
+    cu_tail = cu_seqlens([length, length])
+    ref = varlen_attn_reference(q[tail], k[tail], v[tail], cu_tail, cu_tail, causal=True)
+    assert rel_error(out[tail], ref) < 2e-2
+    assert not torch.isnan(out).any()
+    del q, k, v, out
+    torch.cuda.empty_cache()
+
+
+def test_large_batch_many_short_sequences():
+    gen = torch.Generator().manual_seed(17)
+    lens = torch.randint(0, 40, (3000,), generator=gen).tolist()
+    q, k, v, cu_q, cu_k = make_packed(lens, heads=2, head_dim=32, seed=17)
+    check_forward(q, k, v, cu_q, cu_k, causal=True)
