@@ -63,6 +63,11 @@ from pathlib import Path
 
 import numpy as np
 
+# Run from a source checkout without installing: the package sits one level up.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if (_REPO_ROOT / "cupy_varlen").is_dir() and str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
 METHODS = ("cupy_varlen", "torch_varlen", "sdpa_flash", "sdpa_cudnn", "flex")
 HOST_METHODS = ("cupy_varlen", "torch_varlen")
 BASELINE = "torch_varlen"

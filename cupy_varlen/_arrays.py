@@ -10,8 +10,6 @@ with CuPy arrays.
 
 from __future__ import annotations
 
-import dataclasses
-
 try:  # torch is optional: CuPy-only use must work without it
     import torch
 except ImportError:  # pragma: no cover - exercised only where torch is absent
@@ -22,15 +20,18 @@ import cupy
 DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
 
 
-@dataclasses.dataclass(frozen=True)
 class ArrayInfo:
-    """What the kernels need to know about one array."""
+    """What the kernels need to know about one array. (A plain slotted class: it is built several
+    times per call, and a frozen dataclass costs microseconds each.)"""
 
-    shape: tuple
-    strides: tuple  # in elements
-    dtype: str  # framework-neutral name: "bfloat16", "float16", "int32", "float32", ...
-    device: int  # CUDA ordinal, or -1 for host memory
-    ptr: int
+    __slots__ = ("shape", "strides", "dtype", "device", "ptr")
+
+    def __init__(self, shape, strides, dtype, device, ptr):
+        self.shape = shape  # tuple
+        self.strides = strides  # in elements
+        self.dtype = dtype  # framework-neutral name: "bfloat16", "float16", "int32", "float32"
+        self.device = device  # CUDA ordinal, or -1 for host memory
+        self.ptr = ptr
 
 
 class Framework:
@@ -39,6 +40,9 @@ class Framework:
     name = ""
 
     def info(self, x) -> ArrayInfo:
+        raise NotImplementedError
+
+    def ptr(self, x) -> int:
         raise NotImplementedError
 
     def empty(self, shape, like, dtype=None):
@@ -70,14 +74,17 @@ class TorchFramework(Framework):
         self._names = {v: k for k, v in self._dtypes.items()}
 
     def info(self, x) -> ArrayInfo:
-        dev = x.device
+        dtype = self._names.get(x.dtype)
         return ArrayInfo(
             tuple(x.shape),
             x.stride(),
-            self._names.get(x.dtype, str(x.dtype).replace("torch.", "")),
-            dev.index if dev.type == "cuda" else -1,
+            dtype if dtype is not None else str(x.dtype).replace("torch.", ""),
+            x.get_device() if x.is_cuda else -1,
             x.data_ptr(),
         )
+
+    def ptr(self, x) -> int:
+        return x.data_ptr()
 
     def empty(self, shape, like, dtype=None):
         dt = like.dtype if dtype is None else self._dtypes[dtype]
@@ -100,6 +107,9 @@ class CupyFramework(Framework):
         itemsize = x.itemsize
         strides = tuple(s // itemsize if s % itemsize == 0 else s / itemsize for s in x.strides)
         return ArrayInfo(tuple(x.shape), strides, str(x.dtype), x.device.id, x.data.ptr)
+
+    def ptr(self, x) -> int:
+        return x.data.ptr
 
     def empty(self, shape, like, dtype=None):
         # The input's own dtype object: CuPy spells bfloat16 through ml_dtypes, which we never name.
@@ -125,7 +135,7 @@ _CUPY = CupyFramework()
 
 def framework_of(x):
     """The framework whose arrays ``x`` is, or None (after DLPack import, see :func:`adopt`)."""
-    if _TORCH is not None and isinstance(x, torch.Tensor):
+    if _TORCH is not None and (type(x) is torch.Tensor or isinstance(x, torch.Tensor)):
         return _TORCH
     if isinstance(x, cupy.ndarray):
         return _CUPY
@@ -135,6 +145,8 @@ def framework_of(x):
 def adopt(x):
     """Brings a foreign device array in as CuPy through DLPack (zero-copy); torch and CuPy arrays,
     and anything that is not a device array, pass as they are (validation names them)."""
+    if x is None or (_TORCH is not None and type(x) is torch.Tensor):
+        return x
     if framework_of(x) is None and hasattr(x, "__dlpack__"):
         try:
             return cupy.from_dlpack(x)
