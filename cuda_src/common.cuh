@@ -51,6 +51,16 @@ CV_DEVICE u32 smem_addr(const void* ptr) {
   return static_cast<u32>(__cvta_generic_to_shared(ptr));
 }
 
+template <int kA, int kB, int kC>
+CV_DEVICE void zero_fragments(float (&x)[kA][kB][kC]) {
+#pragma unroll
+  for (int a = 0; a < kA; ++a)
+#pragma unroll
+    for (int b = 0; b < kB; ++b)
+#pragma unroll
+      for (int c = 0; c < kC; ++c) x[a][b][c] = 0.f;
+}
+
 // The four lanes that share an mma row (same lane / 4) hold its columns; these reduce over them.
 CV_DEVICE float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

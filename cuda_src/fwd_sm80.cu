@@ -114,12 +114,7 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   }
 
   float acc_o[kMAtoms][kDAtoms][4];
-#pragma unroll
-  for (int m = 0; m < kMAtoms; ++m)
-#pragma unroll
-    for (int d = 0; d < kDAtoms; ++d)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_o[m][d][e] = 0.f;
+  zero_fragments(acc_o);
   OnlineSoftmax<kMAtoms> softmax;
   const LaneCoords lc(lane);
   const int warp_row0 = warp * kWarpRows;
@@ -139,12 +134,7 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 #pragma unroll 1
     for (int sub = 0; sub < kSubTiles; ++sub) {
       float s[kMAtoms][kNAtoms][4];
-#pragma unroll
-      for (int m = 0; m < kMAtoms; ++m)
-#pragma unroll
-        for (int n = 0; n < kNAtoms; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[m][n][e] = 0.f;
+      zero_fragments(s);
       gemm_qk<kMAtoms, kNAtoms, kHeadDim, kBlockM, kBlockN, CV_QK_UNROLL>(
           s, q_smem, k_slot, warp_row0, sub * kSubN, lc);
       const int sub_n0 = n0 + sub * kSubN;
