@@ -96,6 +96,7 @@ _TILE_TABLES = {
     "sm_90a": _TILES_SM90,
 }
 # Tuning hook (benchmarks, tests): (arch, head-dim tile) -> TileConfig replacing the table's entry.
+# Dispatch is memoized: call cupy_varlen._api._dispatch.cache_clear() after changing it.
 tile_overrides: dict = {}
 
 
