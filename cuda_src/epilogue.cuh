@@ -36,6 +36,27 @@ CV_DEVICE void store_output(const float (&acc_o)[kMAtoms][kDAtoms][4], unsigned 
   }
 }
 
+// Writes O straight from the accumulator fragments (4-byte stores): for kernels whose warps cannot
+// share a block-wide barrier with a shared-memory staging step (warp-specialized CTAs).
+template <int kMAtoms, int kDAtoms>
+CV_DEVICE void store_output_fragments(const float (&acc_o)[kMAtoms][kDAtoms][4], u16* out,
+                                      i64 out_row_stride, int rows_valid, int head_dim,
+                                      int warp_row0, int lane) {
+  const int group = lane >> 2, quad = lane & 3;
+#pragma unroll
+  for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = warp_row0 + 16 * m + group + 8 * h;
+      if (row >= rows_valid) continue;
+      u16* dst = out + row * out_row_stride + 2 * quad;
+#pragma unroll
+      for (int d = 0; d < kDAtoms; ++d)
+        if (8 * d < head_dim)
+          *reinterpret_cast<u32*>(dst + 8 * d) = pack_float2(acc_o[m][d][2 * h], acc_o[m][d][2 * h + 1]);
+    }
+}
+
 // lse has one value per row; the quad's lane 0 holds the reduced value.
 template <int kMAtoms>
 CV_DEVICE void store_lse(const float (&lse)[kMAtoms][2], float* lse_out, int rows_valid,

@@ -20,9 +20,11 @@
 constexpr int kCostBuckets = 1024;
 constexpr int kScheduleThreads = 1024;
 
-// Workspace (int32): [0] number of tiles, [1] the grid's tile bound, then (batch_idx, m_block) per
-// tile by rank.
-constexpr int kScheduleHeader = 2;
+// Workspace (int32): [0] number of tiles, [1] the grid's tile bound, [2] the next work item of a
+// persistent grid, [3] padding (keeps the int2 entries 8-byte aligned), then (batch_idx, m_block)
+// per tile by rank.
+constexpr int kScheduleHeader = 4;
+constexpr int kWorkCounter = 2;
 
 struct TileWork {
   int batch_idx;  // sequence
@@ -127,20 +129,36 @@ varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict
   if (threadIdx.x == 0) {
     workspace[0] = num_tiles;
     workspace[1] = tile_bound;
+    workspace[kWorkCounter] = 0;
   }
 }
 
-// The work of CTA `cta` (see above); false for surplus CTAs.
+// Work item `item` in the order described above, ranks counted modulo `ranks_per_head`.
+CV_DEVICE void decode_item(const int* __restrict__ workspace, int heads_per_kv, int ranks_per_head,
+                           int item, int& rank, int& head) {
+  const int rest = item / heads_per_kv;
+  const int kv_head = rest / ranks_per_head;
+  rank = rest - kv_head * ranks_per_head;
+  head = kv_head * heads_per_kv + (item - rest * heads_per_kv);
+}
+
+CV_DEVICE TileWork tile_at_rank(const int* __restrict__ workspace, int rank) {
+  const int2 entry = __ldg(reinterpret_cast<const int2*>(workspace + kScheduleHeader) + rank);
+  return TileWork{entry.x, entry.y};
+}
+
+// The work of CTA `cta` of a grid of tile_bound x heads CTAs; false for surplus CTAs.
 CV_DEVICE bool decode_tile(const int* __restrict__ workspace, int heads_per_kv, int cta,
                            TileWork& w, int& head) {
-  const int tile_bound = __ldg(workspace + 1);
-  const int rest = cta / heads_per_kv;
-  const int kv_head = rest / tile_bound;
-  const int rank = rest - kv_head * tile_bound;
+  int rank;
+  decode_item(workspace, heads_per_kv, __ldg(workspace + 1), cta, rank, head);
   if (rank >= __ldg(workspace)) return false;
-  head = kv_head * heads_per_kv + (cta - rest * heads_per_kv);
-  const int2 entry = __ldg(reinterpret_cast<const int2*>(workspace + kScheduleHeader) + rank);
-  w.batch_idx = entry.x;
-  w.m_block = entry.y;
+  w = tile_at_rank(workspace, rank);
   return true;
+}
+
+// Persistent grids pull items 0 .. num_tiles x heads - 1 (same order, no surplus): the first
+// gridDim.x by block index, the rest from the counter. Each item is taken once.
+CV_DEVICE int next_work_item(int* __restrict__ workspace) {
+  return atomicAdd(workspace + kWorkCounter, 1) + (int)gridDim.x;
 }

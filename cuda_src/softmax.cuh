@@ -22,11 +22,12 @@ struct OnlineSoftmax {
       }
   }
 
-  // Turns the score tile into probabilities (relative to the new running max) in place and rescales
-  // the output accumulator to that max.
-  template <int kNAtoms, int kDAtoms>
-  CV_DEVICE void update(float (&s)[kMAtoms][kNAtoms][4], float (&acc_o)[kMAtoms][kDAtoms][4],
-                        float scale_log2) {
+  // Turns the score tile into probabilities (relative to the new running max) in place and
+  // returns, per row, the factor that brings output accumulated so far to that max. Does not touch
+  // the output, so it may run while a GEMM is still accumulating into it.
+  template <int kNAtoms>
+  CV_DEVICE void update_scores(float (&s)[kMAtoms][kNAtoms][4], float scale_log2,
+                               float (&correction)[kMAtoms][2]) {
 #pragma unroll
     for (int m = 0; m < kMAtoms; ++m)
 #pragma unroll
@@ -39,7 +40,7 @@ struct OnlineSoftmax {
         // A row that has met only masked keys keeps a max of -inf; exponentiating against 0 keeps
         // its probabilities 0 instead of NaN (-inf - -inf).
         const float max_scaled = (tile_max == neg_inf()) ? 0.f : tile_max * scale_log2;
-        const float correction = fast_exp2(row_max[m][h] * scale_log2 - max_scaled);
+        correction[m][h] = fast_exp2(row_max[m][h] * scale_log2 - max_scaled);
         row_max[m][h] = tile_max;
         float tile_sum = 0.f;
 #pragma unroll
@@ -50,17 +51,35 @@ struct OnlineSoftmax {
             s[m][n][2 * h + j] = p;
             tile_sum += p;
           }
-        row_sum[m][h] = row_sum[m][h] * correction + tile_sum;
-        // Once the running max has settled it rarely moves; skipping the rescale then (the test
-        // is warp-uniform, so no divergence) saves kDAtoms * 2 multiplies per row and tile.
-        if (__any_sync(0xffffffffu, correction != 1.f)) {
+        row_sum[m][h] = row_sum[m][h] * correction[m][h] + tile_sum;
+      }
+  }
+
+  // Applies update_scores' correction to the output accumulator. Once the running max has settled
+  // it rarely moves; skipping the multiplies then (the test is warp-uniform, so no divergence)
+  // saves kDAtoms * 2 per row and tile.
+  template <int kDAtoms>
+  static CV_DEVICE void rescale(float (&acc_o)[kMAtoms][kDAtoms][4],
+                                const float (&correction)[kMAtoms][2]) {
+#pragma unroll
+    for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (__any_sync(0xffffffffu, correction[m][h] != 1.f)) {
 #pragma unroll
           for (int d = 0; d < kDAtoms; ++d) {
-            acc_o[m][d][2 * h] *= correction;
-            acc_o[m][d][2 * h + 1] *= correction;
+            acc_o[m][d][2 * h] *= correction[m][h];
+            acc_o[m][d][2 * h + 1] *= correction[m][h];
           }
         }
-      }
+  }
+
+  template <int kNAtoms, int kDAtoms>
+  CV_DEVICE void update(float (&s)[kMAtoms][kNAtoms][4], float (&acc_o)[kMAtoms][kDAtoms][4],
+                        float scale_log2) {
+    float correction[kMAtoms][2];
+    update_scores(s, scale_log2, correction);
+    rescale(acc_o, correction);
   }
 
   // Divides the output by the row sums and returns the natural-log sum of exponentials of the

@@ -64,8 +64,13 @@ def _device_arch(device: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _dispatch(dtype: str, head_dim: int, windowed: bool, device: int):
-    spec = _spec.choose_fwd_spec(dtype, head_dim, windowed, _device_arch(device))
+def _num_sms(device: int) -> int:
+    return cupy.cuda.Device(device).attributes["MultiProcessorCount"]
+
+
+@functools.lru_cache(maxsize=None)
+def _dispatch(dtype: str, head_dim: int, windowed: bool, device: int, choice: str):
+    spec = _spec.choose_fwd_spec(dtype, head_dim, windowed, _device_arch(device), choice)
     return spec, _build.load_kernels(spec, device)
 
 
@@ -281,7 +286,8 @@ def _run_forward(fw, q, k, v, qi, ki, vi, out, cu_q, cu_k, cu_qi, cu_ki, lse, *,
     total_q, heads, head_dim = qi.shape
     windowed = window != (-1, -1)
     with cupy.cuda.Device(device):
-        spec, kernels = _dispatch(_arrays.DTYPE_NAMES[qi.dtype], head_dim, windowed, device)
+        spec, kernels = _dispatch(_arrays.DTYPE_NAMES[qi.dtype], head_dim, windowed, device,
+                                  _spec.forward_kernel)
         workspace = fw.empty((_launch.workspace_size(total_q, batch, spec),), cu_q, "int32")
         _launch.launch_forward(
             kernels, spec, fw.stream_ptr(device),
@@ -292,6 +298,7 @@ def _run_forward(fw, q, k, v, qi, ki, vi, out, cu_q, cu_k, cu_qi, cu_ki, lse, *,
             o_strides=oi.strides, lse_head_stride=total_q,
             total_q=total_q, batch=batch, heads=heads, heads_per_kv=heads // ki.shape[1],
             head_dim=head_dim, scale=scale, scale_log2=scale * _LOG2E, window=window,
+            num_sms=_num_sms(device),
         )
     if out is not target:
         fw.copy_into(target, out)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from ._arrays import stream_handle
 
 SCHEDULE_THREADS = 1024  # cuda_src/scheduler.cuh: kScheduleThreads
-SCHEDULE_HEADER = 2  # cuda_src/scheduler.cuh: kScheduleHeader
+SCHEDULE_HEADER = 4  # cuda_src/scheduler.cuh: kScheduleHeader
+# cuda_src/fwd_sm90.cu: struct Params, passed by value as one __grid_constant__ argument: 8 pointers,
+# 9 int64 strides, 3 int32, 2 float32, 2 int32, padded to 8-byte alignment.
+_SM90_PARAMS = struct.Struct("<8Q9q3i2f2i4x")
+_SM90_PARAMS_DTYPE = np.dtype((np.void, _SM90_PARAMS.size))
 _MAX_GRID_X = 2**31 - 1
 
 
@@ -28,7 +34,7 @@ def workspace_size(total_q: int, batch: int, spec) -> int:
 def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, cu_k, workspace,
                    q_strides, k_strides, v_strides, o_strides, lse_head_stride: int,
                    total_q: int, batch: int, heads: int, heads_per_kv: int, head_dim: int,
-                   scale: float, scale_log2: float, window):
+                   scale: float, scale_log2: float, window, num_sms: int):
     """Launches the tile scheduler and the forward kernel on ``stream_ptr``. Pointers are ints."""
     stream = stream_handle(stream_ptr)
     tiles = spec.tiles
@@ -43,6 +49,19 @@ def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, c
          right, np.int32(bound), workspace),
         stream=stream,
     )
+    if spec.persistent:
+        params = _SM90_PARAMS.pack(
+            q, k, v, out, lse, cu_q, cu_k, workspace,
+            q_strides[0], q_strides[1], k_strides[0], k_strides[1],
+            v_strides[0], v_strides[1], o_strides[0], o_strides[1], lse_head_stride,
+            heads_per_kv, heads, head_dim, scale, scale_log2, window[0], window[1],
+        )
+        kernels.main(
+            (min(ctas, num_sms),), (spec.threads,),
+            (np.frombuffer(params, dtype=_SM90_PARAMS_DTYPE),),
+            shared_mem=spec.smem_bytes, stream=stream,
+        )
+        return
     kernels.main(
         (ctas,),
         (spec.threads,),

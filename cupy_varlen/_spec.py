@@ -1,15 +1,25 @@
 """Kernel specializations.
 
-A :class:`FwdSpec` is the complete, frozen description of one compiled forward kernel: element type,
-head-dim tile, tile shape, pipeline depth, mask kind and target architecture. Its fields become the
-kernel's ``-D`` macros and, with the assembled source, its cache key, in one place.
+A :class:`FwdSpec` is the complete, frozen description of one compiled forward kernel: kernel family,
+element type, head-dim tile, tile shape, pipeline depth, mask kind and target architecture. Its
+fields become the kernel's ``-D`` macros and, with the assembled source, its cache key, in one place.
 :func:`choose_fwd_spec` is the dispatcher; :func:`all_fwd_specs` lists every specialization it can
 choose, which the CPU test suite compiles.
+
+Two kernel families:
+
+- ``"sm80"`` (``cuda_src/fwd_sm80.cu``): FlashAttention-2 on mma.sync, every architecture and head
+  dim.
+- ``"sm90"`` (``cuda_src/fwd_sm90.cu``): Hopper only (sm_90a), wgmma + warp specialization +
+  persistent LPT scheduling, head-dim tiles 64, 128 and 256. Chosen automatically there; the
+  environment variable ``CUPY_VARLEN_FWD_KERNEL`` (``auto``, ``sm80``, ``sm90``) or
+  :data:`forward_kernel` overrides the choice (tests run both).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 DTYPES = ("bf16", "fp16")
 HEAD_DIM_TILES = (32, 64, 96, 128, 160, 192, 224, 256)
@@ -23,18 +33,16 @@ ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
 # Dynamic shared memory one block may opt into, per architecture (bytes).
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90a": 227 * 1024}
 
-# Forward kernel sources, in include order. Each file is one concern; see cuda_src/.
-FWD_SOURCES = (
-    "common.cuh",
-    "tiles.cuh",
-    "mma_sm80.cuh",
-    "softmax.cuh",
-    "mask.cuh",
-    "seqlen.cuh",
-    "scheduler.cuh",
-    "epilogue.cuh",
-    "fwd_sm80.cu",
-)
+# Forward kernel sources per family, in include order. Each file is one concern; see cuda_src/.
+_SHARED_SOURCES = ("softmax.cuh", "mask.cuh", "seqlen.cuh", "scheduler.cuh", "epilogue.cuh")
+FWD_SOURCES = {
+    "sm80": ("common.cuh", "tiles.cuh", "mma_sm80.cuh") + _SHARED_SOURCES + ("fwd_sm80.cu",),
+    "sm90": ("common.cuh", "tiles.cuh", "wgmma.cuh", "sync_sm90.cuh") + _SHARED_SOURCES
+    + ("fwd_sm90.cu",),
+}
+KERNELS = tuple(FWD_SOURCES)
+SM90_THREADS = 384  # cuda_src/fwd_sm90.cu: a producer and two consumer warpgroups
+SM90_BARRIER_BYTES = 1024 + 256  # alignment slack for the 1024-byte swizzle atoms + barriers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +103,20 @@ _TILE_TABLES = {
     "sm_89": _TILES_SM86,
     "sm_90a": _TILES_SM90,
 }
-# Tuning hook (benchmarks, tests): (arch, head-dim tile) -> TileConfig replacing the table's entry.
-# Dispatch is memoized: call cupy_varlen._api._dispatch.cache_clear() after changing it.
+# The sm90 family: 2 consumer warpgroups x 64 query rows; warps counts the producer warpgroup too.
+# block_n is bounded by S's registers (64 per thread at 128 keys) beside O's (head_dim / 2).
+_TILES_WGMMA = {
+    64: _T(128, 128, 12, 6, 1),
+    128: _T(128, 128, 12, 3, 1),
+    256: _T(128, 64, 12, 2, 1),
+}
+# Tuning hook (benchmarks, tests): (arch or "sm90", head-dim tile) -> TileConfig replacing the
+# table's entry. Dispatch is memoized: call cupy_varlen._api._dispatch.cache_clear() after changing
+# it.
 tile_overrides: dict = {}
+
+# "auto" picks sm90 on Hopper where it has the head-dim tile, sm80 elsewhere. Read per dispatch.
+forward_kernel = os.environ.get("CUPY_VARLEN_FWD_KERNEL", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +128,18 @@ class FwdSpec:
     tiles: TileConfig
     windowed: bool  # causal or sliding window: per-element masking beyond the sequence tail
     arch: str  # one of ARCHS
+    kernel: str = "sm80"  # one of KERNELS
 
     kernel_name = "varlen_fwd"
     schedule_kernel_name = "varlen_tile_schedule"
-    sources = FWD_SOURCES
 
     def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.kernel == "sm90" and (self.arch != "sm_90a"
+                                      or self.head_dim_tile not in _TILES_WGMMA):
+            raise ValueError(f"the sm90 kernel needs sm_90a and a head-dim tile in "
+                             f"{tuple(_TILES_WGMMA)}, got {self.arch} d{self.head_dim_tile}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.head_dim_tile not in HEAD_DIM_TILES:
@@ -125,6 +150,15 @@ class FwdSpec:
             raise ValueError(f"{self} needs {self.smem_bytes} B of shared memory")
 
     @property
+    def sources(self) -> tuple:
+        return FWD_SOURCES[self.kernel]
+
+    @property
+    def persistent(self) -> bool:
+        """One CTA per SM pulling work items, instead of one CTA per item."""
+        return self.kernel == "sm90"
+
+    @property
     def threads(self) -> int:
         return self.tiles.warps * 32
 
@@ -132,23 +166,25 @@ class FwdSpec:
     def smem_bytes(self) -> int:
         row_bytes = self.head_dim_tile * 2
         t = self.tiles
-        return row_bytes * (t.block_m + 2 * t.stages * t.block_n)
+        tiles = row_bytes * (t.block_m + 2 * t.stages * t.block_n)
+        return tiles + (SM90_BARRIER_BYTES if self.kernel == "sm90" else 0)
 
     @property
     def defines(self) -> dict:
         t = self.tiles
-        return {
+        common = {
             "CV_DTYPE_BF16": int(self.dtype == "bf16"),
             "CV_HEAD_DIM": self.head_dim_tile,
             "CV_BLOCK_M": t.block_m,
             "CV_BLOCK_N": t.block_n,
-            "CV_SUB_N": t.keys_per_subtile,
-            "CV_WARPS": t.warps,
             "CV_STAGES": t.stages,
-            "CV_MIN_BLOCKS": t.min_blocks,
             "CV_WINDOWED": int(self.windowed),
-            "CV_QK_UNROLL": t.qk_unroll or self.head_dim_tile // 16,
         }
+        if self.kernel == "sm90":
+            return common
+        return dict(common, CV_SUB_N=t.keys_per_subtile, CV_WARPS=t.warps,
+                    CV_MIN_BLOCKS=t.min_blocks,
+                    CV_QK_UNROLL=t.qk_unroll or self.head_dim_tile // 16)
 
     @property
     def options(self) -> tuple:
@@ -166,8 +202,8 @@ class FwdSpec:
         sub = f"/{t.sub_n}" if t.sub_n and t.sub_n != t.block_n else ""
         unroll = f" u{t.qk_unroll}" if t.qk_unroll else ""
         return (
-            f"fwd[{self.dtype} d{self.head_dim_tile} {t.block_m}x{t.block_n}{sub} w{t.warps} "
-            f"s{t.stages}{unroll} {mask} {self.arch}]"
+            f"fwd[{self.kernel} {self.dtype} d{self.head_dim_tile} {t.block_m}x{t.block_n}{sub} "
+            f"w{t.warps} s{t.stages}{unroll} {mask} {self.arch}]"
         )
 
 
@@ -190,18 +226,38 @@ def arch_for_capability(major: int, minor: int) -> str:
     return "sm_90a"
 
 
-def choose_fwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str) -> FwdSpec:
+def kernel_for(arch: str, tile: int, choice: str = "auto") -> str:
+    """The kernel family for ``arch`` and head-dim tile under ``choice`` (auto, sm80, sm90)."""
+    if choice not in ("auto",) + KERNELS:
+        raise ValueError(f"forward kernel choice must be auto, sm80 or sm90, got {choice!r}")
+    sm90_ok = arch == "sm_90a" and tile in _TILES_WGMMA
+    if choice == "sm90" and not sm90_ok:
+        return "sm80"  # the override selects where it can; other shapes keep the portable kernel
+    if choice == "sm80" or not sm90_ok:
+        return "sm80"
+    return "sm90"
+
+
+def choose_fwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
+                    choice: str = "auto") -> FwdSpec:
     tile = head_dim_tile(head_dim)
-    tiles = tile_overrides.get((arch, tile)) or _TILE_TABLES[arch][tile]
-    return FwdSpec(dtype, tile, tiles, windowed, arch)
+    kernel = kernel_for(arch, tile, choice)
+    if kernel == "sm90":
+        tiles = tile_overrides.get(("sm90", tile)) or _TILES_WGMMA[tile]
+    else:
+        tiles = tile_overrides.get((arch, tile)) or _TILE_TABLES[arch][tile]
+    return FwdSpec(dtype, tile, tiles, windowed, arch, kernel)
 
 
 def all_fwd_specs(archs=ARCHS):
     """Every specialization the dispatcher can return, for the given architectures."""
-    return [
-        choose_fwd_spec(dtype, tile, windowed, arch)
-        for arch in archs
-        for dtype in DTYPES
-        for tile in HEAD_DIM_TILES
-        for windowed in (False, True)
-    ]
+    specs = []
+    for arch in archs:
+        for choice in ("sm80", "sm90") if arch == "sm_90a" else ("sm80",):
+            for dtype in DTYPES:
+                for tile in HEAD_DIM_TILES:
+                    for windowed in (False, True):
+                        spec = choose_fwd_spec(dtype, tile, windowed, arch, choice)
+                        if spec not in specs:
+                            specs.append(spec)
+    return specs

@@ -22,6 +22,9 @@ def test_specialization_compiles_without_spills(spec):
     source = _build.assemble_source(spec) + f"\n// {uuid.uuid4()}\n"
     cubin, log = _build._nvrtc_compile(source, spec.options, "spill_check.cu")
     assert cubin[:4] == b"\x7fELF"
+    # ptxas' advisories that silently cost the sm90 kernel its speed: wgmma serialized (C7513,
+    # C7514, ...) or setmaxnreg ignored (C7508).
+    assert "Potential Performance Loss" not in log and "C7508" not in log, log
     usage = _build.parse_ptxas_report(log)
     assert set(usage) == {spec.kernel_name, spec.schedule_kernel_name}, log
     for name, u in usage.items():
@@ -36,6 +39,22 @@ def test_every_arch_and_head_dim_has_a_spec():
         for head_dim in range(8, 257, 8):
             spec = _spec.choose_fwd_spec("bf16", head_dim, False, arch)
             assert spec.head_dim_tile >= head_dim and spec.head_dim_tile - head_dim < 32
+
+
+def test_dispatch_picks_the_kernel_family():
+    for tile in _spec.HEAD_DIM_TILES:
+        hopper = _spec.choose_fwd_spec("bf16", tile, False, "sm_90a")
+        assert hopper.kernel == ("sm90" if tile in (64, 128, 256) else "sm80")
+        assert _spec.choose_fwd_spec("fp16", tile, True, "sm_90a", "sm80").kernel == "sm80"
+        for arch in ("sm_80", "sm_86", "sm_89"):  # sm90 is Hopper-only, whatever the override
+            assert _spec.choose_fwd_spec("bf16", tile, False, arch, "sm90").kernel == "sm80"
+    spec = _spec.choose_fwd_spec("bf16", 128, False, "sm_90a")
+    assert spec.persistent and spec.threads == _spec.SM90_THREADS
+    assert "CV_SUB_N" not in spec.defines and spec.sources[-1] == "fwd_sm90.cu"
+    with pytest.raises(ValueError, match="auto, sm80 or sm90"):
+        _spec.choose_fwd_spec("bf16", 128, False, "sm_90a", "fast")
+    with pytest.raises(ValueError, match="needs sm_90a"):
+        _spec.FwdSpec("bf16", 128, spec.tiles, False, "sm_80", "sm90")
 
 
 def test_arch_for_capability():

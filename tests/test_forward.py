@@ -17,6 +17,24 @@ from cupy_varlen.reference import varlen_attn_reference
 
 pytestmark = requires_gpu
 
+
+def _is_hopper() -> bool:
+    import cupy
+
+    return cupy.cuda.Device().compute_capability.startswith("9")
+
+
+@pytest.fixture(autouse=True, params=["sm80", "sm90"])
+def fwd_kernel(request, monkeypatch):
+    """Every test runs on both kernel families (sm90 where the GPU is a Hopper; head dims the
+    sm90 kernel does not cover run the sm80 kernel under either choice)."""
+    if request.param == "sm90" and not _is_hopper():
+        pytest.skip("the sm90 kernel needs a Hopper GPU")
+    from cupy_varlen import _spec
+
+    monkeypatch.setattr(_spec, "forward_kernel", request.param)
+    return request.param
+
 # Lengths that are not tile multiples, with empty and single-token sequences among them.
 RAGGED = [37, 0, 1, 128, 200, 64, 513]
 RAGGED_K = [50, 3, 0, 127, 190, 300, 513]

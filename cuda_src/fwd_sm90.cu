@@ -1,0 +1,350 @@
+// FlashAttention forward for packed variable-length batches on Hopper (sm_90a): wgmma tensor cores,
+// warp specialization and a persistent, longest-first tile scheduler.
+//
+// A CTA is three warpgroups and stays resident (one per SM), pulling work items (query tile of one
+// sequence, head) in the scheduler's LPT order until none are left:
+//  - warpgroup 0, the producer, gives up registers (setmaxnreg) and only copies: the Q tile, then
+//    the K and V tiles the mask lets the query tile see (last tile first), into a ring of kStages
+//    K/V slots, with cp.async (zero-filled past a sequence's end, so no other sequence's data ever
+//    enters a tile). Each copy batch completes an mbarrier when it lands (cp.async.mbarrier.arrive).
+//  - warpgroups 1 and 2, the consumers, take 64 query rows each: S = Q K^T (wgmma, both operands in
+//    shared memory), mask, online softmax in registers, O += P V (wgmma, P from registers),
+//    software-pipelined so that each softmax overlaps the previous tile's P V (see consume()). K
+//    and V slots are released separately, each as soon as its GEMM has finished reading it.
+// The work item index travels from the producer to the consumers through shared memory with the Q
+// barrier. O and lse are written from registers, predicated on the row belonging to the sequence.
+//
+// Specialization (-D from cupy_varlen/_spec.py): CV_HEAD_DIM (64, 128 or 256), CV_BLOCK_M (128),
+// CV_BLOCK_N, CV_STAGES, CV_WINDOWED, CV_DTYPE_BF16.
+
+constexpr int kHeadDim = CV_HEAD_DIM;
+constexpr int kBlockM = CV_BLOCK_M;
+constexpr int kBlockN = CV_BLOCK_N;
+constexpr int kStages = CV_STAGES;
+constexpr int kConsumers = 2;
+constexpr int kWarpgroupThreads = 128;
+constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
+constexpr int kConsumerRows = kBlockM / kConsumers;  // one wgmma M of 64
+constexpr int kNAtoms = kBlockN / 8;
+constexpr int kDAtoms = kHeadDim / 8;
+constexpr int kPanelBytes = 128;  // one row of a 64-element panel
+// O's wgmma N: the whole head dim up to 128, 128-column chunks beyond.
+constexpr int kOChunkN = kHeadDim < 128 ? kHeadDim : 128;
+constexpr int kOChunks = kHeadDim / kOChunkN;
+// The producer's address arithmetic fits 24 registers up to head dim 128; head dim 256's copies
+// (32 lanes per row) need more, and its consumers fewer (S is half as wide there).
+constexpr int kProducerRegs = kHeadDim > 128 ? 64 : 24;
+
+constexpr int kConsumerRegs = kHeadDim > 128 ? 216 : 240;
+static_assert(kConsumerRows == 64, "each consumer warpgroup owns one 64-row wgmma tile");
+static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "operands are whole 128-byte panels");
+static_assert(kBlockN <= 128, "one S = Q K^T wgmma per k16 step");
+static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumers * kWarpgroupThreads <=
+                  65536, "register file");
+
+typedef SmemTile<kBlockM, kHeadDim> QTile;
+typedef SmemTile<kBlockN, kHeadDim> KVTile;
+
+// Shared memory, from a 1024-byte aligned base: Q, the K ring, the V ring, then the barriers and
+// the work slot.
+constexpr int kQOffset = 0;
+constexpr int kKOffset = kQOffset + QTile::kBytes;
+constexpr int kVOffset = kKOffset + kStages * KVTile::kBytes;
+constexpr int kBarOffset = kVOffset + kStages * KVTile::kBytes;
+constexpr int kNumBarriers = 2 + 4 * kStages;  // q_full, q_empty, k/v_full[], k/v_empty[]
+constexpr int kWorkSlotOffset = kBarOffset + 8 * kNumBarriers;
+
+struct Barriers {
+  u32 base;
+  CV_DEVICE u32 q_full() const { return base; }
+  CV_DEVICE u32 q_empty() const { return base + 8; }
+  CV_DEVICE u32 k_full(int s) const { return base + 16 + 8 * s; }
+  CV_DEVICE u32 v_full(int s) const { return base + 16 + 8 * (kStages + s); }
+  CV_DEVICE u32 k_empty(int s) const { return base + 16 + 8 * (2 * kStages + s); }
+  CV_DEVICE u32 v_empty(int s) const { return base + 16 + 8 * (3 * kStages + s); }
+};
+
+struct Params {
+  const u16* q;
+  const u16* k;
+  const u16* v;
+  u16* out;
+  float* lse;
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  int* workspace;
+  i64 q_row_stride, q_head_stride, k_row_stride, k_head_stride;
+  i64 v_row_stride, v_head_stride, o_row_stride, o_head_stride;
+  i64 lse_head_stride;
+  int heads_per_kv, num_heads, head_dim;
+  float scale, scale_log2;
+  int window_left, window_right;
+};
+
+// Everything one work item needs, derived identically by producer and consumers.
+struct WorkTile {
+  int head, kv_head;
+  SeqInfo seq;
+  int m0, rows_valid;
+  MaskBand band;
+  KeyBlockRange range;
+};
+
+CV_DEVICE WorkTile load_work(const Params& p, int num_tiles, int item) {
+  WorkTile t;
+  int rank;
+  decode_item(p.workspace, p.heads_per_kv, num_tiles, item, rank, t.head);
+  const TileWork w = tile_at_rank(p.workspace, rank);
+  t.kv_head = t.head / p.heads_per_kv;
+  t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, w.batch_idx);
+#if CV_WINDOWED
+  const AttnWindow window = {p.window_left, p.window_right};
+#else
+  const AttnWindow window = {-1, -1};
+#endif
+  t.m0 = w.m_block * kBlockM;
+  t.rows_valid = min(kBlockM, t.seq.q_len - t.m0);
+  t.band = make_band(t.seq.q_len, t.seq.k_len, window);
+  t.range = key_block_range(t.m0, t.m0 + t.rows_valid - 1, t.seq.k_len, t.band, kBlockN);
+  return t;
+}
+
+CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, int total_items,
+                       int ptid) {
+  const u32 work_slot = smem + kWorkSlotOffset;
+  const int chunks_valid = p.head_dim / 8;
+  int item = blockIdx.x;
+  int pipe = 0;
+  for (int tile_iter = 0;; ++tile_iter) {
+    // The consumers are done with the previous Q tile (and so with the work slot).
+    mbarrier_wait(bar.q_empty(), (tile_iter & 1) ^ 1);
+    if (ptid == 0) {
+      st_shared_s32(work_slot, item);
+      mbarrier_arrive(bar.q_full());  // releases the slot write; the count's one extra arrival
+    }
+    if (item >= total_items) {
+      // Hand the end marker over without copies (the count expects one arrival per thread).
+      mbarrier_arrive(bar.q_full());
+      break;
+    }
+    const WorkTile t = load_work(p, num_tiles, item);
+    int next = 0;
+    if (ptid == 0) next = next_work_item(p.workspace);  // latency hidden behind this tile's copies
+
+    load_tile_async<kBlockM, kHeadDim, kWarpgroupThreads>(
+        smem + kQOffset,
+        p.q + (i64)(t.seq.q_start + t.m0) * p.q_row_stride + (i64)t.head * p.q_head_stride,
+        p.q_row_stride, t.rows_valid, chunks_valid, ptid);
+    mbarrier_arrive_on_copies(bar.q_full());
+
+    const int n_iters = t.range.count();
+    for (int it = 0; it < n_iters; ++it, ++pipe) {
+      const int stage = pipe % kStages;
+      const int free_parity = ((pipe / kStages) & 1) ^ 1;
+      const int n0 = (t.range.n_block_max - 1 - it) * kBlockN;
+      const i64 row = t.seq.k_start + n0;
+      mbarrier_wait(bar.k_empty(stage), free_parity);
+      load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
+          smem + kKOffset + stage * KVTile::kBytes,
+          p.k + row * p.k_row_stride + (i64)t.kv_head * p.k_head_stride, p.k_row_stride,
+          t.seq.k_len - n0, chunks_valid, ptid);
+      mbarrier_arrive_on_copies(bar.k_full(stage));
+      mbarrier_wait(bar.v_empty(stage), free_parity);
+      load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
+          smem + kVOffset + stage * KVTile::kBytes,
+          p.v + row * p.v_row_stride + (i64)t.kv_head * p.v_head_stride, p.v_row_stride,
+          t.seq.k_len - n0, chunks_valid, ptid);
+      mbarrier_arrive_on_copies(bar.v_full(stage));
+    }
+    // Every producer thread follows thread 0's item sequence. The first barrier keeps thread 0
+    // from overwriting the slot before every thread has read the previous value.
+    named_barrier_sync(1, kWarpgroupThreads);
+    if (ptid == 0) st_shared_s32(work_slot + 4, next);
+    named_barrier_sync(1, kWarpgroupThreads);
+    item = ld_shared_s32(work_slot + 4);
+  }
+  // No copy may still be landing when the CTA retires.
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// P (fp32 scores turned probabilities, C layout) as wgmma A fragments of 16 keys each.
+CV_DEVICE void pack_probabilities(const float (&s)[1][kNAtoms][4], u32 (&a)[kBlockN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    a[kk][0] = pack_float2(s[0][2 * kk][0], s[0][2 * kk][1]);
+    a[kk][1] = pack_float2(s[0][2 * kk][2], s[0][2 * kk][3]);
+    a[kk][2] = pack_float2(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+    a[kk][3] = pack_float2(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+  }
+}
+
+// Issues S = Q K^T for this warpgroup's 64 rows (head dim in k16 steps, 4 per 64-element panel)
+// as one wgmma group; the scores are valid after the matching wgmma_wait + fence_registers.
+CV_DEVICE void issue_scores(float (&s)[1][kNAtoms][4], u32 q_rows, u32 k_tile) {
+  float(&acc)[kBlockN / 2] = reinterpret_cast<float(&)[kBlockN / 2]>(s);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    const u32 panel = kk / 4, in_row = (kk % 4) * 32;
+    const u64 a = smem_desc_sw128(q_rows + panel * kBlockM * kPanelBytes + in_row, 0,
+                                  kSwizzleAtomBytes);
+    const u64 b = smem_desc_sw128(k_tile + panel * kBlockN * kPanelBytes + in_row, 0,
+                                  kSwizzleAtomBytes);
+    if (kk == 0)
+      Wgmma<kBlockN>::ss_first(acc, a, b);
+    else
+      Wgmma<kBlockN>::ss(acc, a, b, 1);
+  }
+  wgmma_commit();
+}
+
+// Issues O += P V as one wgmma group: keys in k16 steps (16 rows of V each); O's columns in chunks
+// of up to 128, each chunk two panels of V (leading byte offset = one panel).
+CV_DEVICE void issue_output(float (&o)[1][kDAtoms][4], const u32 (&pa)[kBlockN / 16][4],
+                            u32 v_tile) {
+  constexpr int kChunkRegs = kOChunkN / 2;
+  float(&acc)[kOChunks][kChunkRegs] = reinterpret_cast<float(&)[kOChunks][kChunkRegs]>(o);
+  fence_registers(o);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+    for (int c = 0; c < kOChunks; ++c) {
+      const u64 b = smem_desc_sw128(
+          v_tile + c * (kOChunkN / 64) * kBlockN * kPanelBytes + kk * 16 * kPanelBytes,
+          kBlockN * kPanelBytes, kSwizzleAtomBytes);
+      Wgmma<kOChunkN>::rs(acc[c], pa[kk], b, 1);
+    }
+  wgmma_commit();
+}
+
+// Mask and online softmax of a finished score tile, in place (the probabilities stay fp32 until
+// the registers of the previous P are free). The output is not touched: O's rescale comes later.
+CV_DEVICE void softmax_tile(float (&s)[1][kNAtoms][4], const WorkTile& t,
+                            const TileMaskTest<kBlockN>& mask_test, int n0, int row0, int lane,
+                            float scale_log2, OnlineSoftmax<1>& softmax, float (&correction)[1][2]) {
+  if (mask_test.needs_mask(n0)) apply_mask(s, row0, n0, lane, t.seq.k_len, t.band);
+  softmax.update_scores(s, scale_log2, correction);
+}
+
+// Per warpgroup, software-pipelined over key tiles (FlashAttention-3's intra-warpgroup overlap):
+// iteration i issues S(i+1) = Q K(i+1)^T and then O += P(i) V(i), waits only for S(i+1), and runs
+// the mask and softmax of S(i+1) while P(i) V(i) is still on the tensor cores; O's rescale and the
+// packing of P(i+1) into the A-operand registers wait for that GEMM (it reads P(i) from those
+// registers until it completes).
+CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, int wg, int ctid) {
+  const int lane = ctid & 31;
+  const int warp_row0 = wg * kConsumerRows + (ctid >> 5) * 16;  // first row of this warp's 16
+  const u32 q_rows = smem + kQOffset + wg * kConsumerRows * kPanelBytes;
+  int pipe = 0;
+  for (int tile_iter = 0;; ++tile_iter) {
+    mbarrier_wait(bar.q_full(), tile_iter & 1);
+    const int item = ld_shared_s32(smem + kWorkSlotOffset);
+    if (item >= num_tiles * p.num_heads) break;
+    const WorkTile t = load_work(p, num_tiles, item);
+    const TileMaskTest<kBlockN> mask_test(t.m0, t.m0 + t.rows_valid - 1, t.seq.k_len, t.band);
+    const int row0 = t.m0 + warp_row0;
+    fence_proxy_async();  // Q's copies, observed through q_full, before wgmma reads them
+
+    float acc_o[1][kDAtoms][4];
+    zero_fragments(acc_o);
+    OnlineSoftmax<1> softmax;
+    float s[1][kNAtoms][4];
+    u32 pa[kBlockN / 16][4];
+    float correction[1][2];
+    const int n_iters = t.range.count();
+    auto n0_of = [&](int it) { return (t.range.n_block_max - 1 - it) * kBlockN; };
+    auto k_tile = [&](int at) { return smem + kKOffset + (at % kStages) * KVTile::kBytes; };
+
+    if (n_iters > 0) {
+      mbarrier_wait(bar.k_full(pipe % kStages), (pipe / kStages) & 1);
+      fence_proxy_async();
+      issue_scores(s, q_rows, k_tile(pipe));
+      wgmma_wait<0>();
+      fence_registers(s);
+      mbarrier_arrive(bar.k_empty(pipe % kStages));
+      if (n_iters == 1) mbarrier_arrive(bar.q_empty());
+      softmax_tile(s, t, mask_test, n0_of(0), row0, lane, p.scale_log2, softmax, correction);
+      pack_probabilities(s, pa);  // O is still 0: no rescale
+    } else {
+      mbarrier_arrive(bar.q_empty());
+    }
+
+    // Steady state, every iteration but the last: the wgmma group bookkeeping (wait<1> retires
+    // S(i+1) but not P(i) V(i)) has to be visible to ptxas without branches, or it serializes
+    // every wgmma.
+    int it = 0;
+    for (; it < n_iters - 1; ++it, ++pipe) {
+      const int stage = pipe % kStages;
+      const int next = pipe + 1;
+      mbarrier_wait(bar.k_full(next % kStages), (next / kStages) & 1);
+      fence_proxy_async();
+      issue_scores(s, q_rows, k_tile(next));
+      mbarrier_wait(bar.v_full(stage), (pipe / kStages) & 1);
+      fence_proxy_async();
+      issue_output(acc_o, pa, smem + kVOffset + stage * KVTile::kBytes);
+
+      wgmma_wait<1>();  // S(i+1) is done; P(i) V(i) may still run
+      fence_registers(s);
+      mbarrier_arrive(bar.k_empty(next % kStages));
+      if (it + 2 == n_iters) mbarrier_arrive(bar.q_empty());  // that was the last read of Q
+      softmax_tile(s, t, mask_test, n0_of(it + 1), row0, lane, p.scale_log2, softmax, correction);
+      wgmma_wait<0>();
+      fence_registers(acc_o);
+      fence_registers(pa);  // P(i) was live until here: its registers were the GEMM's operand
+      mbarrier_arrive(bar.v_empty(stage));
+      OnlineSoftmax<1>::rescale(acc_o, correction);
+      // P(i+1) is packed only now, over P(i)'s registers, which the finished GEMM has released.
+      pack_probabilities(s, pa);
+    }
+    if (n_iters > 0) {  // the last P V
+      const int stage = pipe % kStages;
+      mbarrier_wait(bar.v_full(stage), (pipe / kStages) & 1);
+      fence_proxy_async();
+      issue_output(acc_o, pa, smem + kVOffset + stage * KVTile::kBytes);
+      wgmma_wait<0>();
+      fence_registers(acc_o);
+      fence_registers(pa);
+      mbarrier_arrive(bar.v_empty(stage));
+      ++pipe;
+    }
+
+    float row_lse[1][2];
+    softmax.finalize(acc_o, p.scale, row_lse);
+    if (p.lse != nullptr)
+      store_lse(row_lse, p.lse + (i64)t.head * p.lse_head_stride + t.seq.q_start + t.m0,
+                t.rows_valid, warp_row0, lane);
+    store_output_fragments(
+        acc_o, p.out + (i64)(t.seq.q_start + t.m0) * p.o_row_stride + (i64)t.head * p.o_head_stride,
+        p.o_row_stride, t.rows_valid, p.head_dim, warp_row0, lane);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+varlen_fwd(const __grid_constant__ Params p) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // The swizzle pattern is a function of the address: panels must sit on 1024-byte boundaries.
+  const u32 smem = (smem_addr(smem_raw) + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1);
+  const Barriers bar{smem + kBarOffset};
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    mbarrier_init(bar.q_full(), kWarpgroupThreads + 1);
+    mbarrier_init(bar.q_empty(), kConsumers * kWarpgroupThreads);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(bar.k_full(s), kWarpgroupThreads);
+      mbarrier_init(bar.v_full(s), kWarpgroupThreads);
+      mbarrier_init(bar.k_empty(s), kConsumers * kWarpgroupThreads);
+      mbarrier_init(bar.v_empty(s), kConsumers * kWarpgroupThreads);
+    }
+  }
+  __syncthreads();
+  const int num_tiles = __ldg(p.workspace);
+  const int wg = tid / kWarpgroupThreads;
+  if (wg == 0) {
+    warpgroup_reg_dealloc<kProducerRegs>();
+    produce(p, smem, bar, num_tiles, num_tiles * p.num_heads, tid);
+  } else {
+    warpgroup_reg_alloc<kConsumerRegs>();
+    consume(p, smem, bar, num_tiles, wg - 1, tid % kWarpgroupThreads);
+  }
+}
