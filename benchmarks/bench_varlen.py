@@ -18,7 +18,9 @@ CUPY_VARLEN_CACHE_DIR.
 
 Methods (same inputs, same process)
 -----------------------------------
-cupy_varlen   cupy_varlen.varlen_attn on the packed (T, H, D) tensors.
+cupy_varlen   cupy_varlen.varlen_attn on the packed (T, H, D) tensors, kernel chosen as users get
+              it (the sm90 wgmma kernel on Hopper where it covers the head dim).
+cupy_varlen_sm80  the same call forced onto the portable mma.sync kernel (opt-in method).
 torch_varlen  torch.nn.attention.varlen.varlen_attn (FlashAttention-2); the call is built from its
               signature (is_causal or window_size; enable_gqa, else k/v expanded before timing).
 sdpa_flash    F.scaled_dot_product_attention on a zero-padded (B, H, max_len, D) batch under
@@ -68,7 +70,7 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if (_REPO_ROOT / "cupy_varlen").is_dir() and str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-METHODS = ("cupy_varlen", "torch_varlen", "sdpa_flash", "sdpa_cudnn", "flex")
+METHODS = ("cupy_varlen", "cupy_varlen_sm80", "torch_varlen", "sdpa_flash", "sdpa_cudnn", "flex")
 HOST_METHODS = ("cupy_varlen", "torch_varlen")
 BASELINE = "torch_varlen"
 CHECK_MAX_TOKENS = 40_000
@@ -349,8 +351,26 @@ class Prepared:
     first_call_s: float = None      # measured compile / first-call time, where meaningful
 
 
-def prepare_cupy_varlen(inp):
+def _kernel_choice(choice):
+    """Context manager running cupy_varlen calls under forward-kernel choice ``choice``."""
+
+    @contextlib.contextmanager
+    def context():
+        from cupy_varlen import _spec
+
+        old = _spec.forward_kernel
+        _spec.forward_kernel = choice
+        try:
+            yield
+        finally:
+            _spec.forward_kernel = old
+
+    return context
+
+
+def prepare_cupy_varlen(inp, choice="auto"):
     import cupy_varlen
+    from cupy_varlen import _api, _spec
 
     cfg = inp.cfg
     q, k, v, cu_q, cu_k, mq, mk = inp.q, inp.k, inp.v, inp.cu_q, inp.cu_k, inp.max_q, inp.max_k
@@ -359,7 +379,10 @@ def prepare_cupy_varlen(inp):
         return cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, mq, mk, causal=cfg.causal,
                                        window_size=cfg.window)
 
-    return Prepared(fn, unpack=lambda out: out)
+    arch = _api._device_arch(q.device.index if q.device.index is not None else 0)
+    kernel = _spec.kernel_for(arch, _spec.head_dim_tile(cfg.head_dim), choice)
+    return Prepared(fn, unpack=lambda out: out, context=_kernel_choice(choice),
+                    note=f"{kernel} kernel")
 
 
 def measure_cupy_compile(fn):
@@ -613,6 +636,7 @@ def prepare_flex(inp, compile_limit_s=60.0):
 
 PREPARE = {
     "cupy_varlen": lambda inp, args: prepare_cupy_varlen(inp),
+    "cupy_varlen_sm80": lambda inp, args: prepare_cupy_varlen(inp, "sm80"),
     "torch_varlen": lambda inp, args: prepare_torch_varlen(inp),
     "sdpa_flash": lambda inp, args: prepare_sdpa_flash(inp),
     "sdpa_cudnn": lambda inp, args: prepare_sdpa_cudnn(inp),
@@ -768,16 +792,21 @@ def config_table(record, with_check=False):
 
 
 def summary_table(records):
-    headers = ["config", "cupy TFLOP/s", "torch TFLOP/s", "ratio", "compile s"]
+    headers = ["config", "cupy TFLOP/s", "kernel", "torch TFLOP/s", "ratio", "sm80 ratio",
+               "compile s"]
     rows = []
     for rec in records:
         by = {r["method"]: r for r in rec["rows"]}
         cv, tv = by.get("cupy_varlen", {}), by.get("torch_varlen", {})
+        sm80 = by.get("cupy_varlen_sm80", {})
         compile_s = cv.get("compile_s")
         mark = "" if cv.get("compile_measured_in") in (None, rec["config"]) else "*"
         ratio = (cv["tflops"] / tv["tflops"]) if cv.get("tflops") and tv.get("tflops") else None
-        rows.append([rec["config"], _fmt(cv.get("tflops"), ".1f"), _fmt(tv.get("tflops"), ".1f"),
-                     _fmt(ratio, ".2f"), _fmt(compile_s, ".2f") + mark])
+        ratio80 = (sm80["tflops"] / tv["tflops"]) if sm80.get("tflops") and tv.get("tflops") \
+            else None
+        rows.append([rec["config"], _fmt(cv.get("tflops"), ".1f"),
+                     cv.get("note", "").replace(" kernel", ""), _fmt(tv.get("tflops"), ".1f"),
+                     _fmt(ratio, ".2f"), _fmt(ratio80, ".2f"), _fmt(compile_s, ".2f") + mark])
     return format_table(headers, rows) + \
         "\n(* compile time measured in an earlier config with the same dtype/head dim/mask)"
 
@@ -915,7 +944,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls first (min 5 advised)")
     ap.add_argument("--host-calls", type=int, default=200,
                     help="calls for the host overhead median (cupy_varlen, torch_varlen); 0: off")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS,
+                    default=[m for m in METHODS if m != "cupy_varlen_sm80"])
     ap.add_argument("--check", action="store_true",
                     help=f"relative error vs the float64 reference (configs <= "
                          f"{CHECK_MAX_TOKENS} tokens)")

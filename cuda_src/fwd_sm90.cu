@@ -32,10 +32,9 @@ constexpr int kPanelBytes = 128;  // one row of a 64-element panel
 constexpr int kOChunkN = kHeadDim < 128 ? kHeadDim : 128;
 constexpr int kOChunks = kHeadDim / kOChunkN;
 // The producer's address arithmetic fits 24 registers up to head dim 128; head dim 256's copies
-// (32 lanes per row) need more, and its consumers fewer (S is half as wide there).
-constexpr int kProducerRegs = kHeadDim > 128 ? 64 : 24;
-
-constexpr int kConsumerRegs = kHeadDim > 128 ? 216 : 240;
+// (32 lanes per row) need 48, which leaves the consumers 232 (S is half as wide there).
+constexpr int kProducerRegs = kHeadDim > 128 ? 48 : 24;
+constexpr int kConsumerRegs = kHeadDim > 128 ? 232 : 240;
 static_assert(kConsumerRows == 64, "each consumer warpgroup owns one 64-row wgmma tile");
 static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "operands are whole 128-byte panels");
 static_assert(kBlockN <= 128, "one S = Q K^T wgmma per k16 step");
@@ -53,6 +52,21 @@ constexpr int kVOffset = kKOffset + kStages * KVTile::kBytes;
 constexpr int kBarOffset = kVOffset + kStages * KVTile::kBytes;
 constexpr int kNumBarriers = 2 + 4 * kStages;  // q_full, q_empty, k/v_full[], k/v_empty[]
 constexpr int kWorkSlotOffset = kBarOffset + 8 * kNumBarriers;
+
+// Named barriers (0 is __syncthreads'): the producer's item broadcast, and the consumers' turns.
+constexpr int kProducerBarrier = 1;
+constexpr int kTurnBarrier = 2;  // + consumer index
+
+// Ping-pong between the consumer warpgroups (FlashAttention-3): a warpgroup issues its GEMMs only
+// on its turn and hands the turn over right after issuing, so one warpgroup's softmax runs while
+// the other's GEMMs occupy the tensor cores, instead of both contending for the exp unit at once.
+struct TensorCoreTurn {
+  int wg;
+  CV_DEVICE void acquire() const { named_barrier_sync(kTurnBarrier + wg, 2 * kWarpgroupThreads); }
+  CV_DEVICE void release() const {
+    named_barrier_arrive(kTurnBarrier + (wg ^ 1), 2 * kWarpgroupThreads);
+  }
+};
 
 struct Barriers {
   u32 base;
@@ -158,9 +172,9 @@ CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, i
     }
     // Every producer thread follows thread 0's item sequence. The first barrier keeps thread 0
     // from overwriting the slot before every thread has read the previous value.
-    named_barrier_sync(1, kWarpgroupThreads);
+    named_barrier_sync(kProducerBarrier, kWarpgroupThreads);
     if (ptid == 0) st_shared_s32(work_slot + 4, next);
-    named_barrier_sync(1, kWarpgroupThreads);
+    named_barrier_sync(kProducerBarrier, kWarpgroupThreads);
     item = ld_shared_s32(work_slot + 4);
   }
   // No copy may still be landing when the CTA retires.
@@ -236,6 +250,8 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, i
   const int lane = ctid & 31;
   const int warp_row0 = wg * kConsumerRows + (ctid >> 5) * 16;  // first row of this warp's 16
   const u32 q_rows = smem + kQOffset + wg * kConsumerRows * kPanelBytes;
+  const TensorCoreTurn turn{wg};
+  if (wg == 1) turn.release();  // consumer 0 goes first
   int pipe = 0;
   for (int tile_iter = 0;; ++tile_iter) {
     mbarrier_wait(bar.q_full(), tile_iter & 1);
@@ -259,7 +275,9 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, i
     if (n_iters > 0) {
       mbarrier_wait(bar.k_full(pipe % kStages), (pipe / kStages) & 1);
       fence_proxy_async();
+      turn.acquire();
       issue_scores(s, q_rows, k_tile(pipe));
+      turn.release();
       wgmma_wait<0>();
       fence_registers(s);
       mbarrier_arrive(bar.k_empty(pipe % kStages));
@@ -278,11 +296,12 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, i
       const int stage = pipe % kStages;
       const int next = pipe + 1;
       mbarrier_wait(bar.k_full(next % kStages), (next / kStages) & 1);
-      fence_proxy_async();
-      issue_scores(s, q_rows, k_tile(next));
       mbarrier_wait(bar.v_full(stage), (pipe / kStages) & 1);
       fence_proxy_async();
+      turn.acquire();
+      issue_scores(s, q_rows, k_tile(next));
       issue_output(acc_o, pa, smem + kVOffset + stage * KVTile::kBytes);
+      turn.release();
 
       wgmma_wait<1>();  // S(i+1) is done; P(i) V(i) may still run
       fence_registers(s);
@@ -301,7 +320,9 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, i
       const int stage = pipe % kStages;
       mbarrier_wait(bar.v_full(stage), (pipe / kStages) & 1);
       fence_proxy_async();
+      turn.acquire();
       issue_output(acc_o, pa, smem + kVOffset + stage * KVTile::kBytes);
+      turn.release();
       wgmma_wait<0>();
       fence_registers(acc_o);
       fence_registers(pa);

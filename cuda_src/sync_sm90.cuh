@@ -47,6 +47,11 @@ CV_DEVICE void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Arrives on named barrier `id` without waiting (the other party syncs on it).
+CV_DEVICE void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Register reallocation between warpgroups (every thread of the warpgroup executes it).
 template <int kRegs>
 CV_DEVICE void warpgroup_reg_alloc() {
