@@ -32,14 +32,18 @@ constexpr int kPanelBytes = 128;  // one row of a 64-element panel
 constexpr int kOChunkN = kHeadDim < 128 ? kHeadDim : 128;
 constexpr int kOChunks = kHeadDim / kOChunkN;
 // The producer's address arithmetic fits 24 registers up to head dim 128; head dim 256's copies
-// (32 lanes per row) need 48, which leaves the consumers 232 (S is half as wide there).
-constexpr int kProducerRegs = kHeadDim > 128 ? 48 : 24;
+// (32 lanes per row) need 40, which leaves the consumers 232 (S is half as wide there).
+constexpr int kProducerRegs = kHeadDim > 128 ? 40 : 24;
 constexpr int kConsumerRegs = kHeadDim > 128 ? 232 : 240;
 static_assert(kConsumerRows == 64, "each consumer warpgroup owns one 64-row wgmma tile");
 static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "operands are whole 128-byte panels");
 static_assert(kBlockN <= 128, "one S = Q K^T wgmma per k16 step");
+// setmaxnreg moves registers within what the CTA was launched with: __launch_bounds__(384, 1) gives
+// each thread 168 (65536 / 384, rounded down to a multiple of 8). Asking for more than the
+// producer released makes the consumers' setmaxnreg.inc wait forever.
+constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
 static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumers * kWarpgroupThreads <=
-                  65536, "register file");
+                  kLaunchRegs * kThreads, "register reallocation exceeds the CTA's registers");
 
 typedef SmemTile<kBlockM, kHeadDim> QTile;
 typedef SmemTile<kBlockN, kHeadDim> KVTile;
@@ -339,6 +343,9 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, i
         acc_o, p.out + (i64)(t.seq.q_start + t.m0) * p.o_row_stride + (i64)t.head * p.o_head_stride,
         p.o_row_stride, t.rows_valid, p.head_dim, warp_row0, lane);
   }
+  // Consumer 1's opening hand-over left one arrival on consumer 0's turn barrier: take it, so no
+  // barrier is left mid-phase when the CTA retires.
+  if (wg == 0) turn.acquire();
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -21,6 +22,10 @@ def _fail(exc, name, msg):
 
 
 def _check_int(name, value, minimum=0):
+    if type(value) is int:  # the common case, without the ABC check below (microseconds per call)
+        if value < minimum:
+            _fail(ValueError, name, f"must be >= {minimum}, got {value}")
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         _fail(TypeError, name, f"must be a Python int, got {type(value).__name__}")
     if value < minimum:
@@ -29,6 +34,8 @@ def _check_int(name, value, minimum=0):
 
 
 def _check_bool(name, value):
+    if value is True or value is False:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         _fail(TypeError, name, f"must be a bool, got {type(value).__name__}")
     return bool(value)
@@ -48,7 +55,8 @@ def _check_scale(scale, head_dim):
 def _check_window(window_size, causal):
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         _fail(TypeError, "window_size", f"must be a pair (left, right), got {window_size!r}")
-    left, right = (_check_int(f"window_size[{i}]", w, minimum=-1) for i, w in enumerate(window_size))
+    left = _check_int("window_size[0]", window_size[0], minimum=-1)
+    right = _check_int("window_size[1]", window_size[1], minimum=-1)
     if causal:
         if right > 0:
             _fail(ValueError, "window_size",
@@ -285,7 +293,9 @@ def _run_forward(fw, q, k, v, qi, ki, vi, out, cu_q, cu_k, cu_qi, cu_ki, lse, *,
 
     total_q, heads, head_dim = qi.shape
     windowed = window != (-1, -1)
-    with cupy.cuda.Device(device):
+    # Entering a Device context costs microseconds; the usual call is already on its device.
+    on_device = cupy.cuda.runtime.getDevice() == device
+    with contextlib.nullcontext() if on_device else cupy.cuda.Device(device):
         spec, kernels = _dispatch(_arrays.DTYPE_NAMES[qi.dtype], head_dim, windowed, device,
                                   _spec.forward_kernel)
         workspace = fw.empty((_launch.workspace_size(total_q, batch, spec),), cu_q, "int32")

@@ -91,6 +91,10 @@ class TorchFramework(Framework):
         return torch.empty(shape, dtype=dt, device=like.device)
 
     def stream_ptr(self, device):
+        # The raw cudaStream_t straight from torch's C API (what Triton's launcher reads): building a
+        # torch.cuda.Stream object per call costs several microseconds.
+        if _raw_stream is not None:
+            return _raw_stream(device)
         return torch.cuda.current_stream(device).cuda_stream
 
     def copy(self, x):
@@ -129,6 +133,7 @@ class CupyFramework(Framework):
             dst[...] = src
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) if torch is not None else None
 _TORCH = TorchFramework() if torch is not None else None
 _CUPY = CupyFramework()
 
