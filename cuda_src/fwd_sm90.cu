@@ -98,6 +98,9 @@ struct Params {
   float scale, scale_log2;
   int window_left, window_right;
 };
+// The host packs this struct byte for byte (cupy_varlen/_launch.py, _SM90_PARAMS: 8 pointers,
+// 9 int64, 3 int32, 2 float, 2 int32, padding); a field added on one side only changes the size.
+static_assert(sizeof(Params) == 168, "Params layout must match the host's packing");
 
 // Everything one work item needs, derived identically by producer and consumers.
 struct WorkTile {

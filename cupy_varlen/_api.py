@@ -158,8 +158,24 @@ def _check_cu_seqlens(fw, cu_q, cu_k):
     return results
 
 
+def _check_offsets(fw, name, cu, total, tensor_name, max_name, max_seqlen):
+    """check_inputs=True: the values of one cu_seqlens array (one device round trip)."""
+    first, last, min_len, max_len = fw.offsets_summary(cu)
+    if first != 0:
+        _fail(ValueError, name, f"must start at 0, got {first}")
+    if min_len < 0:
+        _fail(ValueError, name, f"must be non-decreasing (a sequence has length {min_len})")
+    if last != total:
+        _fail(ValueError, name,
+              f"must end at {tensor_name}'s total tokens {total}, got {last}")
+    if max_len > max_seqlen:
+        _fail(ValueError, max_name,
+              f"is {max_seqlen} but {name} has a sequence of {max_len} tokens")
+
+
 def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                causal=False, scale=None, window_size=(-1, -1), return_lse=False, out=None):
+                causal=False, scale=None, window_size=(-1, -1), return_lse=False, out=None,
+                check_inputs=False):
     r"""Attention over a packed batch of variable-length sequences.
 
     Sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key/value rows
@@ -188,8 +204,9 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         cu_seqlens_q, cu_seqlens_k: int32 offsets on the same device; sequences may be empty.
             They are never read on the host.
         max_seqlen_q, max_seqlen_k: Python ints, at least the longest sequence. They are checked
-            for type only; the grid is sized from the token totals, so a loose (or even too
-            small) value never changes the result or costs much.
+            for type only (against cu_seqlens with ``check_inputs=True``); the grid is sized from
+            the token totals, so a loose (or even too small) value never changes the result or
+            costs much.
         causal: mask keys after the query's position, aligned bottom-right: query i of a
             sequence with lengths (Lq, Lk) sees key j iff j <= i + Lk - Lq.
         scale: softmax scale, a finite positive float; default ``1/sqrt(D)``.
@@ -197,6 +214,12 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``. ``causal=True`` means right = 0
             (a positive right with causal is an error).
         return_lse: also return the natural-log sum of exponentials of the scaled scores.
+        check_inputs: also check the values of cu_seqlens on the device (start at 0,
+            non-decreasing, end at the token totals, longest sequence <= max_seqlen) and raise
+            ValueError naming the offending argument. Off by default: it waits for the device
+            (one small transfer), so it is not capturable in a CUDA graph. Without it, invalid
+            offsets give unspecified results, and offsets past the token totals make the kernels
+            touch memory outside the tensors.
         out: optional preallocated (T_q, H, D) array of q's dtype and type (may be a strided
             view); written in place and returned. Must not overlap k or v.
 
@@ -229,6 +252,7 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     _check_int("max_seqlen_k", max_seqlen_k)
     causal = _check_bool("causal", causal)
     return_lse = _check_bool("return_lse", return_lse)
+    check_inputs = _check_bool("check_inputs", check_inputs)
     total_q, heads, head_dim = qi.shape
     total_k, heads_kv, _ = ki.shape
     scale = _check_scale(scale, head_dim)
@@ -256,6 +280,9 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     _check_devices([("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
                     ("cu_seqlens_k", cu_ki), ("out", None if out is None else oi)])
     device = qi.device
+    if check_inputs:
+        _check_offsets(fw, "cu_seqlens_q", cu_q, total_q, "q", "max_seqlen_q", max_seqlen_q)
+        _check_offsets(fw, "cu_seqlens_k", cu_k, total_k, "k", "max_seqlen_k", max_seqlen_k)
     # The kernels index cu_seqlens[b] directly; a strided view takes a (tiny) copy.
     if batch > 0 and cu_qi.strides[0] != 1:
         cu_q = fw.copy(cu_q)

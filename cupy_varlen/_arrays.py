@@ -60,6 +60,11 @@ class Framework:
     def copy_into(self, dst, src) -> None:
         raise NotImplementedError
 
+    def offsets_summary(self, cu) -> tuple:
+        """(first, last, smallest step, largest step) of a 1-D offsets array, reduced on its device
+        and read back in one transfer (this synchronizes: check_inputs=True only)."""
+        raise NotImplementedError
+
 
 class TorchFramework(Framework):
     name = "torch"
@@ -103,6 +108,12 @@ class TorchFramework(Framework):
     def copy_into(self, dst, src):
         dst.copy_(src)
 
+    def offsets_summary(self, cu):
+        steps = cu[1:] - cu[:-1]
+        if steps.numel() == 0:
+            steps = torch.zeros(1, dtype=cu.dtype, device=cu.device)
+        return tuple(torch.stack([cu[0], cu[-1], steps.min(), steps.max()]).tolist())
+
 
 class CupyFramework(Framework):
     name = "cupy"
@@ -131,6 +142,13 @@ class CupyFramework(Framework):
     def copy_into(self, dst, src):
         with dst.device:
             dst[...] = src
+
+    def offsets_summary(self, cu):
+        with cu.device:
+            steps = cu[1:] - cu[:-1]
+            if steps.size == 0:
+                steps = cupy.zeros(1, dtype=cu.dtype)
+            return tuple(int(x) for x in cupy.stack([cu[0], cu[-1], steps.min(), steps.max()]).get())
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) if torch is not None else None

@@ -3,6 +3,7 @@ work, so CPU tensors reach them)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,3 +148,42 @@ def test_mixed_array_types():
         call(q.float().numpy(), k, v, cu_q, cu_k)
     with expect(TypeError, "cu_seqlens_q", "torch array"):
         call(q, k, v, [0, 4, 10], cu_k)
+
+
+# check_inputs=True: the offsets check itself runs on any torch device, so its logic is tested
+# here on CPU tensors; tests/test_forward.py runs it through varlen_attn on the GPU.
+def _offsets(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("values,total,max_len,match", [
+    ([1, 5, 9], 9, 8, r"cu_seqlens_q must start at 0, got 1"),
+    ([0, 5, 3, 9], 9, 8, r"cu_seqlens_q must be non-decreasing \(a sequence has length -2\)"),
+    ([0, 5, 8], 9, 8, r"cu_seqlens_q must end at q's total tokens 9, got 8"),
+    ([0, 5, 9], 9, 4, r"max_seqlen_q is 4 but cu_seqlens_q has a sequence of 5 tokens"),
+])
+def test_check_inputs_rejects_bad_offsets(values, total, max_len, match):
+    from cupy_varlen import _api, _arrays
+
+    with pytest.raises(ValueError, match=match):
+        _api._check_offsets(_arrays._TORCH, "cu_seqlens_q", _offsets(values), total, "q",
+                            "max_seqlen_q", max_len)
+
+
+@pytest.mark.parametrize("values,total,max_len", [
+    ([0, 5, 9], 9, 5), ([0, 0, 0], 0, 0), ([0], 0, 0), ([0, 3, 3, 10], 10, 1 << 20),
+])
+def test_check_inputs_accepts_valid_offsets(values, total, max_len):
+    from cupy_varlen import _api, _arrays
+
+    _api._check_offsets(_arrays._TORCH, "cu_seqlens_k", _offsets(values), total, "k",
+                        "max_seqlen_k", max_len)
+    assert _arrays._TORCH.offsets_summary(_offsets(values)[::1]) == (
+        values[0], values[-1], min(np.diff(values), default=0), max(np.diff(values), default=0))
+
+
+def test_check_inputs_must_be_bool():
+    q = torch.zeros(4, 1, 8, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(TypeError, match="check_inputs must be a bool"):
+        cupy_varlen.varlen_attn(q, q, q, cu, cu, 4, 4, check_inputs="yes")

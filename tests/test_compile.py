@@ -150,3 +150,21 @@ def test_ptxas_report_parser():
     assert (usage.registers, usage.stack_frame, usage.spill_stores, usage.spill_loads) == (
         255, 24, 8, 16)
     assert usage.shared_static == 128 and usage.spills
+
+
+def test_sm90_params_packing_matches_the_kernel_struct():
+    """The sm90 kernel takes one by-value struct; the host packs it byte for byte. The kernel
+    static_asserts its size (so every compile above checks that side), this checks the host's."""
+    import struct
+
+    from cupy_varlen import _launch
+
+    packer = _launch._SM90_PARAMS
+    source = (_build.SOURCE_DIR / "fwd_sm90.cu").read_text()
+    assert f"sizeof(Params) == {packer.size}" in source
+    blob = packer.pack(*range(1, 18), 18, 19, 20, 0.5, 0.25, -1, 7)
+    assert struct.unpack_from("<Q", blob, 0)[0] == 1  # q
+    assert struct.unpack_from("<q", blob, 64)[0] == 9  # q_row_stride, after 8 pointers
+    assert struct.unpack_from("<3i", blob, 136) == (18, 19, 20)  # heads_per_kv, num_heads, head_dim
+    assert struct.unpack_from("<2f", blob, 148) == (0.5, 0.25)  # scale, scale_log2
+    assert struct.unpack_from("<2i", blob, 156) == (-1, 7)  # window

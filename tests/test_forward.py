@@ -241,3 +241,27 @@ def test_large_batch_many_short_sequences():
     lens = torch.randint(0, 40, (3000,), generator=gen).tolist()
     q, k, v, cu_q, cu_k = make_packed(lens, heads=2, head_dim=32, seed=17)
     check_forward(q, k, v, cu_q, cu_k, causal=True)
+
+
+@pytest.mark.parametrize("array_type", ["torch", "cupy"])
+def test_check_inputs_on_the_device(array_type):
+    import cupy
+
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, head_dim=64, seed=21)
+    expect = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 513, 513, causal=True)
+    wrap = (lambda x: cupy.from_dlpack(x)) if array_type == "cupy" else (lambda x: x)
+    args = [wrap(x) for x in (q, k, v, cu_q, cu_k)]
+    got = cupy_varlen.varlen_attn(*args, 513, 513, causal=True, check_inputs=True)
+    assert torch.equal(torch.from_dlpack(got), expect)  # valid offsets: same bits, no error
+
+    bad_end = cu_k.clone()
+    bad_end[-1] -= 1
+    with pytest.raises(ValueError, match=r"cu_seqlens_k must end at k's total tokens"):
+        cupy_varlen.varlen_attn(*args[:4], wrap(bad_end), 513, 513, check_inputs=True)
+    decreasing = cu_q.clone()
+    decreasing[2] = decreasing[3] + 1
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must be non-decreasing"):
+        cupy_varlen.varlen_attn(*args[:3], wrap(decreasing), args[4], 10**6, 10**6,
+                                check_inputs=True)
+    with pytest.raises(ValueError, match=r"max_seqlen_k is 512 but cu_seqlens_k"):
+        cupy_varlen.varlen_attn(*args, 513, 512, check_inputs=True)
