@@ -13,8 +13,8 @@ bracketed by its own pair of CUDA events (min and p90 are kept in the JSON). Inp
 between calls, so small configs may run partly out of L2; no cache flushing is done. Host overhead
 (cupy_varlen and torch varlen only) = median wall time of the Python call itself (perf_counter,
 no synchronization) over ``--host-calls`` calls. The first-call (compile) time of cupy_varlen is
-measured once per distinct (dtype, head dim, mask kind) with empty in-memory caches and a fresh
-CUPY_VARLEN_CACHE_DIR.
+measured once per distinct (dtype, head dim, mask kind) with empty in-memory caches, a fresh
+CUPY_VARLEN_CACHE_DIR and a unique comment appended to the source (so no cache can answer).
 
 Methods (same inputs, same process)
 -----------------------------------
@@ -386,23 +386,30 @@ def prepare_cupy_varlen(inp, choice="auto"):
 
 
 def measure_cupy_compile(fn):
-    """First-call time of ``fn`` (a cupy_varlen call) with cold in-memory caches and a fresh,
-    empty disk cache directory; the compiled kernels stay loaded afterwards."""
+    """First-call time of ``fn`` (a cupy_varlen call) with cold in-memory caches, a fresh, empty
+    disk cache directory, and a unique comment appended to the kernel source, so that no cache at
+    any level (ours, or one below NVRTC's API) can answer. The kernels stay loaded afterwards."""
+    import uuid
+
     import torch
     from cupy_varlen import _api, _build
 
     old = os.environ.get("CUPY_VARLEN_CACHE_DIR")
+    assemble = _build.assemble_source
     tmp = tempfile.mkdtemp(prefix="cupy_varlen_bench_cache_")
     try:
         _build.clear_memory_cache()
         _api._dispatch.cache_clear()
         os.environ["CUPY_VARLEN_CACHE_DIR"] = tmp
+        nonce = f"\n// compile-time measurement {uuid.uuid4()}\n"
+        _build.assemble_source = lambda spec: assemble(spec) + nonce
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
         return time.perf_counter() - t0
     finally:
+        _build.assemble_source = assemble
         if old is None:
             os.environ.pop("CUPY_VARLEN_CACHE_DIR", None)
         else:

@@ -116,6 +116,43 @@ def test_corrupt_cache_entry_is_recompiled(cache_dir):
         assert _build._unpack_entry(entry.read_bytes()) is not None  # replaced by a sound entry
 
 
+_CONCURRENT_COMPILE = """
+import hashlib, sys
+from cupy_varlen import _build, _spec
+spec = _spec.all_fwd_specs()[0]
+compiled = _build.compile_spec(spec)
+print(hashlib.sha256(compiled.cubin).hexdigest(), compiled.from_disk)
+"""
+
+
+def test_processes_compiling_one_spec_at_once_agree(cache_dir):
+    """Several processes compiling the same specialization into one empty cache directory at the
+    same time: every one gets a sound cubin, and the directory ends with one complete entry."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CUPY_VARLEN_CACHE_DIR=str(cache_dir))
+    # The children import the same cupy_varlen as this process (source tree or installed wheel).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(_build.__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_COMPILE], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(out.split())
+    digests = {digest for digest, _ in results}
+    assert len(digests) == 1, results  # NVRTC is deterministic: all publish the same bytes
+    entries = list(cache_dir.glob("*"))
+    assert len(entries) == 1 and entries[0].suffix == ".cubin", entries  # no stray temp files
+    cubin, _ = _build._unpack_entry(entries[0].read_bytes())
+    import hashlib
+
+    assert hashlib.sha256(cubin).hexdigest() in digests
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_cache_dir_falls_back_to_memory(cache_dir):
     cache_dir.mkdir(parents=True)

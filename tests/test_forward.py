@@ -265,3 +265,22 @@ def test_check_inputs_on_the_device(array_type):
                                 check_inputs=True)
     with pytest.raises(ValueError, match=r"max_seqlen_k is 512 but cu_seqlens_k"):
         cupy_varlen.varlen_attn(*args, 513, 512, check_inputs=True)
+
+
+@pytest.mark.parametrize("poison", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_values_stay_in_their_sequence(poison, value):
+    """NaN or Inf in one sequence's q, k or v changes no other sequence's output or lse (its
+    neighbours in the packed tensors included), bit for bit."""
+    lens_q, lens_k = [70, 129, 1, 200], [64, 130, 5, 190]
+    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, heads=4, heads_kv=2, head_dim=128, seed=31)
+    clean, clean_lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 200, 190, return_lse=True)
+    bad = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+    cu = cu_q if poison == "q" else cu_k
+    bad[poison][cu[1]:cu[2]] = value  # all of sequence 1
+    out, lse = cupy_varlen.varlen_attn(bad["q"], bad["k"], bad["v"], cu_q, cu_k, 200, 190,
+                                       return_lse=True)
+    for b in (0, 2, 3):
+        rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        assert torch.equal(out[rows], clean[rows]), f"sequence {b} changed"
+        assert torch.equal(lse[:, rows], clean_lse[:, rows]), f"sequence {b}'s lse changed"
