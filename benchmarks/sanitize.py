@@ -1,0 +1,106 @@
+"""Runs every forward kernel path under compute-sanitizer (memcheck, racecheck, synccheck) on small
+ragged batches and fails on any report.
+
+    python benchmarks/sanitize.py                 # all tools, both kernel families where they run
+    python benchmarks/sanitize.py --tools memcheck --head-dims 64 128
+
+Each case is a child process (``--child``) that runs cupy_varlen on a ragged batch (empty
+sequences, Lq != Lk, GQA 4/2, full and causal, one sliding window) and checks the result against
+the float64 reference, so a clean sanitizer report also means a correct result under it. The sm90
+(wgmma) kernel is exercised on Hopper GPUs only. Exit status: 0 when every case is clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ("memcheck", "racecheck", "synccheck")
+# Head dims that reach every head-dim class of both families (sm90: tiles 64/128/256).
+HEAD_DIMS = (40, 64, 96, 128, 256)
+_CLEAN = {
+    "memcheck": re.compile(r"ERROR SUMMARY: 0 errors"),
+    "synccheck": re.compile(r"ERROR SUMMARY: 0 errors"),
+    "racecheck": re.compile(r"RACECHECK SUMMARY: 0 hazards displayed \(0 errors, 0 warnings\)"),
+}
+
+
+def run_child(kernel: str, head_dim: int) -> None:
+    sys.path.insert(0, str(_REPO_ROOT))
+    import torch
+
+    import cupy_varlen
+    from cupy_varlen import _spec
+    from cupy_varlen.reference import varlen_attn_reference
+
+    _spec.forward_kernel = kernel
+    lens_q, lens_k = [37, 0, 1, 130, 200], [50, 3, 0, 127, 300]
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32,
+                        device="cuda")
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32,
+                        device="cuda")
+    g = torch.Generator().manual_seed(head_dim)
+    q = torch.randn(sum(lens_q), 4, head_dim, generator=g).to("cuda", torch.bfloat16)
+    k = torch.randn(sum(lens_k), 2, head_dim, generator=g).to("cuda", torch.bfloat16)
+    v = torch.randn(sum(lens_k), 2, head_dim, generator=g).to("cuda", torch.bfloat16)
+    for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
+        out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 200, 300, causal=causal,
+                                      window_size=window)
+        ref = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=causal, window_size=window)
+        torch.cuda.synchronize()
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        if not err < 2e-2:
+            sys.exit(f"wrong result under the sanitizer: relative error {err:.3g}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    ap.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
+    ap.add_argument("--child", nargs=2, metavar=("KERNEL", "HEAD_DIM"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        run_child(args.child[0], int(args.child[1]))
+        return 0
+
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        print("compute-sanitizer not found on PATH", file=sys.stderr)
+        return 2
+    import torch
+
+    sys.path.insert(0, str(_REPO_ROOT))
+    from cupy_varlen import _spec
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = _spec.arch_for_capability(major, minor)
+    failures = 0
+    for head_dim in args.head_dims:
+        kernels = {_spec.kernel_for(arch, _spec.head_dim_tile(head_dim), c) for c in ("sm80",
+                                                                                      "sm90")}
+        for kernel in sorted(kernels):
+            for tool in args.tools:
+                cmd = [sanitizer, "--tool", tool, "--error-exitcode", "9", sys.executable,
+                       __file__, "--child", kernel, str(head_dim)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+                text = proc.stdout + proc.stderr
+                clean = proc.returncode == 0 and _CLEAN[tool].search(text) is not None
+                failures += not clean
+                summary = next((line.strip("= ") for line in text.splitlines()
+                                if "SUMMARY" in line), "no summary")
+                print(f"{'clean' if clean else 'FAIL ':5s} {kernel} D{head_dim:<3d} {tool:9s} "
+                      f"rc={proc.returncode} {summary}", flush=True)
+                if not clean:
+                    print(text[-4000:], file=sys.stderr)
+    print(f"{failures} failing case(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
