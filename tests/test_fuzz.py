@@ -1,0 +1,139 @@
+"""Property-based tests (hypothesis): random packed batches against the float64 reference.
+
+- CPU (runs in CI): the reference itself against an independent dense formulation (one masked
+  softmax over the whole packed batch, with a block-diagonal document mask), on random ragged
+  batches, masks and GQA layouts.
+- GPU: cupy_varlen's forward on random batches (lengths including 0, 1 and primes, Lq != Lk,
+  GQA ratios, every head-dim class, both dtypes, causal and windows, strided views, both kernel
+  families), checked like every forward test (NaN-poisoned out=, error at most 1.5x torch
+  varlen_attn's, lse).
+
+Budget: a fixed, derandomized number of examples (seconds on the H100). For a longer search set
+CUPY_VARLEN_FUZZ_EXAMPLES (e.g. 2000) and run ``pytest tests/test_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from conftest import check_forward, cu_seqlens, requires_gpu  # noqa: E402
+from cupy_varlen.reference import varlen_attn_reference  # noqa: E402
+
+_LONG = int(os.environ.get("CUPY_VARLEN_FUZZ_EXAMPLES", "0"))
+
+
+def _budget(default: int):
+    return settings(max_examples=_LONG or default, derandomize=not _LONG, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# Lengths that break tiling assumptions: empty, single, primes, tile edges +-1.
+_LENGTHS = st.one_of(st.sampled_from([0, 1, 2, 3, 7, 13, 31, 63, 64, 65, 127, 128, 129, 191, 257]),
+                     st.integers(0, 300))
+
+
+@st.composite
+def _batches(draw, max_batch=6, head_dims=(8, 16, 40, 64, 72, 96, 128, 136, 160, 192, 256)):
+    batch = draw(st.integers(1, max_batch))
+    lens_q = draw(st.lists(_LENGTHS, min_size=batch, max_size=batch))
+    same = draw(st.booleans())
+    lens_k = lens_q if same else draw(st.lists(_LENGTHS, min_size=batch, max_size=batch))
+    heads_kv = draw(st.sampled_from([1, 2, 3]))
+    group = draw(st.sampled_from([1, 2, 4]))
+    head_dim = draw(st.sampled_from(head_dims))
+    causal = draw(st.booleans())
+    left = draw(st.sampled_from([-1, -1, 0, 1, 17, 100]))
+    right = 0 if causal else draw(st.sampled_from([-1, -1, 0, 5, 64]))
+    return dict(lens_q=lens_q, lens_k=lens_k, heads=heads_kv * group, heads_kv=heads_kv,
+                head_dim=head_dim, causal=causal, window=(left, right))
+
+
+def _dense_reference(q, k, v, lens_q, lens_k, causal, window, scale):
+    """One masked softmax over the whole packed batch: query i may see key j iff both belong to
+    the same sequence and the window/causal band allows it (bottom-right aligned)."""
+    seq_q = torch.repeat_interleave(torch.arange(len(lens_q)), torch.tensor(lens_q))
+    seq_k = torch.repeat_interleave(torch.arange(len(lens_k)), torch.tensor(lens_k))
+    start_q = torch.tensor([0] + lens_q).cumsum(0)[seq_q]
+    start_k = torch.tensor([0] + lens_k).cumsum(0)[seq_k]
+    i = torch.arange(len(seq_q)) - start_q
+    j = torch.arange(len(seq_k)) - start_k
+    diag = torch.tensor(lens_k)[seq_q] - torch.tensor(lens_q)[seq_q]
+    rel = j[None, :] - (i + diag)[:, None]  # key position relative to the query's diagonal
+    left, right = window
+    if causal:
+        right = 0
+    allowed = seq_q[:, None] == seq_k[None, :]
+    if left >= 0:
+        allowed &= rel >= -left
+    if right >= 0:
+        allowed &= rel <= right
+    group = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(group, dim=1).transpose(0, 1)  # (H, Tk, D)
+    vv = v.repeat_interleave(group, dim=1).transpose(0, 1)
+    s = torch.einsum("qhd,hkd->hqk", q, kk) * scale
+    s = s.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)  # (H, Tq), -inf for rows with no key
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out = torch.einsum("hqk,hkd->qhd", p, vv)
+    return out, lse
+
+
+@_budget(60)
+@given(_batches(head_dims=(8, 16, 40)), st.floats(0.05, 2.0))
+def test_reference_matches_a_dense_masked_softmax(case, scale):
+    g = torch.Generator().manual_seed(sum(case["lens_q"]) + 7 * case["head_dim"])
+    lens_q, lens_k = case["lens_q"], case["lens_k"]
+    q = torch.randn(sum(lens_q), case["heads"], case["head_dim"], generator=g, dtype=torch.float64)
+    k = torch.randn(sum(lens_k), case["heads_kv"], case["head_dim"], generator=g,
+                    dtype=torch.float64)
+    v = torch.randn_like(k)
+    out, lse = varlen_attn_reference(q, k, v, cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu"),
+                                     causal=case["causal"], scale=scale,
+                                     window_size=case["window"], return_lse=True)
+    dense_out, dense_lse = _dense_reference(q, k, v, lens_q, lens_k, case["causal"],
+                                            case["window"], scale)
+    torch.testing.assert_close(out, dense_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, dense_lse, rtol=1e-10, atol=1e-10)
+
+
+def _is_hopper() -> bool:
+    import cupy
+
+    return cupy.cuda.Device().compute_capability.startswith("9")
+
+
+@requires_gpu
+@_budget(120)
+@given(_batches(), st.sampled_from(["bf16", "fp16"]), st.sampled_from(["sm80", "sm90"]),
+       st.booleans())
+def test_forward_on_random_batches(case, dtype, kernel, packed_view):
+    from cupy_varlen import _spec
+
+    if kernel == "sm90" and not _is_hopper():
+        kernel = "sm80"
+    old, _spec.forward_kernel = _spec.forward_kernel, kernel
+    try:
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+        lens_q, lens_k = case["lens_q"], case["lens_k"]
+        h, hkv, d = case["heads"], case["heads_kv"], case["head_dim"]
+        g = torch.Generator().manual_seed(sum(lens_q) * 31 + d)
+        if packed_view and lens_q == lens_k and h == hkv:
+            # q, k, v as views of one (T, 3, H, D) tensor: row stride 3 H D, no copy
+            qkv = torch.randn(sum(lens_q), 3, h, d, generator=g).to("cuda", torch_dtype)
+            q, k, v = qkv.unbind(1)
+        else:
+            q = torch.randn(sum(lens_q), h, d, generator=g).to("cuda", torch_dtype)
+            k = torch.randn(sum(lens_k), hkv, d, generator=g).to("cuda", torch_dtype)
+            v = torch.randn(sum(lens_k), hkv, d, generator=g).to("cuda", torch_dtype)
+        check_forward(q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k), causal=case["causal"],
+                      window_size=case["window"])
+    finally:
+        _spec.forward_kernel = old
