@@ -1,4 +1,5 @@
-"""Offline search for the forward kernel's tile table (cupy_varlen/_spec.py: _TILE_TABLES).
+"""Offline search for the sm80 forward kernel's tile table (cupy_varlen/_spec.py: _TILE_TABLES).
+(The sm90 kernel's few tiles, _TILES_WGMMA, were chosen by measurement: benchmarks/NOTES.md.)
 
 For every architecture and head-dim tile, walks an ordered list of candidate tile shapes (largest
 tiles and deepest pipelines first) and keeps the first that (a) fits the shared memory budget with
@@ -13,10 +14,17 @@ Prints the table as Python to paste into _spec.py. The CPU tests re-check the sh
 from __future__ import annotations
 
 import argparse
+import sys
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
-from cupy_varlen import _build, _spec
-from cupy_varlen._spec import TileConfig
+# Run from a source checkout without installing: the package sits one level up.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if (_REPO_ROOT / "cupy_varlen").is_dir() and str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from cupy_varlen import _build, _spec  # noqa: E402
+from cupy_varlen._spec import TileConfig  # noqa: E402
 
 # Shared memory per SM (bytes), from the CUDA programming guide; each CTA also reserves 1 KB.
 SMEM_PER_SM = {"sm_80": 164 * 1024, "sm_86": 100 * 1024, "sm_89": 100 * 1024, "sm_90a": 228 * 1024}
