@@ -30,6 +30,13 @@ def cuda_available() -> bool:
 
 requires_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
 
+
+def is_hopper() -> bool:
+    """The current GPU can run the sm90 kernel family."""
+    import cupy
+
+    return cupy.cuda.Device().compute_capability.startswith("9")
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ERROR_FLOOR = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 

@@ -12,23 +12,19 @@ import pytest
 import torch
 
 import cupy_varlen
-from conftest import (DTYPES, check_forward, cu_seqlens, make_packed, rel_error, requires_gpu)
+from conftest import (DTYPES, check_forward, cu_seqlens, is_hopper, make_packed, rel_error,
+                      requires_gpu)
 from cupy_varlen.reference import varlen_attn_reference
 
 pytestmark = requires_gpu
 
-
-def _is_hopper() -> bool:
-    import cupy
-
-    return cupy.cuda.Device().compute_capability.startswith("9")
 
 
 @pytest.fixture(autouse=True, params=["sm80", "sm90"])
 def fwd_kernel(request, monkeypatch):
     """Every test runs on both kernel families (sm90 where the GPU is a Hopper; head dims the
     sm90 kernel does not cover run the sm80 kernel under either choice)."""
-    if request.param == "sm90" and not _is_hopper():
+    if request.param == "sm90" and not is_hopper():
         pytest.skip("the sm90 kernel needs a Hopper GPU")
     from cupy_varlen import _spec
 

@@ -24,7 +24,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import check_forward, cu_seqlens, requires_gpu  # noqa: E402
+from conftest import check_forward, cu_seqlens, is_hopper, requires_gpu  # noqa: E402
 from cupy_varlen.reference import varlen_attn_reference  # noqa: E402
 
 _LONG = int(os.environ.get("CUPY_VARLEN_FUZZ_EXAMPLES", "0"))
@@ -104,11 +104,6 @@ def test_reference_matches_a_dense_masked_softmax(case, scale):
     torch.testing.assert_close(lse, dense_lse, rtol=1e-10, atol=1e-10)
 
 
-def _is_hopper() -> bool:
-    import cupy
-
-    return cupy.cuda.Device().compute_capability.startswith("9")
-
 
 @requires_gpu
 @_budget(120)
@@ -117,7 +112,7 @@ def _is_hopper() -> bool:
 def test_forward_on_random_batches(case, dtype, kernel, packed_view):
     from cupy_varlen import _spec
 
-    if kernel == "sm90" and not _is_hopper():
+    if kernel == "sm90" and not is_hopper():
         kernel = "sm80"
     old, _spec.forward_kernel = _spec.forward_kernel, kernel
     try:
