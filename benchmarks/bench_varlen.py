@@ -1,4 +1,5 @@
-"""Forward-pass benchmark of cupy_varlen.varlen_attn against PyTorch's attention kernels.
+"""Benchmark of cupy_varlen.varlen_attn (forward, backward, or both) against PyTorch's attention
+kernels.
 
 What is counted
 ---------------
@@ -7,6 +8,10 @@ Useful FLOPs = 4 * sum_b (allowed (query, key) pairs of sequence b) * H * D: two
 sequences contribute Lq * Lk pairs; causal (bottom-right aligned: query i sees key j iff
 j <= i + Lk - Lq) and windowed sequences are counted exactly. Every method is scored with the same
 useful FLOPs, so padded SDPA's number is its "useful TFLOP/s" (the padding it computes is waste).
+``--pass bwd`` times the backward alone (torch.autograd.grad of a saved output with a fixed
+random dout, for every method alike: ours through its autograd registration) and counts 2.5x the
+forward's FLOPs (five GEMMs to the forward's two); ``--pass fwdbwd`` times forward + backward and
+counts 3.5x.
 
 Time = median of ``--runs`` individual calls (default 100) after ``--warmup`` calls, each call
 bracketed by its own pair of CUDA events (min and p90 are kept in the JSON). Inputs are reused
@@ -21,6 +26,7 @@ Methods (same inputs, same process)
 cupy_varlen   cupy_varlen.varlen_attn on the packed (T, H, D) tensors, kernel chosen as users get
               it (the sm90 wgmma kernel on Hopper where it covers the head dim).
 cupy_varlen_sm80  the same call forced onto the portable mma.sync kernel (opt-in method).
+cupy_varlen_det   the same call with deterministic=True (opt-in; only the backward differs).
 torch_varlen  torch.nn.attention.varlen.varlen_attn (FlashAttention-2); the call is built from its
               signature (is_causal or window_size; enable_gqa, else k/v expanded before timing).
 sdpa_flash    F.scaled_dot_product_attention on a zero-padded (B, H, max_len, D) batch under
@@ -36,6 +42,7 @@ How to run
 ----------
     python benchmarks/bench_varlen.py                  # the seed config (B 8, <= 2048, H 16, D 64)
     python benchmarks/bench_varlen.py --grid           # every config of the grid
+    python benchmarks/bench_varlen.py --grid --pass bwd   # the backward pass
     python benchmarks/bench_varlen.py --configs skewed_d128 seed_causal --check --plot
     python benchmarks/bench_varlen.py --from-json benchmarks/results/X.json --plot   # no GPU
 
@@ -70,7 +77,10 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if (_REPO_ROOT / "cupy_varlen").is_dir() and str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-METHODS = ("cupy_varlen", "cupy_varlen_sm80", "torch_varlen", "sdpa_flash", "sdpa_cudnn", "flex")
+METHODS = ("cupy_varlen", "cupy_varlen_sm80", "cupy_varlen_det", "torch_varlen", "sdpa_flash",
+           "sdpa_cudnn", "flex")
+OPT_IN_METHODS = ("cupy_varlen_sm80", "cupy_varlen_det")
+PASSES = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}  # FLOPs relative to the forward's
 HOST_METHODS = ("cupy_varlen", "torch_varlen")
 BASELINE = "torch_varlen"
 CHECK_MAX_TOKENS = 40_000
@@ -368,7 +378,7 @@ def _kernel_choice(choice):
     return context
 
 
-def prepare_cupy_varlen(inp, choice="auto"):
+def prepare_cupy_varlen(inp, choice="auto", deterministic=False):
     import cupy_varlen
     from cupy_varlen import _api, _spec
 
@@ -377,7 +387,7 @@ def prepare_cupy_varlen(inp, choice="auto"):
 
     def fn():
         return cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, mq, mk, causal=cfg.causal,
-                                       window_size=cfg.window)
+                                       window_size=cfg.window, deterministic=deterministic)
 
     arch = _api._device_arch(q.device.index if q.device.index is not None else 0)
     kernel = _spec.kernel_for(arch, _spec.head_dim_tile(cfg.head_dim), choice)
@@ -644,6 +654,7 @@ def prepare_flex(inp, compile_limit_s=60.0):
 PREPARE = {
     "cupy_varlen": lambda inp, args: prepare_cupy_varlen(inp),
     "cupy_varlen_sm80": lambda inp, args: prepare_cupy_varlen(inp, "sm80"),
+    "cupy_varlen_det": lambda inp, args: prepare_cupy_varlen(inp, deterministic=True),
     "torch_varlen": lambda inp, args: prepare_torch_varlen(inp),
     "sdpa_flash": lambda inp, args: prepare_sdpa_flash(inp),
     "sdpa_cudnn": lambda inp, args: prepare_sdpa_cudnn(inp),
@@ -682,6 +693,32 @@ def _error_text(exc):
     return " ".join(text.split())[:2000]
 
 
+def with_backward(prepared, inp, mode):
+    """The backward (``bwd``) or forward + backward (``fwdbwd``) of a prepared forward: autograd
+    into the packed q, k, v (which require grad) with one fixed random dout."""
+    import torch
+
+    fwd = prepared.fn
+    leaves = [inp.q, inp.k, inp.v]
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    with prepared.context():
+        saved = first(fwd())
+    dout = torch.randn_like(saved)
+
+    def bwd():
+        return torch.autograd.grad(saved, leaves, dout, retain_graph=True)
+
+    def fwdbwd():
+        return torch.autograd.grad(first(fwd()), leaves, dout)
+
+    prepared.fn = bwd if mode == "bwd" else fwdbwd
+    prepared.unpack = None
+    return prepared
+
+
 def run_method(method, inp, args, flops, ref, compile_cache):
     """Benchmark one method on one config; never raises (failures become an 'error' row)."""
     import torch
@@ -691,12 +728,14 @@ def run_method(method, inp, args, flops, ref, compile_cache):
     prepared = None
     try:
         prepared = PREPARE[method](inp, args)
+        if args.pass_ != "fwd":
+            prepared = with_backward(prepared, inp, args.pass_)
         row["note"] = prepared.note
         row["exact"] = prepared.exact
         if prepared.first_call_s is not None:
             row["first_call_s"] = prepared.first_call_s
         with prepared.context():
-            if method == "cupy_varlen":
+            if method == "cupy_varlen" and args.pass_ == "fwd":
                 cfg = inp.cfg
                 key = (args.dtype, cfg.head_dim, cfg.causal, tuple(cfg.window))
                 if key not in compile_cache:
@@ -706,7 +745,7 @@ def run_method(method, inp, args, flops, ref, compile_cache):
             row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
             if method in HOST_METHODS and args.host_calls > 0:
                 row["host_us"] = host_overhead_us(prepared.fn, args.host_calls)
-            if ref is not None:
+            if ref is not None and prepared.unpack is not None:
                 if prepared.exact:
                     row["check_rel_err"] = rel_error(prepared.unpack(prepared.fn()), ref)
                 else:
@@ -727,14 +766,18 @@ def run_method(method, inp, args, flops, ref, compile_cache):
 def run_config(cfg, args, compile_cache):
     import torch
 
-    flops = cfg.flops()
+    flops = cfg.flops() * PASSES[args.pass_]
     print(f"\n=== {cfg.name}: B={len(cfg.lengths_q)} T={sum(cfg.lengths_q)} "
           f"max_len={max(cfg.lengths_q)} H={cfg.heads}/{cfg.heads_kv} D={cfg.head_dim} "
-          f"causal={cfg.causal} {args.dtype} useful={flops / 1e9:.1f} GFLOP", flush=True)
+          f"causal={cfg.causal} {args.dtype} {args.pass_} useful={flops / 1e9:.1f} GFLOP",
+          flush=True)
     torch.manual_seed(args.seed)
     inp = make_inputs(cfg, args.dtype, args.seed)
+    if args.pass_ != "fwd":
+        for x in (inp.q, inp.k, inp.v):
+            x.requires_grad_(True)
     ref, check_skipped = None, None
-    if args.check:
+    if args.check and args.pass_ == "fwd":
         if cfg.total_tokens > CHECK_MAX_TOKENS:
             check_skipped = f"{cfg.total_tokens} tokens > {CHECK_MAX_TOKENS}"
             print(f"  --check skipped: {check_skipped}", flush=True)
@@ -800,20 +843,23 @@ def config_table(record, with_check=False):
 
 def summary_table(records):
     headers = ["config", "cupy TFLOP/s", "kernel", "torch TFLOP/s", "ratio", "sm80 ratio",
-               "compile s"]
+               "det ratio", "compile s"]
     rows = []
     for rec in records:
         by = {r["method"]: r for r in rec["rows"]}
         cv, tv = by.get("cupy_varlen", {}), by.get("torch_varlen", {})
-        sm80 = by.get("cupy_varlen_sm80", {})
+
+        def ratio(method):
+            mine = by.get(method, {})
+            return mine["tflops"] / tv["tflops"] if mine.get("tflops") and tv.get("tflops") \
+                else None
+
         compile_s = cv.get("compile_s")
         mark = "" if cv.get("compile_measured_in") in (None, rec["config"]) else "*"
-        ratio = (cv["tflops"] / tv["tflops"]) if cv.get("tflops") and tv.get("tflops") else None
-        ratio80 = (sm80["tflops"] / tv["tflops"]) if sm80.get("tflops") and tv.get("tflops") \
-            else None
         rows.append([rec["config"], _fmt(cv.get("tflops"), ".1f"),
                      cv.get("note", "").replace(" kernel", ""), _fmt(tv.get("tflops"), ".1f"),
-                     _fmt(ratio, ".2f"), _fmt(ratio80, ".2f"), _fmt(compile_s, ".2f") + mark])
+                     _fmt(ratio("cupy_varlen"), ".2f"), _fmt(ratio("cupy_varlen_sm80"), ".2f"),
+                     _fmt(ratio("cupy_varlen_det"), ".2f"), _fmt(compile_s, ".2f") + mark])
     return format_table(headers, rows) + \
         "\n(* compile time measured in an earlier config with the same dtype/head dim/mask)"
 
@@ -952,7 +998,9 @@ def parse_args(argv=None):
     ap.add_argument("--host-calls", type=int, default=200,
                     help="calls for the host overhead median (cupy_varlen, torch_varlen); 0: off")
     ap.add_argument("--methods", nargs="+", choices=METHODS,
-                    default=[m for m in METHODS if m != "cupy_varlen_sm80"])
+                    default=[m for m in METHODS if m not in OPT_IN_METHODS])
+    ap.add_argument("--pass", dest="pass_", choices=tuple(PASSES), default="fwd",
+                    help="time the forward, the backward, or both (FLOPs 1x, 2.5x, 3.5x)")
     ap.add_argument("--check", action="store_true",
                     help=f"relative error vs the float64 reference (configs <= "
                          f"{CHECK_MAX_TOKENS} tokens)")
@@ -1024,7 +1072,8 @@ def main(argv=None):
         "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
         "environment": env, "dtype": args.dtype,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "flops_definition": "4 * sum_b allowed(query, key) pairs * H * D",
+        "pass": args.pass_,
+        "flops_definition": f"{PASSES[args.pass_]} x 4 * sum_b allowed(query, key) pairs * H * D",
         "timing": "median of per-call CUDA event pairs after warm-up; inputs reused (L2 not "
                   "flushed); host_us = perf_counter around the call, no sync",
         "results": [],

@@ -1,12 +1,14 @@
-"""Runs every forward kernel path under compute-sanitizer (memcheck, racecheck, synccheck) on small
-ragged batches and fails on any report.
+"""Runs every kernel path (both forward families; the backward's atomic and deterministic dQ
+modes) under compute-sanitizer (memcheck, racecheck, synccheck) on small ragged batches and fails
+on any report.
 
     python benchmarks/sanitize.py                 # all tools, both kernel families where they run
     python benchmarks/sanitize.py --tools memcheck --head-dims 64 128
 
 Each case is a child process (``--child``) that runs cupy_varlen on a ragged batch (empty
 sequences, Lq != Lk, GQA 4/2, full and causal, one sliding window) and checks the result against
-the float64 reference, so a clean sanitizer report also means a correct result under it. The sm90
+the float64 reference (the backward cases: dq, dk, dv against float64 autograd), so a clean
+sanitizer report also means a correct result under it. The sm90
 (wgmma) kernel is exercised on Hopper GPUs only. Exit status: 0 when every case is clean.
 """
 
@@ -39,7 +41,8 @@ def run_child(kernel: str, head_dim: int) -> None:
     from cupy_varlen import _spec
     from cupy_varlen.reference import varlen_attn_reference
 
-    _spec.forward_kernel = kernel
+    backward = kernel.startswith("bwd")
+    _spec.forward_kernel = "auto" if backward else kernel
     lens_q, lens_k = [37, 0, 1, 130, 200], [50, 3, 0, 127, 300]
     cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32,
                         device="cuda")
@@ -50,19 +53,29 @@ def run_child(kernel: str, head_dim: int) -> None:
     k = torch.randn(sum(lens_k), 2, head_dim, generator=g).to("cuda", torch.bfloat16)
     v = torch.randn(sum(lens_k), 2, head_dim, generator=g).to("cuda", torch.bfloat16)
     for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
-        out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 200, 300, causal=causal,
-                                      window_size=window)
-        ref = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=causal, window_size=window)
+        out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 200, 300, causal=causal,
+                                           window_size=window, return_lse=True)
+        leaves = [x.double().requires_grad_(backward) for x in (q, k, v)]
+        ref = varlen_attn_reference(*leaves, cu_q, cu_k, causal=causal, window_size=window)
+        results, refs = [out], [ref.detach()]
+        if backward:
+            dout = torch.randn(out.shape, generator=g).to("cuda", torch.bfloat16)
+            results += cupy_varlen.varlen_attn_backward(
+                dout, q, k, v, out, lse, cu_q, cu_k, 200, 300, causal=causal,
+                window_size=window, deterministic=kernel == "bwd-det")
+            refs += torch.autograd.grad(ref, leaves, dout.double())
         torch.cuda.synchronize()
-        err = ((out.double() - ref).norm() / ref.norm()).item()
-        if not err < 2e-2:
-            sys.exit(f"wrong result under the sanitizer: relative error {err:.3g}")
+        for got, want in zip(results, refs):
+            err = ((got.double() - want).norm() / want.norm()).item()
+            if not err < 2e-2:
+                sys.exit(f"wrong result under the sanitizer: relative error {err:.3g}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     ap.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
+    ap.add_argument("--forward-only", action="store_true", help="skip the backward's kernels")
     ap.add_argument("--child", nargs=2, metavar=("KERNEL", "HEAD_DIM"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -84,6 +97,8 @@ def main() -> int:
     for head_dim in args.head_dims:
         kernels = {_spec.kernel_for(arch, _spec.head_dim_tile(head_dim), c) for c in ("sm80",
                                                                                       "sm90")}
+        if not args.forward_only:
+            kernels |= {"bwd", "bwd-det"}  # the backward's atomic and deterministic dQ paths
         for kernel in sorted(kernels):
             for tool in args.tools:
                 cmd = [sanitizer, "--tool", tool, "--error-exitcode", "9", sys.executable,

@@ -30,6 +30,24 @@ CV_DEVICE u32 pack_float2(float lo, float hi) {
   return packed;
 }
 
+// The two 16-bit elements of a register as fp32 (inverse of pack_float2).
+CV_DEVICE float2 unpack_float2(u32 packed) {
+#if CV_DTYPE_BF16
+  return make_float2(__uint_as_float(packed << 16), __uint_as_float(packed & 0xffff0000u));
+#else
+  float lo, hi;
+  asm("{\n.reg .f16 l, h;\nmov.b32 {l, h}, %2;\ncvt.f32.f16 %0, l;\ncvt.f32.f16 %1, h;\n}\n"
+      : "=f"(lo), "=f"(hi) : "r"(packed));
+  return make_float2(lo, hi);
+#endif
+}
+
+// Dot product of two registers of two 16-bit elements each, in fp32.
+CV_DEVICE float dot_halves(u32 a, u32 b) {
+  const float2 x = unpack_float2(a), y = unpack_float2(b);
+  return fmaf(x.x, y.x, x.y * y.y);
+}
+
 // ex2.approx maps -inf to +0, which is what masked scores need; libm's exp2f adds range checks.
 CV_DEVICE float fast_exp2(float x) {
   float y;
@@ -49,6 +67,24 @@ CV_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 
 CV_DEVICE u32 smem_addr(const void* ptr) {
   return static_cast<u32>(__cvta_generic_to_shared(ptr));
+}
+
+CV_DEVICE void st_shared_u32(u32 addr, u32 v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v));
+}
+
+CV_DEVICE uint4 ld_shared_u128(u32 addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+
+CV_DEVICE float2 ld_shared_f32x2(u32 addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+  return v;
 }
 
 template <int kA, int kB, int kC>

@@ -4,36 +4,59 @@
 // sequence's live output, and past the last sequence lies memory that is not ours.
 #pragma once
 
-template <int kMAtoms, int kDAtoms, int kRows, int kHeadDim, int kThreads>
-CV_DEVICE void store_output(const float (&acc_o)[kMAtoms][kDAtoms][4], unsigned char* stage,
-                            u16* out, i64 out_row_stride, int rows_valid, int chunks_valid,
-                            int warp_row0, int lane, int tid) {
-  typedef SmemTile<kRows, kHeadDim> Tile;
-  const int group = lane >> 2, quad = lane & 3;
+// Calls f(row, n, lo, hi) for every pair of neighbouring columns (8n + 2 quad, +1) this lane
+// holds in a warp's mma C fragments, row being row0 + 16m + group (+ 8).
+template <int kMAtoms, int kNAtoms, class F>
+CV_DEVICE void for_each_fragment_pair(const float (&acc)[kMAtoms][kNAtoms][4], int row0, int lane,
+                                      F&& f) {
 #pragma unroll
   for (int m = 0; m < kMAtoms; ++m)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = warp_row0 + 16 * m + group + 8 * h;
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int d = 0; d < kDAtoms; ++d) {
-        // Atom d covers columns 8d..8d+7: exactly chunk d; this lane's pair is word `quad` of it.
-        u32* dst = reinterpret_cast<u32*>(stage + Tile::offset(row, d) + 4 * quad);
-        *dst = pack_float2(acc_o[m][d][2 * h], acc_o[m][d][2 * h + 1]);
-      }
-    }
-  __syncthreads();
-  constexpr int kChunks = kRows * Tile::kChunksPerRow;
+      for (int n = 0; n < kNAtoms; ++n)
+        f(row0 + 16 * m + (lane >> 2) + 8 * h, n, acc[m][n][2 * h], acc[m][n][2 * h + 1]);
+}
+
+// Converts a warp's accumulator fragments (rows row0 + 16m + ..., columns 8 * (chunk0 + n) + ...)
+// times `mul` to 16-bit and writes them into a shared-memory tile laid out like the inputs.
+template <class Tile, int kMAtoms, int kNAtoms>
+CV_DEVICE void stage_fragments(const float (&acc)[kMAtoms][kNAtoms][4], u32 stage, int row0,
+                               int chunk0, int lane, float mul = 1.f) {
+  const int quad = lane & 3;
+  for_each_fragment_pair(acc, row0, lane, [&](int row, int n, float lo, float hi) {
+    // Atom n covers columns 8n..8n+7: exactly one chunk; this lane's pair is word `quad` of it.
+    st_shared_u32(stage + Tile::offset(row, chunk0 + n) + 4 * quad,
+                  pack_float2(lo * mul, hi * mul));
+  });
+}
+
+// Copies a staged tile to global memory as 16-byte rows; rows at or past rows_valid and chunks at
+// or past chunks_valid are not written.
+template <class Tile, int kThreads>
+CV_DEVICE void write_staged_tile(u32 stage, u16* dst, i64 row_stride, int rows_valid,
+                                 int chunks_valid, int tid) {
+  constexpr int kChunks = Tile::kRowCount * Tile::kChunksPerRow;
 #pragma unroll
   for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
     const int idx = tid + i * kThreads;
     const int row = idx / Tile::kChunksPerRow;
     const int chunk = idx % Tile::kChunksPerRow;
-    if (idx < kChunks && row < rows_valid && chunk < chunks_valid) {
-      const uint4 value = *reinterpret_cast<const uint4*>(stage + Tile::offset(row, chunk));
-      *reinterpret_cast<uint4*>(out + row * out_row_stride + chunk * 8) = value;
-    }
+    if (idx < kChunks && row < rows_valid && chunk < chunks_valid)
+      *reinterpret_cast<uint4*>(dst + row * row_stride + chunk * 8) =
+          ld_shared_u128(stage + Tile::offset(row, chunk));
   }
+}
+
+// O of a CTA whose warps each own whole rows: stage, then write.
+template <int kMAtoms, int kDAtoms, int kRows, int kHeadDim, int kThreads>
+CV_DEVICE void store_output(const float (&acc_o)[kMAtoms][kDAtoms][4], u32 stage, u16* out,
+                            i64 out_row_stride, int rows_valid, int chunks_valid, int warp_row0,
+                            int lane, int tid) {
+  typedef SmemTile<kRows, kHeadDim> Tile;
+  stage_fragments<Tile>(acc_o, stage, warp_row0, 0, lane);
+  __syncthreads();
+  write_staged_tile<Tile, kThreads>(stage, out, out_row_stride, rows_valid, chunks_valid, tid);
 }
 
 // Writes O straight from the accumulator fragments (4-byte stores): for kernels whose warps cannot
@@ -42,19 +65,36 @@ template <int kMAtoms, int kDAtoms>
 CV_DEVICE void store_output_fragments(const float (&acc_o)[kMAtoms][kDAtoms][4], u16* out,
                                       i64 out_row_stride, int rows_valid, int head_dim,
                                       int warp_row0, int lane) {
-  const int group = lane >> 2, quad = lane & 3;
-#pragma unroll
-  for (int m = 0; m < kMAtoms; ++m)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = warp_row0 + 16 * m + group + 8 * h;
-      if (row >= rows_valid) continue;
-      u16* dst = out + row * out_row_stride + 2 * quad;
-#pragma unroll
-      for (int d = 0; d < kDAtoms; ++d)
-        if (8 * d < head_dim)
-          *reinterpret_cast<u32*>(dst + 8 * d) = pack_float2(acc_o[m][d][2 * h], acc_o[m][d][2 * h + 1]);
-    }
+  const int quad = lane & 3;
+  for_each_fragment_pair(acc_o, warp_row0, lane, [&](int row, int d, float lo, float hi) {
+    if (row < rows_valid && 8 * d < head_dim)
+      *reinterpret_cast<u32*>(out + row * out_row_stride + 8 * d + 2 * quad) = pack_float2(lo, hi);
+  });
+}
+
+// dst[0] += a, dst[1] += b (dst 8-byte aligned). Hopper reduces both in one vector instruction,
+// halving the atomic traffic that dominates the backward's dQ.
+CV_DEVICE void atomic_add_pair(float* dst, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
+}
+
+// Adds a warp's fp32 fragments to a row-major fp32 array (rows row0 + 16m + ..., columns col0 +
+// 8n + ...) with atomics; rows at or past rows_valid and columns at or past cols_valid are skipped.
+template <int kMAtoms, int kNAtoms>
+CV_DEVICE void add_fragments_atomic(const float (&acc)[kMAtoms][kNAtoms][4], float* dst,
+                                    i64 row_stride, int rows_valid, int cols_valid, int row0,
+                                    int col0, int lane) {
+  const int quad = lane & 3;
+  for_each_fragment_pair(acc, row0, lane, [&](int row, int n, float lo, float hi) {
+    // cols_valid is a multiple of 8: whole atoms.
+    if (row < rows_valid && col0 + 8 * n < cols_valid)
+      atomic_add_pair(dst + row * row_stride + col0 + 8 * n + 2 * quad, lo, hi);
+  });
 }
 
 // lse has one value per row; the quad's lane 0 holds the reduced value.

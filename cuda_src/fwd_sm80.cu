@@ -169,6 +169,6 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   cp_async_wait<0>();
   __syncthreads();
   store_output<kMAtoms, kDAtoms, kBlockM, kHeadDim, kThreads>(
-      acc_o, smem, out + (i64)(seq.q_start + m0) * o_row_stride + (i64)head * o_head_stride,
+      acc_o, q_smem, out + (i64)(seq.q_start + m0) * o_row_stride + (i64)head * o_head_stride,
       o_row_stride, rows_valid, chunks_valid, warp_row0, lane, tid);
 }

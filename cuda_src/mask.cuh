@@ -85,3 +85,17 @@ CV_DEVICE void apply_mask(float (&s)[kMAtoms][kNAtoms][4], int row0, int n0, int
           if (key >= k_len || rel < b.lo || rel > b.hi) s[m][n][2 * h + j] = neg_inf();
         }
 }
+
+// Sets the scores of fragment rows row0 + ... at or past `rows_valid` to -inf (the backward's key
+// rows past a sequence's end; the forward never holds such rows).
+template <int kMAtoms, int kNAtoms>
+CV_DEVICE void mask_rows_from(float (&s)[kMAtoms][kNAtoms][4], int row0, int rows_valid,
+                              int lane) {
+#pragma unroll
+  for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      if (row0 + 16 * m + (lane >> 2) + 8 * h >= rows_valid)
+#pragma unroll
+        for (int n = 0; n < kNAtoms; ++n) s[m][n][2 * h] = s[m][n][2 * h + 1] = neg_inf();
+}

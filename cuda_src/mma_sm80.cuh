@@ -102,3 +102,43 @@ CV_DEVICE void gemm_pv(float (&acc_o)[kMAtoms][kDAtoms][4], const float (&p)[kMA
     }
   }
 }
+
+// acc[m][n] += A[a_row0 + 16m .., :] * B[:, b_col0 + 8n ..] over kK, both operands in shared memory.
+// Each operand is stored either with its reduction index along the row (A as (m, k), B as (n, k):
+// ldmatrix as is) or down the rows (A as (k, m), B as (k, n): ldmatrix .trans), so one tile serves
+// a GEMM and its transpose: the backward pass reads K, Q, dO and dS both ways.
+template <int kMAtoms, int kNAtoms, int kK, class ATile, bool kATrans, class BTile, bool kBTrans,
+          int kUnroll = kK / 16>
+CV_DEVICE void gemm_ss(float (&acc)[kMAtoms][kNAtoms][4], u32 a_smem, int a_row0, u32 b_smem,
+                       int b_col0, const LaneCoords& lc) {
+  static_assert(kNAtoms % 2 == 0, "B is read 16 columns at a time");
+  static_assert(kK % 16 == 0, "reduction in steps of 16");
+#pragma unroll kUnroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+    u32 a[kMAtoms][4];
+#pragma unroll
+    for (int m = 0; m < kMAtoms; ++m) {
+      if (kATrans)
+        ldmatrix_x4_trans(a[m], ATile::ldmatrix_addr(a_smem, ks * 16, (a_row0 + 16 * m) / 8,
+                                                     lc.bt_row, lc.bt_chunk));
+      else
+        ldmatrix_x4(a[m], ATile::ldmatrix_addr(a_smem, a_row0 + 16 * m, ks * 2, lc.a_row,
+                                               lc.a_chunk));
+    }
+#pragma unroll
+    for (int np = 0; np < kNAtoms / 2; ++np) {
+      u32 b[4];
+      if (kBTrans)
+        ldmatrix_x4_trans(b, BTile::ldmatrix_addr(b_smem, ks * 16, (b_col0 + 16 * np) / 8,
+                                                  lc.a_row, lc.a_chunk));
+      else
+        ldmatrix_x4(b, BTile::ldmatrix_addr(b_smem, b_col0 + 16 * np, ks * 2, lc.bt_row,
+                                            lc.bt_chunk));
+#pragma unroll
+      for (int m = 0; m < kMAtoms; ++m) {
+        mma_16816(acc[m][2 * np], a[m], b[0], b[1]);
+        mma_16816(acc[m][2 * np + 1], a[m], b[2], b[3]);
+      }
+    }
+  }
+}

@@ -11,6 +11,7 @@
 template <int kRows, int kHeadDim>
 struct SmemTile {
   static_assert(kHeadDim % 32 == 0, "head-dim tile must be a multiple of 32");
+  static constexpr int kRowCount = kRows;
   static constexpr int kChunksPerRow = kHeadDim / 8;
   static constexpr int kPanelChunks = (kHeadDim % 64 == 0) ? 8 : 4;
   static constexpr int kBytes = kRows * kHeadDim * 2;

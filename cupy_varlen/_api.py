@@ -12,6 +12,11 @@ import numpy as np
 
 from . import _arrays, _build, _launch, _spec
 
+try:  # the autograd / torch.compile integration; absent without torch
+    from . import _torch
+except ImportError:  # pragma: no cover - exercised only where torch is absent
+    _torch = None
+
 _LOG2E = 1.4426950408889634
 _INT32_MAX = 2**31 - 1
 _MAX_GRID_Y = 65535
@@ -65,6 +70,13 @@ def _check_window(window_size, causal):
     return left, right
 
 
+def _effective_window(window_size, causal, reach):
+    """(left, right) as the kernels take it. A window reaching past every token is no window: the
+    unmasked kernel serves it, and the band arithmetic never sees values near the int32 limit."""
+    left, right = _check_window(window_size, causal)
+    return (-1 if left >= reach else left), (-1 if right >= reach else right)
+
+
 @functools.lru_cache(maxsize=None)
 def _device_arch(device: int) -> str:
     cc = cupy.cuda.Device(device).compute_capability  # e.g. "90"
@@ -87,6 +99,22 @@ def _aligned(info) -> bool:
     s0, s1, _ = info.strides
     return info.ptr % 16 == 0 and isinstance(s0, int) and isinstance(s1, int) and s0 % 8 == 0 \
         and s1 % 8 == 0
+
+
+def _aligned_input(fw, x, info):
+    """x itself, or an aligned copy of it (slower, never wrong): (array, info)."""
+    if _aligned(info):
+        return x, info
+    x = fw.copy(x)
+    return x, fw.info(x)
+
+
+def _dense_offsets(fw, cu, info):
+    """The kernels index cu_seqlens[b] directly; a strided view takes a (tiny) copy."""
+    if info.shape[0] > 1 and info.strides[0] != 1:
+        cu = fw.copy(cu)
+        info = fw.info(cu)
+    return cu, info
 
 
 def _check_qkv(fw, q, k, v):
@@ -129,6 +157,22 @@ def _check_qkv(fw, q, k, v):
     return qi, ki, vi
 
 
+def _check_like(fw, name, x, like_name, like):
+    """An array that must match ``like`` (an input's info) in type, shape and dtype, with a
+    contiguous last dimension: out, dout, and the gradients."""
+    if _arrays.framework_of(x) is not fw:
+        _fail(TypeError, name, f"must be a {fw.name} array like q, got {type(x).__name__}")
+    info = fw.info(x)
+    if info.shape != like.shape:
+        _fail(ValueError, name, f"shape {info.shape} must equal {like_name}'s shape {like.shape}")
+    if info.dtype != like.dtype:
+        _fail(TypeError, name, f"dtype {info.dtype} must equal {like_name}'s dtype {like.dtype}")
+    if like.shape[2] > 1 and info.strides[2] != 1:
+        _fail(ValueError, name,
+              f"must be contiguous in its last dimension, got strides {info.strides}")
+    return info
+
+
 def _check_devices(named_infos):
     """Last of the checks, so that every other one also runs (and is tested) on CPU arrays."""
     (first_name, first), *rest = named_infos
@@ -158,6 +202,19 @@ def _check_cu_seqlens(fw, cu_q, cu_k):
     return results
 
 
+def _check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """The checks the forward and the backward share: (framework, (q, k, v) infos,
+    (cu_q, info), (cu_k, info), causal)."""
+    fw = _arrays.framework_of(q)
+    if fw is None:
+        _fail(TypeError, "q", f"must be a torch tensor or CuPy array, got {type(q).__name__}")
+    infos = _check_qkv(fw, q, k, v)
+    cu_q, cu_k = _check_cu_seqlens(fw, cu_seqlens_q, cu_seqlens_k)
+    _check_int("max_seqlen_q", max_seqlen_q)
+    _check_int("max_seqlen_k", max_seqlen_k)
+    return fw, infos, cu_q, cu_k, _check_bool("causal", causal)
+
+
 def _check_offsets(fw, name, cu, total, tensor_name, max_name, max_seqlen):
     """check_inputs=True: the values of one cu_seqlens array (one device round trip)."""
     first, last, min_len, max_len = fw.offsets_summary(cu)
@@ -175,7 +232,7 @@ def _check_offsets(fw, name, cu, total, tensor_name, max_name, max_seqlen):
 
 def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                 causal=False, scale=None, window_size=(-1, -1), return_lse=False, out=None,
-                check_inputs=False):
+                deterministic=False, check_inputs=False):
     r"""Attention over a packed batch of variable-length sequences.
 
     Sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key/value rows
@@ -240,41 +297,35 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         ...            for _ in range(3))
         >>> out = cupy_varlen.varlen_attn(q, k, v, lens, lens, 1024, 1024, causal=True)
     """
+    if _torch is not None and _torch.needs_autograd(q, k, v):
+        return _torch.varlen_attn_autograd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+            scale=scale, window_size=window_size, return_lse=return_lse, out=out,
+            deterministic=deterministic, check_inputs=check_inputs)
+    _check_bool("deterministic", deterministic)
+    return _varlen_attn_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              causal=causal, scale=scale, window_size=window_size,
+                              return_lse=return_lse, out=out, check_inputs=check_inputs)
+
+
+def _varlen_attn_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                       causal=False, scale=None, window_size=(-1, -1), return_lse=False, out=None,
+                       check_inputs=False):
+    """varlen_attn without autograd: validates, allocates and launches."""
     q, k, v, cu_seqlens_q, cu_seqlens_k, out = (
         _arrays.adopt(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k, out)
     )
-    fw = _arrays.framework_of(q)
-    if fw is None:
-        _fail(TypeError, "q", f"must be a torch tensor or CuPy array, got {type(q).__name__}")
-    qi, ki, vi = _check_qkv(fw, q, k, v)
-    (cu_q, cu_qi), (cu_k, cu_ki) = _check_cu_seqlens(fw, cu_seqlens_q, cu_seqlens_k)
-    _check_int("max_seqlen_q", max_seqlen_q)
-    _check_int("max_seqlen_k", max_seqlen_k)
-    causal = _check_bool("causal", causal)
+    fw, (qi, ki, vi), (cu_q, cu_qi), (cu_k, cu_ki), causal = _check_attention_args(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
     return_lse = _check_bool("return_lse", return_lse)
     check_inputs = _check_bool("check_inputs", check_inputs)
     total_q, heads, head_dim = qi.shape
     total_k, heads_kv, _ = ki.shape
     scale = _check_scale(scale, head_dim)
-    left, right = _check_window(window_size, causal)
-    # A window reaching past every token is no window: the unmasked kernel serves it, and the
-    # kernel's band arithmetic never sees values near the int32 limit.
-    reach = total_q + total_k
-    left = -1 if left >= reach else left
-    right = -1 if right >= reach else right
+    left, right = _effective_window(window_size, causal, total_q + total_k)
     batch = cu_qi.shape[0] - 1
 
-    if out is not None:
-        if _arrays.framework_of(out) is not fw:
-            _fail(TypeError, "out", f"must be a {fw.name} array like q, got {type(out).__name__}")
-        oi = fw.info(out)
-        if oi.shape != qi.shape:
-            _fail(ValueError, "out", f"shape {oi.shape} must equal q's shape {qi.shape}")
-        if oi.dtype != qi.dtype:
-            _fail(TypeError, "out", f"dtype {oi.dtype} must equal q's dtype {qi.dtype}")
-        if head_dim > 1 and oi.strides[2] != 1:
-            _fail(ValueError, "out", f"must be contiguous in its last dimension, got strides "
-                  f"{oi.strides}")
+    oi = None if out is None else _check_like(fw, "out", out, "q", qi)
     if batch == 0 and (total_q or total_k):
         _fail(ValueError, "cu_seqlens_q", "has no sequences (length 1) but q or k has tokens")
     _check_devices([("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
@@ -283,13 +334,8 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     if check_inputs:
         _check_offsets(fw, "cu_seqlens_q", cu_q, total_q, "q", "max_seqlen_q", max_seqlen_q)
         _check_offsets(fw, "cu_seqlens_k", cu_k, total_k, "k", "max_seqlen_k", max_seqlen_k)
-    # The kernels index cu_seqlens[b] directly; a strided view takes a (tiny) copy.
-    if batch > 0 and cu_qi.strides[0] != 1:
-        cu_q = fw.copy(cu_q)
-        cu_qi = fw.info(cu_q)
-    if batch > 0 and cu_ki.strides[0] != 1:
-        cu_k = fw.copy(cu_k)
-        cu_ki = fw.info(cu_k)
+    cu_q, cu_qi = _dense_offsets(fw, cu_q, cu_qi)
+    cu_k, cu_ki = _dense_offsets(fw, cu_k, cu_ki)
 
     result = out if out is not None else fw.empty((total_q, heads, head_dim), q)
     lse = fw.empty((heads, total_q), q, "float32") if return_lse else None
@@ -303,15 +349,9 @@ def _run_forward(fw, q, k, v, qi, ki, vi, out, cu_q, cu_k, cu_qi, cu_ki, lse, *,
                  scale, window):
     # Misaligned inputs (an odd storage offset, strides that are not multiples of 8) take a copy:
     # slower, never wrong. A misaligned out is computed aside and copied in.
-    if not _aligned(qi):
-        q = fw.copy(q)
-        qi = fw.info(q)
-    if not _aligned(ki):
-        k = fw.copy(k)
-        ki = fw.info(k)
-    if not _aligned(vi):
-        v = fw.copy(v)
-        vi = fw.info(v)
+    q, qi = _aligned_input(fw, q, qi)
+    k, ki = _aligned_input(fw, k, ki)
+    v, vi = _aligned_input(fw, v, vi)
     oi = fw.info(out)
     target = out
     if not _aligned(oi):
@@ -339,3 +379,127 @@ def _run_forward(fw, q, k, v, qi, ki, vi, out, cu_q, cu_k, cu_qi, cu_ki, lse, *,
         )
     if out is not target:
         fw.copy_into(target, out)
+
+
+@functools.lru_cache(maxsize=None)
+def _dispatch_backward(dtype: str, head_dim: int, windowed: bool, device: int,
+                       deterministic: bool):
+    spec = _spec.choose_bwd_spec(dtype, head_dim, windowed, _device_arch(device), deterministic)
+    return spec, _build.load_kernels(spec, device)
+
+
+def varlen_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, *, causal=False, scale=None, window_size=(-1, -1),
+                         deterministic=False, dq=None, dk=None, dv=None):
+    r"""Gradients of :func:`varlen_attn` with respect to q, k and v.
+
+    Functional form for CuPy (and any DLPack) users; torch users get the same kernels through
+    autograd (``out.backward()``) on tensors that require grad.
+
+    ============== ========================== ==============================================
+    argument        shape                      notes
+    ============== ========================== ==============================================
+    dout            (T_q, H, D)                gradient of ``out``; q's dtype and type
+    q, k, v         as in varlen_attn          the forward's inputs
+    out             (T_q, H, D)                the forward's output
+    lse             (H, T_q) float32           the forward's ``return_lse=True`` output
+    dq (returned)   (T_q, H, D)                q's dtype; optional preallocated array
+    dk, dv          (T_k, H_kv, D)             GQA/MQA: summed over each group's query heads
+    ============== ========================== ==============================================
+
+    ``causal``, ``scale`` and ``window_size`` must be the forward's. Only the last dimension of
+    each array must be contiguous; dq, dk and dv may be strided views, written in place.
+
+    ``deterministic=True`` gives bitwise repeatable gradients: dQ is computed by its own kernel
+    (one CTA per query tile, key tiles in a fixed order) instead of fp32 atomics from the dK/dV
+    kernel, which recomputes two GEMMs per tile pair (about 1.4x the backward's tensor-core work).
+    The default accumulates dQ with atomics, whose order (hence the last bits) varies run to run.
+
+    A query row with no allowed key (lse -inf) gets dq 0, a key no query attends gets dk = dv = 0,
+    never NaN. Runs on the caller's current stream without host synchronization.
+
+    Returns:
+        ``(dq, dk, dv)``, arrays of q's type.
+    """
+    dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv = (
+        _arrays.adopt(x) for x in (dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk,
+                                   dv)
+    )
+    fw, (qi, ki, vi), (cu_q, cu_qi), (cu_k, cu_ki), causal = _check_attention_args(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    deterministic = _check_bool("deterministic", deterministic)
+    total_q, heads, head_dim = qi.shape
+    total_k, heads_kv, _ = ki.shape
+    scale = _check_scale(scale, head_dim)
+    window = _effective_window(window_size, causal, total_q + total_k)
+    doi = _check_like(fw, "dout", dout, "q", qi)
+    oi = _check_like(fw, "out", out, "q", qi)
+    if _arrays.framework_of(lse) is not fw:
+        _fail(TypeError, "lse", f"must be a {fw.name} array like q, got {type(lse).__name__}")
+    li = fw.info(lse)
+    if li.dtype != "float32":
+        _fail(TypeError, "lse", f"must be float32 (varlen_attn's return_lse output), got {li.dtype}")
+    if li.shape != (heads, total_q):
+        _fail(ValueError, "lse", f"shape {li.shape} must be (num_heads, total_q) = "
+              f"{(heads, total_q)}")
+    grads = []
+    for name, x, like_name, like in (("dq", dq, "q", qi), ("dk", dk, "k", ki),
+                                     ("dv", dv, "v", vi)):
+        grads.append(None if x is None else _check_like(fw, name, x, like_name, like))
+    batch = cu_qi.shape[0] - 1
+    if batch == 0 and (total_q or total_k):
+        _fail(ValueError, "cu_seqlens_q", "has no sequences (length 1) but q or k has tokens")
+    _check_devices([("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
+                    ("cu_seqlens_k", cu_ki), ("dout", doi), ("out", oi), ("lse", li),
+                    ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])])
+    cu_q, cu_qi = _dense_offsets(fw, cu_q, cu_qi)
+    cu_k, cu_ki = _dense_offsets(fw, cu_k, cu_ki)
+    results = [x if x is not None else fw.empty(info.shape, like_x)
+               for x, info, like_x in ((dq, qi, q), (dk, ki, k), (dv, vi, v))]
+    if batch > 0 and (total_q or total_k):
+        _run_backward(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results, cu_q, cu_k,
+                      cu_qi, cu_ki, batch=batch, scale=scale, window=window,
+                      deterministic=deterministic)
+    return tuple(results)
+
+
+def _run_backward(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results, cu_q, cu_k,
+                  cu_qi, cu_ki, *, batch, scale, window, deterministic):
+    dout, doi = _aligned_input(fw, dout, doi)
+    q, qi = _aligned_input(fw, q, qi)
+    k, ki = _aligned_input(fw, k, ki)
+    v, vi = _aligned_input(fw, v, vi)
+    out, oi = _aligned_input(fw, out, oi)
+    # Misaligned gradient outputs are computed aside and copied in.
+    targets = list(results)
+    for i, (x, like) in enumerate(zip(results, (q, k, v))):
+        if not _aligned(fw.info(x)):
+            results[i] = fw.empty(fw.info(x).shape, like)
+    dqi, dki, dvi = (fw.info(x) for x in results)
+
+    total_q, heads, head_dim = qi.shape
+    total_k, heads_kv, _ = ki.shape
+    device = qi.device
+    on_device = cupy.cuda.runtime.getDevice() == device
+    with contextlib.nullcontext() if on_device else cupy.cuda.Device(device):
+        spec, kernels = _dispatch_backward(_arrays.DTYPE_NAMES[qi.dtype], head_dim,
+                                           window != (-1, -1), device, deterministic)
+        floats, ints = _launch.backward_workspace_sizes(total_q, total_k, heads, head_dim, batch,
+                                                        spec)
+        float_ws = fw.empty((max(floats, 1),), cu_q, "float32")
+        int_ws = fw.empty((ints,), cu_q, "int32")
+        _launch.launch_backward(
+            kernels, spec, fw.stream_ptr(device),
+            q=qi.ptr, k=ki.ptr, v=vi.ptr, out=oi.ptr, dout=doi.ptr, dq=dqi.ptr, dk=dki.ptr,
+            dv=dvi.ptr, lse=li.ptr, float_ws=fw.ptr(float_ws), int_ws=fw.ptr(int_ws),
+            cu_q=cu_qi.ptr, cu_k=cu_ki.ptr,
+            strides={"q": qi.strides[:2], "k": ki.strides[:2], "v": vi.strides[:2],
+                     "out": oi.strides[:2], "dout": doi.strides[:2], "dq": dqi.strides[:2],
+                     "dk": dki.strides[:2], "dv": dvi.strides[:2]},
+            lse_strides=li.strides, total_q=total_q, total_k=total_k, batch=batch, heads=heads,
+            heads_kv=heads_kv, head_dim=head_dim, scale=scale, scale_log2=scale * _LOG2E,
+            window=window,
+        )
+    for target, result in zip(targets, results):
+        if result is not target:
+            fw.copy_into(target, result)

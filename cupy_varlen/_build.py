@@ -234,13 +234,14 @@ def compile_spec(spec, *, use_disk_cache: bool = True) -> CompiledSpec:
         return compiled
 
 
-@dataclasses.dataclass
 class LoadedKernels:
-    """A spec's kernels loaded on one device."""
+    """A spec's kernels loaded on one device: one attribute per role of ``spec.entry_points``
+    (``main`` and ``schedule`` for every spec)."""
 
-    module: object
-    main: object
-    schedule: object
+    def __init__(self, module, functions: dict):
+        self.module = module
+        for role, function in functions.items():
+            setattr(self, role, function)
 
 
 _loaded: dict = {}
@@ -256,13 +257,14 @@ def load_kernels(spec, device_id: int) -> LoadedKernels:
     compiled = compile_spec(spec)
     module = function.Module()
     module.load(compiled.cubin)
-    main = module.get_function(spec.kernel_name)
-    schedule = module.get_function(spec.schedule_kernel_name)
-    if spec.smem_bytes > 48 * 1024:
-        driver.funcSetAttribute(
-            main.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, spec.smem_bytes
-        )
-    loaded = LoadedKernels(module, main, schedule)
+    functions = {}
+    for role, (name, smem) in spec.entry_points.items():
+        functions[role] = module.get_function(name)
+        if smem > 48 * 1024:
+            driver.funcSetAttribute(
+                functions[role].ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem
+            )
+    loaded = LoadedKernels(module, functions)
     _loaded[(spec, device_id)] = loaded
     return loaded
 

@@ -76,3 +76,83 @@ def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, c
         shared_mem=spec.smem_bytes,
         stream=stream,
     )
+
+
+# cuda_src/bwd_sm80.cu: struct BwdParams, by value: 16 pointers, 19 int64, 3 int32, 2 float32,
+# 2 int32, padded to 8-byte alignment.
+_BWD_PARAMS = struct.Struct("<16Q19q3i2f2i4x")
+_BWD_PARAMS_DTYPE = np.dtype((np.void, _BWD_PARAMS.size))
+_PREP_THREADS = 256  # cuda_src/bwd_sm80.cu: kPrepThreads (8 lanes per row and head)
+_CONVERT_THREADS = 256  # kConvertThreads (one thread per 8 elements)
+
+
+def backward_workspace_sizes(total_q: int, total_k: int, heads: int, head_dim: int, batch: int,
+                             spec) -> tuple:
+    """(float32 entries, int32 entries) of the backward's scratch: lse_log2 and delta (heads x
+    total_q each) and, in atomic mode, the dQ accumulator; the key-tile schedule and, in
+    deterministic mode, the query-tile schedule."""
+    t = spec.tiles
+    floats = 2 * heads * total_q + (0 if spec.deterministic else total_q * heads * head_dim)
+    ints = SCHEDULE_HEADER + 2 * tile_bound(total_k, batch, t.block_n)
+    if spec.deterministic:
+        ints += SCHEDULE_HEADER + 2 * tile_bound(total_q, batch, t.block_m)
+    return floats, ints
+
+
+def launch_backward(kernels, spec, stream_ptr: int, *, q, k, v, out, dout, dq, dk, dv, lse,
+                    float_ws, int_ws, cu_q, cu_k, strides: dict, lse_strides, total_q: int,
+                    total_k: int, batch: int, heads: int, heads_kv: int, head_dim: int,
+                    scale: float, scale_log2: float, window):
+    """Launches the backward's kernels on ``stream_ptr``. Pointers are ints; ``strides`` maps
+    q, k, v, out, dout, dq, dk, dv to (row, head) strides in elements."""
+    stream = stream_handle(stream_ptr)
+    t = spec.tiles
+    # The accumulator first: its float4 accesses need the allocation's alignment.
+    accum_bytes = 0 if spec.deterministic else 4 * total_q * heads * head_dim
+    dq_accum = 0 if spec.deterministic else float_ws
+    lse_log2 = float_ws + accum_bytes
+    delta = lse_log2 + 4 * heads * total_q
+    bound_k = tile_bound(total_k, batch, t.block_n)
+    ws_kv = int_ws
+    ws_q = int_ws + 4 * (SCHEDULE_HEADER + 2 * bound_k)
+    grid_kv = bound_k * heads_kv
+    bound_q = tile_bound(total_q, batch, t.block_m)
+    grid_q = bound_q * heads
+    if max(grid_kv, grid_q) > _MAX_GRID_X:
+        raise ValueError("varlen_attn_backward: tiles x heads exceed one launch's grid")
+    s = strides
+    params = _BWD_PARAMS.pack(
+        q, k, v, out, dout, dq, dk, dv, lse, lse_log2, delta, dq_accum, cu_q, cu_k, ws_kv,
+        ws_q if spec.deterministic else 0,
+        *s["q"], *s["k"], *s["v"], *s["out"], *s["dout"], *s["dq"], *s["dk"], *s["dv"],
+        *lse_strides, total_q, heads, heads // heads_kv, head_dim, scale, scale_log2,
+        window[0], window[1],
+    )
+    arg = (np.frombuffer(params, dtype=_BWD_PARAMS_DTYPE),)
+    left, right = np.int32(window[0]), np.int32(window[1])
+    rows = total_q * heads
+    if rows:
+        kernels.preprocess((-(-rows * 8 // _PREP_THREADS),), (_PREP_THREADS,), arg,
+                           stream=stream)
+    # Key tiles are scheduled as the forward schedules query tiles, with the roles swapped: the
+    # transposed mask is the band with left and right exchanged.
+    kernels.schedule(
+        (1,), (SCHEDULE_THREADS,),
+        (cu_k, cu_q, np.int32(batch), np.int32(t.block_n), np.int32(t.block_m), right, left,
+         np.int32(bound_k), ws_kv),
+        stream=stream,
+    )
+    kernels.main((grid_kv,), (spec.threads,), arg, shared_mem=spec.smem_bytes, stream=stream)
+    if spec.deterministic:
+        kernels.schedule(
+            (1,), (SCHEDULE_THREADS,),
+            (cu_q, cu_k, np.int32(batch), np.int32(t.block_m), np.int32(t.dq_block_n), left,
+             right, np.int32(bound_q), ws_q),
+            stream=stream,
+        )
+        kernels.dq((grid_q,), (spec.dq_threads,), arg, shared_mem=spec.dq_smem_bytes,
+                   stream=stream)
+    elif rows:
+        chunks = rows * (head_dim // 8)
+        kernels.dq_convert((-(-chunks // _CONVERT_THREADS),), (_CONVERT_THREADS,), arg,
+                           stream=stream)

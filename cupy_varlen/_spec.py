@@ -41,6 +41,7 @@ FWD_SOURCES = {
     + ("fwd_sm90.cu",),
 }
 KERNELS = tuple(FWD_SOURCES)
+BWD_SOURCES = ("common.cuh", "tiles.cuh", "mma_sm80.cuh") + _SHARED_SOURCES + ("bwd_sm80.cu",)
 SM90_THREADS = 384  # cuda_src/fwd_sm90.cu: a producer and two consumer warpgroups
 SM90_BARRIER_BYTES = 1024 + 256  # alignment slack for the 1024-byte swizzle atoms + barriers
 
@@ -119,6 +120,16 @@ tile_overrides: dict = {}
 forward_kernel = os.environ.get("CUPY_VARLEN_FWD_KERNEL", "auto")
 
 
+def _check_spec_fields(spec):
+    """dtype, head-dim tile and architecture, common to every spec."""
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {spec.dtype!r}")
+    if spec.head_dim_tile not in HEAD_DIM_TILES:
+        raise ValueError(f"head_dim_tile must be one of {HEAD_DIM_TILES}")
+    if spec.arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {spec.arch!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class FwdSpec:
     """One forward-kernel specialization."""
@@ -140,18 +151,19 @@ class FwdSpec:
                                       or self.head_dim_tile not in _TILES_WGMMA):
             raise ValueError(f"the sm90 kernel needs sm_90a and a head-dim tile in "
                              f"{tuple(_TILES_WGMMA)}, got {self.arch} d{self.head_dim_tile}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.head_dim_tile not in HEAD_DIM_TILES:
-            raise ValueError(f"head_dim_tile must be one of {HEAD_DIM_TILES}")
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        _check_spec_fields(self)
         if self.smem_bytes > SMEM_LIMIT[self.arch]:
             raise ValueError(f"{self} needs {self.smem_bytes} B of shared memory")
 
     @property
     def sources(self) -> tuple:
         return FWD_SOURCES[self.kernel]
+
+    @property
+    def entry_points(self) -> dict:
+        """role -> (kernel name, dynamic shared memory)."""
+        return {"main": (self.kernel_name, self.smem_bytes),
+                "schedule": (self.schedule_kernel_name, 0)}
 
     @property
     def persistent(self) -> bool:
@@ -261,3 +273,149 @@ def all_fwd_specs(archs=ARCHS):
                         if spec not in specs:
                             specs.append(spec)
     return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward (cuda_src/bwd_sm80.cu): mma.sync on every architecture.
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdTileConfig:
+    block_m: int  # query rows per step of the dK/dV kernel (and per CTA of the dQ kernel)
+    block_n: int  # keys per dK/dV CTA
+    warps: int  # of the dK/dV kernel; the dQ kernel has block_m / 16
+    stages: int  # Q/dO ring depth of the dK/dV kernel (1: no prefetch)
+    s_warp_rows: int  # warps down the keys for S^T/dP^T (the rest across the queries)
+    kv_warp_rows: int  # warps down the keys for dK/dV (the rest across the head dim)
+    dq_warp_rows: int  # warps down the queries for dQ in atomic mode
+    dq_block_n: int  # keys per streamed tile of the deterministic dQ kernel
+    dq_stages: int = 2  # its K/V ring depth
+
+
+_B = BwdTileConfig
+# Register budget per thread (1 CTA of 8 warps per SM): dK and dV accumulators
+# (block_n x head_dim / 128 each) + S^T and dP^T (block_n x block_m / 128 each); shared memory:
+# K, V, stages x (Q, dO), P^T, dS^T. Checked spill-free by the CPU tests.
+_BWD_SM80 = {  # 163 KB
+    32: _B(64, 128, 8, 2, 8, 8, 4, 64),
+    64: _B(64, 128, 8, 2, 8, 8, 4, 64),
+    96: _B(64, 128, 8, 2, 8, 4, 4, 64),
+    128: _B(64, 128, 8, 2, 2, 4, 4, 64),
+    160: _B(64, 64, 8, 2, 4, 4, 4, 32),
+    192: _B(64, 64, 8, 2, 4, 4, 4, 32),
+    224: _B(64, 64, 8, 1, 4, 4, 4, 32),
+    256: _B(32, 64, 8, 2, 4, 4, 2, 32),
+}
+_BWD_TILES = {
+    "sm_80": _BWD_SM80,
+    "sm_90a": {**_BWD_SM80, 96: _B(64, 128, 8, 2, 4, 4, 4, 64)},  # 227 KB
+    "sm_86": {  # 100 KB
+        32: _B(64, 128, 8, 2, 8, 8, 4, 64),
+        64: _B(64, 128, 8, 2, 8, 8, 4, 64),
+        96: _B(64, 64, 8, 2, 4, 4, 4, 64),
+        128: _B(32, 64, 8, 2, 4, 4, 2, 64),
+        160: _B(32, 32, 4, 1, 2, 2, 2, 32),
+        192: _B(32, 32, 4, 1, 2, 2, 2, 32),
+        224: _B(32, 32, 4, 1, 2, 2, 2, 32),
+        256: _B(32, 32, 4, 1, 2, 2, 2, 32),
+    },
+}
+_BWD_TILES["sm_89"] = _BWD_TILES["sm_86"]
+# Tuning hook, as tile_overrides for the forward: (arch, head-dim tile) -> BwdTileConfig.
+bwd_tile_overrides: dict = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdSpec:
+    """One backward specialization: one module holding the preprocess, dK/dV, and either the atomic
+    dQ conversion or (deterministic) the dQ kernel, plus the tile scheduler."""
+
+    dtype: str
+    head_dim_tile: int
+    tiles: BwdTileConfig
+    windowed: bool
+    arch: str
+    deterministic: bool
+
+    kernel_name = "varlen_bwd_dkdv"
+    schedule_kernel_name = "varlen_tile_schedule"
+    sources = BWD_SOURCES
+
+    def __post_init__(self):
+        _check_spec_fields(self)
+        for name, size in (("dkdv", self.smem_bytes), ("dq", self.dq_smem_bytes)):
+            if size > SMEM_LIMIT[self.arch]:
+                raise ValueError(f"{self} needs {size} B of shared memory in its {name} kernel")
+
+    @property
+    def threads(self) -> int:
+        return self.tiles.warps * 32
+
+    @property
+    def dq_threads(self) -> int:
+        return self.tiles.block_m // 16 * 32
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory of the dK/dV kernel."""
+        t, row = self.tiles, self.head_dim_tile * 2
+        return (2 * t.block_n * row + 2 * t.stages * t.block_m * row + 2 * 2 * t.block_n * t.block_m
+                + t.stages * 2 * t.block_m * 4)
+
+    @property
+    def dq_smem_bytes(self) -> int:
+        """Dynamic shared memory of the deterministic dQ kernel (0 in atomic mode)."""
+        if not self.deterministic:
+            return 0
+        t, row = self.tiles, self.head_dim_tile * 2
+        return 2 * t.block_m * row + 2 * t.dq_stages * t.dq_block_n * row
+
+    @property
+    def entry_points(self) -> dict:
+        """role -> (kernel name, dynamic shared memory)."""
+        second = (("dq", ("varlen_bwd_dq", self.dq_smem_bytes)) if self.deterministic
+                  else ("dq_convert", ("varlen_bwd_dq_convert", 0)))
+        return dict((("main", (self.kernel_name, self.smem_bytes)),
+                     ("schedule", (self.schedule_kernel_name, 0)),
+                     ("preprocess", ("varlen_bwd_preprocess", 0)), second))
+
+    @property
+    def defines(self) -> dict:
+        t = self.tiles
+        return {
+            "CV_DTYPE_BF16": int(self.dtype == "bf16"),
+            "CV_HEAD_DIM": self.head_dim_tile,
+            "CV_BLOCK_M": t.block_m,
+            "CV_BLOCK_N": t.block_n,
+            "CV_WARPS": t.warps,
+            "CV_STAGES": t.stages,
+            "CV_WINDOWED": int(self.windowed),
+            "CV_S_WARP_ROWS": t.s_warp_rows,
+            "CV_KV_WARP_ROWS": t.kv_warp_rows,
+            "CV_DQ_WARP_ROWS": t.dq_warp_rows,
+            "CV_DQ_ATOMIC": int(not self.deterministic),
+            "CV_DQ_BLOCK_N": t.dq_block_n,
+            "CV_DQ_STAGES": t.dq_stages,
+        }
+
+    options = FwdSpec.options
+
+    def __str__(self) -> str:
+        t = self.tiles
+        mode = "deterministic" if self.deterministic else "atomic"
+        mask = "window" if self.windowed else "full"
+        return (f"bwd[{self.dtype} d{self.head_dim_tile} {t.block_n}x{t.block_m} w{t.warps} "
+                f"s{t.stages} {mode} {mask} {self.arch}]")
+
+
+def choose_bwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
+                    deterministic: bool) -> BwdSpec:
+    tile = head_dim_tile(head_dim)
+    tiles = bwd_tile_overrides.get((arch, tile)) or _BWD_TILES[arch][tile]
+    return BwdSpec(dtype, tile, tiles, windowed, arch, deterministic)
+
+
+def all_bwd_specs(archs=ARCHS):
+    return [choose_bwd_spec(dtype, tile, windowed, arch, det)
+            for arch in archs for dtype in DTYPES for tile in HEAD_DIM_TILES
+            for windowed in (False, True) for det in (False, True)]

@@ -151,3 +151,49 @@ def check_forward(q, k, v, cu_q, cu_k, *, causal=False, scale=None, window_size=
             lse_err = (lse.double()[finite] - ref_lse[finite]).abs().max().item()
             assert lse_err <= 2e-3 + 1e-4 * ref_lse[finite].abs().max().item(), lse_err
     return err
+
+
+# Backward helpers (tests/test_backward.py, tests/test_torch_ops.py).
+
+# The smallest bound a 1.5x-of-torch comparison may set: where torch's error is tiny (small or
+# degenerate cases) the dtype's own rounding of the result still has to fit.
+MIN_BOUND = {torch.bfloat16: 1e-3, torch.float16: 2e-4}
+
+
+def reference_grads(q, k, v, cu_q, cu_k, dout, *, causal=False, scale=None,
+                    window_size=(-1, -1)):
+    """(dq, dk, dv) in float64: autograd through the reference on upcast copies of the inputs."""
+    leaves = [x.detach().to(torch.float64).requires_grad_() for x in (q, k, v)]
+    with torch.enable_grad():
+        out = varlen_attn_reference(*leaves, cu_q, cu_k, causal=causal, scale=scale,
+                                    window_size=window_size)
+        if not out.requires_grad:  # no query rows at all: nothing depends on the inputs
+            return tuple(torch.zeros_like(x) for x in leaves)
+        grads = torch.autograd.grad(out, leaves, dout.to(torch.float64), allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))
+
+
+def torch_varlen_grads(q, k, v, cu_q, cu_k, max_q, max_k, dout, *, causal=False, scale=None,
+                       window_size=(-1, -1)):
+    """(dq, dk, dv) of torch's varlen_attn on the same inputs and dout, or None where this torch
+    cannot run the case or returns non-finite gradients (its kernel's business, not a bound)."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    try:
+        with torch.enable_grad():
+            out = torch_varlen_out(*leaves, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale,
+                                   window_size=window_size)
+            if out is None:
+                return None
+            grads = torch.autograd.grad(out, leaves, dout)
+    except Exception:
+        return None
+    if not all(torch.isfinite(g).all() for g in grads):
+        return None
+    return grads
+
+
+def grad_bound(dtype, ref, theirs) -> float:
+    """The tolerance rule for one gradient: 1.5x torch's error where torch ran, else the floor."""
+    if theirs is None or ref.norm() == 0:
+        return ERROR_FLOOR[dtype]
+    return max(1.5 * rel_error(theirs, ref), MIN_BOUND[dtype])

@@ -13,9 +13,10 @@ import pytest
 from cupy_varlen import _build, _spec
 
 SPECS = _spec.all_fwd_specs()
+BWD_SPECS = _spec.all_bwd_specs()
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("spec", SPECS + BWD_SPECS, ids=str)
 def test_specialization_compiles_without_spills(spec):
     # Straight through NVRTC with a unique trailing comment, so no cache on any level can answer
     # (NVRTC 13.0 was seen returning an empty ptxas report for a source it had compiled before).
@@ -26,12 +27,28 @@ def test_specialization_compiles_without_spills(spec):
     # C7514, ...) or setmaxnreg ignored (C7508).
     assert "Potential Performance Loss" not in log and "C7508" not in log, log
     usage = _build.parse_ptxas_report(log)
-    assert set(usage) == {spec.kernel_name, spec.schedule_kernel_name}, log
+    assert set(usage) == {name for name, _ in spec.entry_points.values()}, log
     for name, u in usage.items():
         assert not u.spills, f"{spec} {name}: {u}"
         if name == spec.kernel_name:  # the CTAs per SM the tile table was sized for fit
-            assert u.registers * spec.threads * spec.tiles.min_blocks <= 65536
-    assert spec.smem_bytes <= _spec.SMEM_LIMIT[spec.arch]
+            assert u.registers * spec.threads * getattr(spec.tiles, "min_blocks", 1) <= 65536
+    for _, smem in spec.entry_points.values():
+        assert smem <= _spec.SMEM_LIMIT[spec.arch]
+
+
+def test_backward_dispatch_covers_every_head_dim_and_mode():
+    for arch in _spec.ARCHS:
+        for head_dim in range(8, 257, 8):
+            for deterministic in (False, True):
+                spec = _spec.choose_bwd_spec("fp16", head_dim, True, arch, deterministic)
+                assert spec.head_dim_tile >= head_dim and spec.head_dim_tile - head_dim < 32
+                roles = set(spec.entry_points)
+                assert roles == {"main", "schedule", "preprocess",
+                                 "dq" if deterministic else "dq_convert"}
+                assert spec.defines["CV_DQ_ATOMIC"] == int(not deterministic)
+    with pytest.raises(ValueError, match="shared memory"):
+        _spec.BwdSpec("bf16", 256, _spec.BwdTileConfig(128, 128, 8, 2, 8, 8, 8, 64), False,
+                      "sm_86", False)
 
 
 def test_every_arch_and_head_dim_has_a_spec():
@@ -205,3 +222,23 @@ def test_sm90_params_packing_matches_the_kernel_struct():
     assert struct.unpack_from("<3i", blob, 136) == (18, 19, 20)  # heads_per_kv, num_heads, head_dim
     assert struct.unpack_from("<2f", blob, 148) == (0.5, 0.25)  # scale, scale_log2
     assert struct.unpack_from("<2i", blob, 156) == (-1, 7)  # window
+
+
+def test_backward_params_packing_matches_the_kernel_struct():
+    """The backward kernels share one by-value BwdParams struct: 16 pointers, 19 int64 (strides
+    and total_q), 3 int32, 2 float, 2 int32. Its size is static_asserted in the source."""
+    import struct
+
+    from cupy_varlen import _launch
+
+    packer = _launch._BWD_PARAMS
+    source = (_build.SOURCE_DIR / "bwd_sm80.cu").read_text()
+    assert f"sizeof(BwdParams) == {packer.size}" in source
+    blob = packer.pack(*range(1, 36), 36, 37, 38, 0.5, 0.25, -1, 7)
+    assert struct.unpack_from("<Q", blob, 0)[0] == 1  # q
+    assert struct.unpack_from("<Q", blob, 120)[0] == 16  # schedule_q, the last pointer
+    assert struct.unpack_from("<q", blob, 128)[0] == 17  # q_row_stride
+    assert struct.unpack_from("<q", blob, 272)[0] == 35  # total_q
+    assert struct.unpack_from("<3i", blob, 280) == (36, 37, 38)  # heads, heads_per_kv, head_dim
+    assert struct.unpack_from("<2f", blob, 292) == (0.5, 0.25)  # scale, scale_log2
+    assert struct.unpack_from("<2i", blob, 300) == (-1, 7)  # window

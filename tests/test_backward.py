@@ -1,0 +1,360 @@
+"""Backward kernels against float64 autograd through the reference, on the GPU (skipped without one).
+
+Each case takes dq, dk, dv through torch autograd of cupy_varlen.varlen_attn on random data (never
+zeros) and holds each to 1.5x the error of torch varlen_attn's gradient on the same inputs and
+dout, or to the dtype floor where torch cannot run the case (conftest.py). It also runs the
+functional cupy_varlen.varlen_attn_backward into NaN-poisoned dq/dk/dv (unwritten elements show),
+and checks that query rows with no allowed key get dq exactly 0 and keys that no query sees get
+dk = dv = 0 exactly, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cupy_varlen
+from conftest import (DTYPES, cu_seqlens, grad_bound, make_packed, reference_grads, rel_error,
+                      requires_gpu, torch_varlen_grads)
+from cupy_varlen.reference import allowed_keys_mask
+
+pytestmark = requires_gpu
+
+# Lengths off the tile multiples, an empty query sequence (0 queries, 3 keys) and an empty key
+# sequence (1 query, 0 keys) among them.
+RAGGED = [37, 0, 1, 128, 200, 64, 129]
+RAGGED_K = [50, 3, 0, 127, 190, 300, 129]
+
+
+def _max_len(cu):
+    return max((cu[1:] - cu[:-1]).tolist(), default=0)
+
+
+def _random_like(x, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
+
+
+def dead_rows(cu_q, cu_k, causal, window_size):
+    """(query rows with no allowed key, key rows that no query may attend), as boolean masks."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    dead_q = torch.zeros(cq[-1], dtype=torch.bool)
+    dead_k = torch.zeros(ck[-1], dtype=torch.bool)
+    for b in range(len(cq) - 1):
+        allowed = allowed_keys_mask(cq[b + 1] - cq[b], ck[b + 1] - ck[b], causal, window_size)
+        dead_q[cq[b]:cq[b + 1]] = ~allowed.any(dim=1)
+        dead_k[ck[b]:ck[b + 1]] = ~allowed.any(dim=0)
+    return dead_q.to(cu_q.device), dead_k.to(cu_q.device)
+
+
+def autograd_grads(q, k, v, cu_q, cu_k, dout, *, max_q, max_k, **kw):
+    """(dq, dk, dv) through torch autograd; q, k, v may be views of a leaf that requires grad."""
+    q, k, v = (x if x.requires_grad else x.detach().requires_grad_() for x in (q, k, v))
+    out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+def functional_grads(q, k, v, cu_q, cu_k, dout, *, max_q, max_k, causal=False, scale=None,
+                     window_size=(-1, -1), deterministic=False, dq=None, dk=None, dv=None):
+    """(dq, dk, dv) of cupy_varlen.varlen_attn_backward, with out and lse from the forward."""
+    q, k, v = (x.detach() for x in (q, k, v))
+    out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal,
+                                       scale=scale, window_size=window_size, return_lse=True)
+    return cupy_varlen.varlen_attn_backward(
+        dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale,
+        window_size=window_size, deterministic=deterministic, dq=dq, dk=dk, dv=dv)
+
+
+def check_backward(q, k, v, cu_q, cu_k, *, causal=False, scale=None, window_size=(-1, -1),
+                   deterministic=False, dout=None, compare_torch=True, seed=0):
+    """Autograd gradients against the float64 reference under the tolerance rule, plus the
+    functional backward into NaN-poisoned outputs. Returns the autograd (dq, dk, dv)."""
+    max_q, max_k = _max_len(cu_q), _max_len(cu_k)
+    if dout is None:
+        dout = _random_like(q, seed + 1000)
+    kw = dict(causal=causal, scale=scale, window_size=window_size)
+    grads = autograd_grads(q, k, v, cu_q, cu_k, dout, max_q=max_q, max_k=max_k,
+                           deterministic=deterministic, **kw)
+    ref = reference_grads(q, k, v, cu_q, cu_k, dout, **kw)
+    theirs = (torch_varlen_grads(q, k, v, cu_q, cu_k, max_q, max_k, dout, **kw)
+              if compare_torch else None) or (None, None, None)
+    dead_q, dead_k = dead_rows(cu_q, cu_k, causal, window_size)
+    bounds = []
+    for name, x, g, r, t, dead in zip(("dq", "dk", "dv"), (q, k, v), grads, ref, theirs,
+                                      (dead_q, dead_k, dead_k)):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert torch.isfinite(g).all(), f"{name} has non-finite elements"
+        assert (g[dead] == 0).all(), f"{name}: rows that attend (or are attended by) nothing must be 0"
+        bound = grad_bound(q.dtype, r, t)
+        err = rel_error(g, r)
+        assert err <= bound, f"{name}: relative error {err:.3g} > bound {bound:.3g}"
+        bounds.append(bound)
+
+    poisoned = [torch.full(x.shape, math.nan, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+    # The functional API takes dout contiguous in its last dim (the autograd op copies otherwise).
+    fdout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    ret = functional_grads(q, k, v, cu_q, cu_k, fdout, max_q=max_q, max_k=max_k,
+                           deterministic=deterministic, dq=poisoned[0], dk=poisoned[1],
+                           dv=poisoned[2], **kw)
+    for name, got, buf, g, r, bound in zip(("dq", "dk", "dv"), ret, poisoned, grads, ref, bounds):
+        assert got is buf, f"{name}= must be written in place and returned"
+        assert not torch.isnan(got).any(), f"{name}: unwritten (or NaN) elements"
+        if deterministic:  # same kernels, same inputs, fixed order: same bits
+            assert torch.equal(got, g), f"{name}: functional and autograd results differ"
+        else:
+            assert rel_error(got, r) <= bound, name
+    return grads
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims(dtype, head_dim, causal):
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=2, head_dim=head_dim,
+                                      dtype=DTYPES[dtype], seed=head_dim + causal)
+    check_backward(q, k, v, cu_q, cu_k, causal=causal, seed=head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [8, 40, 72, 136, 160, 192, 224, 248])
+def test_other_head_dims(head_dim):
+    """Head dims inside a tile (padded columns) and the remaining head-dim tiles."""
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=2, head_dim=head_dim,
+                                      seed=head_dim)
+    check_backward(q, k, v, cu_q, cu_k, causal=head_dim % 16 == 8, seed=head_dim)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(16, 0), (0, 0), (32, 8), (-1, 5), (7, -1), (200, 130),
+                                    (10**6, 10**6)])
+def test_windows(window, causal):
+    if causal and window[1] > 0:
+        pytest.skip("causal fixes right = 0")
+    q, k, v, cu_q, cu_k = make_packed([300, 129, 1, 64, 0], [300, 200, 70, 10, 5], head_dim=64,
+                                      seed=sum(window) % 1000)
+    check_backward(q, k, v, cu_q, cu_k, causal=causal, window_size=window)
+
+
+@pytest.mark.parametrize("q_lens,k_lens", [
+    ([100, 300, 64], [30, 300, 1]),      # Lq > Lk: causal rows before the diagonal see nothing
+    ([5, 17, 1], [400, 1000, 129]),      # Lq < Lk: decode-like, most keys unseen under causal
+    ([50, 60], [0, 0]),                  # empty key sequences: dq 0
+    ([0, 0, 7], [9, 0, 7]),              # empty query sequences: dk, dv 0
+    ([0, 0], [5, 9]),                    # no queries at all: dk, dv 0 everywhere
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_unequal_and_empty(q_lens, k_lens, causal):
+    q, k, v, cu_q, cu_k = make_packed(q_lens, k_lens, head_dim=64, seed=len(q_lens) + causal)
+    check_backward(q, k, v, cu_q, cu_k, causal=causal)
+
+
+@pytest.mark.parametrize("heads,heads_kv", [(8, 2), (8, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gqa_mqa(heads, heads_kv, causal, dtype):
+    q, k, v, cu_q, cu_k = make_packed([33, 257, 1, 130], [40, 250, 9, 130], heads=heads,
+                                      heads_kv=heads_kv, head_dim=64, dtype=DTYPES[dtype],
+                                      seed=heads_kv)
+    check_backward(q, k, v, cu_q, cu_k, causal=causal)
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.3, 2.0])
+def test_custom_scale(scale):
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, head_dim=128, seed=3)
+    check_backward(q, k, v, cu_q, cu_k, scale=scale, causal=scale > 1)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_large_logits(dtype):
+    # Scores in the hundreds: P nearly one-hot, dS = P (dP - D) cancels hard.
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, head_dim=64, dtype=DTYPES[dtype], seed=4,
+                                      logit_scale=30.0)
+    check_backward(q, k, v, cu_q, cu_k, causal=True)
+
+
+def test_fully_masked_rows_get_zero_gradients():
+    # Causal with Lq > Lk: rows i < Lq - Lk = 180 have no key; window (2, 0) with Lq < Lk: keys
+    # before the first query's window are seen by no row.
+    q, k, v, cu_q, cu_k = make_packed([200, 5], [20, 100], heads=2, head_dim=64, seed=5)
+    for causal, window in ((True, (-1, -1)), (False, (2, 0))):
+        dq, dk, dv = check_backward(q, k, v, cu_q, cu_k, causal=causal, window_size=window)
+        dead_q, dead_k = dead_rows(cu_q, cu_k, causal, window)
+        assert dead_q.sum() >= 180 or dead_k.sum() >= 90  # the case really has such rows
+        for g in (dq, dk, dv):
+            assert torch.isfinite(g).all()
+        assert (dq[dead_q] == 0).all() and (dk[dead_k] == 0).all() and (dv[dead_k] == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["qkv_packed", "gqa_fused_heads"])
+def test_strided_input_views(layout):
+    """q, k, v as views of one packed projection output (no copies); the gradient lands in the
+    packed leaf exactly as autograd through the views says."""
+    lens = [100, 33, 257]
+    total, head_dim = sum(lens), 64
+    g = torch.Generator(device="cpu").manual_seed(6)
+    if layout == "qkv_packed":
+        heads = heads_kv = 4
+        leaf = torch.randn(total, 3, heads, head_dim, generator=g)
+        leaf = leaf.to(device="cuda", dtype=torch.bfloat16).requires_grad_()
+        q, k, v = leaf.unbind(1)
+    else:  # one (T, H + 2 H_kv, D) tensor, heads split along dim 1
+        heads, heads_kv = 8, 2
+        leaf = torch.randn(total, heads + 2 * heads_kv, head_dim, generator=g)
+        leaf = leaf.to(device="cuda", dtype=torch.bfloat16).requires_grad_()
+        q, k, v = leaf.split([heads, heads_kv, heads_kv], dim=1)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    cu = cu_seqlens(lens)
+    grads = check_backward(q, k, v, cu, cu, causal=True, deterministic=True)
+    out = cupy_varlen.varlen_attn(q, k, v, cu, cu, 257, 257, causal=True, deterministic=True)
+    out.backward(_random_like(out, 1000))  # check_backward's dout (seed 0)
+    parts = leaf.grad.unbind(1) if layout == "qkv_packed" else leaf.grad.split(
+        [heads, heads_kv, heads_kv], dim=1)
+    for part, expected in zip(parts, grads):
+        assert torch.equal(part, expected)
+
+
+@pytest.mark.parametrize("layout", ["row_strided", "last_dim_strided", "broadcast_rows",
+                                    "broadcast_all"])
+def test_non_contiguous_dout(layout):
+    """dout as autograd hands it over: views with odd strides, expanded (stride 0) gradients."""
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=4, head_dim=64, seed=7)
+    total, heads, head_dim = q.shape
+    g = torch.Generator(device="cpu").manual_seed(8)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device="cuda", dtype=q.dtype)
+
+    if layout == "row_strided":  # every other head of a wider tensor
+        dout = rand(total, 2 * heads, head_dim)[:, ::2]
+    elif layout == "last_dim_strided":  # needs a copy: the kernels want stride 1 there
+        dout = rand(total, heads, 2 * head_dim)[..., ::2]
+    elif layout == "broadcast_rows":  # strides (0, 0, 1): the gradient of out.sum((0, 1)) @ w
+        dout = rand(head_dim).expand(total, heads, head_dim)
+    else:  # strides (0, 0, 0): the gradient of out.sum() * c
+        dout = rand(1).reshape(1, 1, 1).expand(total, heads, head_dim)
+    check_backward(q, k, v, cu_q, cu_k, causal=True, dout=dout)
+
+
+def test_return_lse_and_backward():
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=4, heads_kv=2, head_dim=64, seed=9)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out, lse = cupy_varlen.varlen_attn(*leaves, cu_q, cu_k, 300, 300, causal=True,
+                                       return_lse=True, deterministic=True)
+    assert out.requires_grad and not lse.requires_grad  # lse has no gradient formula
+    dout = _random_like(q, 1000)
+    grads = torch.autograd.grad(out, leaves, dout)
+    expected = check_backward(q, k, v, cu_q, cu_k, causal=True, deterministic=True)
+    for g, e in zip(grads, expected):
+        assert torch.equal(g, e)
+    # A loss on lse alone has nothing to differentiate: loud, not a silent zero.
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(lse.sum(), leaves)
+
+
+def test_out_argument_with_autograd():
+    """out= under autograd: the result is copied into out and the gradient flows through it."""
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=4, head_dim=64, seed=10)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    buf = torch.full((q.shape[0], 8, 64), math.nan, device="cuda", dtype=q.dtype)
+    out = buf[:, ::2]
+    ret = cupy_varlen.varlen_attn(*leaves, cu_q, cu_k, 300, 300, out=out, deterministic=True)
+    assert ret is out and torch.isnan(buf[:, 1::2]).all()
+    dout = _random_like(q, 1000)
+    grads = torch.autograd.grad(ret, leaves, dout)
+    expected = check_backward(q, k, v, cu_q, cu_k, deterministic=True)
+    for g, e in zip(grads, expected):
+        assert torch.equal(g, e)
+
+
+def test_max_seqlen_does_not_change_gradients():
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, head_dim=64, seed=11)
+    dout = _random_like(q, 12)
+    runs = [functional_grads(q, k, v, cu_q, cu_k, dout, max_q=m, max_k=m, causal=True,
+                             deterministic=True) for m in (300, 10**6, 1)]
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+
+
+@pytest.mark.parametrize("heads_kv", [8, 2])
+def test_deterministic_bitwise(heads_kv):
+    """deterministic=True: the same bits on every run, a long sequence and GQA (dK/dV summed over
+    the group) included; and still as accurate as the default mode."""
+    q, k, v, cu_q, cu_k = make_packed([2048, 37, 1000], heads=8, heads_kv=heads_kv, head_dim=128,
+                                      seed=13)
+    dout = _random_like(q, 14)
+    first = check_backward(q, k, v, cu_q, cu_k, causal=True, deterministic=True, dout=dout)
+    for _ in range(2):
+        again = autograd_grads(q, k, v, cu_q, cu_k, dout, max_q=2048, max_k=2048, causal=True,
+                               deterministic=True)
+        for name, a, b in zip(("dq", "dk", "dv"), again, first):
+            assert torch.equal(a, b), f"{name} differs between deterministic runs"
+    check_backward(q, k, v, cu_q, cu_k, causal=True, deterministic=False, dout=dout)
+
+
+def test_functional_backward_cupy_and_torch():
+    """varlen_attn_backward answers in the input's array type, with autograd's numbers."""
+    import cupy
+
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=4, heads_kv=2, head_dim=64, seed=15)
+    dout = _random_like(q, 16)
+    expected = autograd_grads(q, k, v, cu_q, cu_k, dout, max_q=300, max_k=300, causal=True,
+                              deterministic=True)
+    got = functional_grads(q, k, v, cu_q, cu_k, dout, max_q=300, max_k=300, causal=True,
+                           deterministic=True)
+    assert all(type(x) is torch.Tensor for x in got)
+    out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 300, 300, causal=True,
+                                       return_lse=True)
+    c = [cupy.from_dlpack(x) for x in (dout, q, k, v, out, lse, cu_q, cu_k)]
+    cgot = cupy_varlen.varlen_attn_backward(*c, 300, 300, causal=True, deterministic=True)
+    assert all(isinstance(x, cupy.ndarray) for x in cgot)
+    for name, t, cg, e in zip(("dq", "dk", "dv"), got, cgot, expected):
+        assert torch.equal(t, e), f"{name}: functional (torch) differs from autograd"
+        assert torch.equal(torch.from_dlpack(cg), e), f"{name}: functional (CuPy) differs"
+    # Preallocated CuPy outputs are written in place and returned.
+    pre = [cupy.from_dlpack(torch.full_like(x, math.nan)) for x in (q, k, v)]
+    ret = cupy_varlen.varlen_attn_backward(*c, 300, 300, causal=True, deterministic=True,
+                                           dq=pre[0], dk=pre[1], dv=pre[2])
+    for r, p, e in zip(ret, pre, expected):
+        assert r is p and torch.equal(torch.from_dlpack(r), e)
+
+
+def test_preallocated_strided_outputs_touch_nothing_else():
+    """dq/dk/dv as strided views into NaN-poisoned buffers: written in place, guards untouched."""
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=4, heads_kv=2, head_dim=64, seed=17)
+    dout = _random_like(q, 18)
+    expected = functional_grads(q, k, v, cu_q, cu_k, dout, max_q=300, max_k=300, causal=True,
+                                deterministic=True)
+    total_q, total_k = q.shape[0], k.shape[0]
+    dq_buf = torch.full((total_q + 2, 8, 64), math.nan, device="cuda", dtype=q.dtype)
+    kv_buf = torch.full((total_k, 3, 2, 64), math.nan, device="cuda", dtype=q.dtype)
+    dq, dk, dv = dq_buf[1:total_q + 1, ::2], kv_buf[:, 0], kv_buf[:, 2]
+    ret = functional_grads(q, k, v, cu_q, cu_k, dout, max_q=300, max_k=300, causal=True,
+                           deterministic=True, dq=dq, dk=dk, dv=dv)
+    assert ret[0] is dq and ret[1] is dk and ret[2] is dv
+    for got, e in zip(ret, expected):
+        assert torch.equal(got, e)
+    assert torch.isnan(dq_buf[0]).all() and torch.isnan(dq_buf[-1]).all()
+    assert torch.isnan(dq_buf[:, 1::2]).all()
+    assert torch.isnan(kv_buf[:, 1]).all()
+
+
+@pytest.mark.parametrize("poison", ["q", "k", "v", "dout"])
+def test_nan_stays_in_its_sequence(poison):
+    """NaN in one sequence's q, k, v or dout changes no other sequence's dq, dk or dv, bit for bit
+    (deterministic mode: a fixed summation order, so the clean run is a bitwise baseline)."""
+    lens_q, lens_k = [70, 129, 1, 200], [64, 130, 5, 190]
+    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, heads=4, heads_kv=2, head_dim=128, seed=19)
+    dout = _random_like(q, 20)
+    clean = autograd_grads(q, k, v, cu_q, cu_k, dout, max_q=200, max_k=190, deterministic=True)
+    bad = {"q": q.clone(), "k": k.clone(), "v": v.clone(), "dout": dout.clone()}
+    cu = cu_k if poison in ("k", "v") else cu_q
+    bad[poison][cu[1]:cu[2]] = math.nan  # all of sequence 1
+    got = autograd_grads(bad["q"], bad["k"], bad["v"], cu_q, cu_k, bad["dout"], max_q=200,
+                         max_k=190, deterministic=True)
+    for b in (0, 2, 3):
+        q_rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        k_rows = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        for name, g, c, rows in zip(("dq", "dk", "dv"), got, clean, (q_rows, k_rows, k_rows)):
+            assert torch.isfinite(g[rows]).all(), f"sequence {b}'s {name} is not finite"
+            assert torch.equal(g[rows], c[rows]), f"sequence {b}'s {name} changed"

@@ -1,0 +1,770 @@
+"""The torch integration: custom ops, autograd wiring, torch.compile, CUDA graphs, the compat module.
+
+CPU tests (no GPU needed) check what does not need the kernels: fake (meta) implementations under
+FakeTensorMode, argument validation on the autograd path and in varlen_attn_backward, the compat
+module's signature and argument mapping, and, with the two kernel entry points replaced by the
+float64 reference (fixture ``reference_kernels``), the op plumbing itself: torch.library.opcheck,
+gradients through the registered autograd formula, and torch.compile(fullgraph=True) traces.
+GPU tests run the same paths on the real kernels, against eager runs and torch's varlen_attn.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+
+import cupy_varlen
+from conftest import (ERROR_FLOOR, cu_seqlens, grad_bound, make_packed,
+                      reference_grads, rel_error, requires_gpu, torch_varlen_out)
+from cupy_varlen import _api, _torch, compat
+from cupy_varlen.reference import allowed_keys_mask, varlen_attn_reference
+
+FWD_OP = torch.ops.cupy_varlen.varlen_attn.default
+BWD_OP = torch.ops.cupy_varlen.varlen_attn_backward.default
+
+
+def expect(exc, *needles):
+    """Error of type exc whose message names every needle (the argument, what was expected)."""
+    return pytest.raises(exc, match=".*".join(needles))
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernels replaced by the float64 reference (CPU tensors): isolates the torch plumbing.
+
+
+def _reference_forward(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None,
+                       window_size=(-1, -1), return_lse=False, out=None, check_inputs=False):
+    o, lse = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=causal, scale=scale,
+                                   window_size=window_size, return_lse=True)
+    o = o.to(q.dtype)
+    if out is not None:
+        o = out.copy_(o)
+    return (o, lse.to(torch.float32)) if return_lse else o
+
+
+def _analytic_grads(dout, q, k, v, cu_q, cu_k, causal, scale, window_size):
+    """dq, dk, dv in float64 from the closed form (dS = P * (dP - rowsum(dO * O))); autograd is not
+    available inside an op's implementation. Also cross-checks reference_grads (autograd)."""
+    q, k, v, dout = (x.to(torch.float64) for x in (q, k, v, dout))
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    group, heads_kv = q.shape[1] // k.shape[1], k.shape[1]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        qs = q[q0:q1].transpose(0, 1)
+        ks = k[k0:k1].transpose(0, 1).repeat_interleave(group, 0)
+        vs = v[k0:k1].transpose(0, 1).repeat_interleave(group, 0)
+        dos = dout[q0:q1].transpose(0, 1)
+        s = (qs @ ks.transpose(1, 2) * scale).masked_fill(
+            ~allowed_keys_mask(q1 - q0, k1 - k0, causal, window_size), -math.inf)
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse))
+        ds = p * (dos @ vs.transpose(1, 2) - (dos * (p @ vs)).sum(-1, keepdim=True))
+        dq[q0:q1] = (ds @ ks * scale).transpose(0, 1)
+        n = k1 - k0
+        dk[k0:k1] = (ds.transpose(1, 2) @ qs * scale).reshape(heads_kv, group, n, -1).sum(1) \
+            .transpose(0, 1)
+        dv[k0:k1] = (p.transpose(1, 2) @ dos).reshape(heads_kv, group, n, -1).sum(1) \
+            .transpose(0, 1)
+    return dq, dk, dv
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Replaces _api's kernel entry points with the reference; records the backward's calls."""
+    calls = []
+
+    def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None,
+                 window_size=(-1, -1), deterministic=False, dq=None, dk=None, dv=None):
+        calls.append(dict(dout=dout, deterministic=deterministic, scale=scale, causal=causal,
+                          window_size=window_size))
+        grads = _analytic_grads(dout, q, k, v, cu_q, cu_k, causal, scale, window_size)
+        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+    monkeypatch.setattr(_api, "_varlen_attn_eager", _reference_forward)
+    monkeypatch.setattr(_api, "varlen_attn_backward", backward, raising=False)
+    return calls
+
+
+def cpu_packed(q_lens=(5, 0, 9, 16), k_lens=(7, 3, 0, 16), heads=4, heads_kv=2, head_dim=16,
+               dtype=torch.float16, seed=0, requires_grad=True):
+    q, k, v, cu_q, cu_k = make_packed(list(q_lens), list(k_lens), heads=heads, heads_kv=heads_kv,
+                                      head_dim=head_dim, dtype=dtype, seed=seed, device="cpu")
+    if requires_grad:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+    return q, k, v, cu_q, cu_k
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake implementations (no data read): shapes, dtypes, devices, strides.
+
+
+def test_fake_ops_on_fake_cuda_tensors():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(37, 8, 64, dtype=torch.bfloat16, device="cuda")
+        kv = torch.empty(41, 2, 2, 64, dtype=torch.bfloat16, device="cuda")
+        k, v = kv.unbind(1)  # strided views
+        cu = torch.empty(4, dtype=torch.int32, device="cuda")
+        out, lse = FWD_OP(q, k, v, cu, cu, 20, 20, True, 0.125, -1, 0, False, False)
+        assert isinstance(out, FakeTensor) and isinstance(lse, FakeTensor)
+        assert out.shape == (37, 8, 64) and out.dtype == torch.bfloat16 and out.is_contiguous()
+        assert lse.shape == (8, 37) and lse.dtype == torch.float32 and lse.is_contiguous()
+        assert out.device == q.device == lse.device
+        dout = torch.empty(37, 2, 8, 64, dtype=torch.bfloat16, device="cuda").select(1, 0)
+        dq, dk, dv = BWD_OP(dout, q, k, v, out, lse, cu, cu, 20, 20, True, 0.125, -1, 0, True)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape == (41, 2, 64)
+        assert all(g.dtype == torch.bfloat16 and g.device == q.device and g.is_contiguous()
+                   for g in (dq, dk, dv))
+        # The public entry points route fake tensors through the op.
+        out2, lse2 = cupy_varlen.varlen_attn(q, k, v, cu, cu, 20, 20, causal=True,
+                                             return_lse=True)
+        assert isinstance(out2, FakeTensor) and out2.shape == q.shape and lse2.shape == (8, 37)
+        out3 = compat.varlen_attn(q, k, v, cu, cu, 20, 20, enable_gqa=True)
+        assert isinstance(out3, FakeTensor) and out3.shape == q.shape
+
+
+def test_fake_autograd():
+    """The registered autograd formula under FakeTensorMode: grads get their inputs' shapes.
+    (CPU fake tensors: a CPU-only torch cannot build autograd nodes on a fake CUDA device.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(37, 8, 64, dtype=torch.float16, requires_grad=True)
+        k = torch.empty(41, 1, 64, dtype=torch.float16, requires_grad=True)
+        v = torch.empty(41, 1, 64, dtype=torch.float16, requires_grad=True)
+        cu = torch.empty(4, dtype=torch.int32)
+        out, lse = cupy_varlen.varlen_attn(q, k, v, cu, cu, 20, 20, return_lse=True)
+        assert out.requires_grad and not lse.requires_grad
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+# --------------------------------------------------------------------------------------------------
+# The op plumbing with the reference standing in for the kernels.
+
+
+@pytest.mark.parametrize("causal,scale,window,heads_kv", [
+    (False, 0.25, (-1, -1), 4), (True, 0.125, (-1, 0), 2), (False, 0.3, (3, 2), 1),
+])
+def test_opcheck(reference_kernels, causal, scale, window, heads_kv):
+    q, k, v, cu_q, cu_k = cpu_packed(heads_kv=heads_kv)
+    args = (q, k, v, cu_q, cu_k, 16, 16, causal, scale, *window, False, False)
+    torch.library.opcheck(FWD_OP, args)
+    with torch.no_grad():
+        out, lse = FWD_OP(*args)
+    dout = torch.randn_like(out)
+    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, cu_q, cu_k, 16, 16, causal,
+                scale, *window, False)
+    torch.library.opcheck(BWD_OP, bwd_args)
+
+
+@pytest.fixture(params=["direct", "op"])
+def autograd_path(request, monkeypatch):
+    """Eager autograd both ways: the direct autograd.Function and the custom op's registration."""
+    monkeypatch.setattr(_torch, "_EAGER_FAST_PATH", request.param == "direct")
+    return "_EagerVarlenAttn" if request.param == "direct" else "cupy_varlen_varlen_attn"
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(causal=True), dict(scale=0.3, window_size=(3, 2)), dict(window_size=(-1, 0)),
+    dict(causal=True, window_size=(4, -1)),
+])
+def test_gradients_through_the_op(reference_kernels, autograd_path, kw):
+    """setup_context/backward hand the backward what the forward used (scale resolved, causal
+    folded into the window, GQA shapes): gradients equal float64 autograd of the reference."""
+    q, k, v, cu_q, cu_k = cpu_packed()
+    out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, **kw)
+    assert autograd_path in type(out.grad_fn).__name__
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = reference_grads(q, k, v, cu_q, cu_k, dout, **kw)
+    for g, r, x in zip(grads, ref, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype
+        assert rel_error(g, r) < 2e-3  # fp16 rounding of a float64 result
+    call = reference_kernels[-1]
+    assert call["scale"] == kw.get("scale", 0.25)  # 1/sqrt(16), resolved before the op
+    assert call["window_size"][1] == (0 if kw.get("causal") else kw.get("window_size",
+                                                                          (-1, -1))[1])
+
+
+def test_backward_receives_deterministic_and_dout_layouts(reference_kernels, autograd_path):
+    q, k, v, cu_q, cu_k = cpu_packed()
+    for deterministic in (False, True):
+        out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, deterministic=deterministic)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert reference_kernels[-1]["deterministic"] is deterministic
+    # Row-strided dout goes to the kernel as it is; a non-unit last stride is copied first.
+    wide = torch.randn(q.shape[0], 8, 32, dtype=q.dtype)
+    for dout, passed_as_is in ((wide[:, ::2, :16], True), (wide[:, :4, ::2], False)):
+        out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16)
+        torch.autograd.grad(out, (q, k, v), dout)
+        got = reference_kernels[-1]["dout"]
+        assert got.stride(-1) == 1 and torch.equal(got, dout)
+        assert (got.data_ptr() == dout.data_ptr()) is passed_as_is
+
+
+def test_out_argument_under_autograd(reference_kernels, autograd_path):
+    q, k, v, cu_q, cu_k = cpu_packed()
+    buf = torch.full((q.shape[0], 8, 16), math.nan, dtype=q.dtype)
+    out = buf[:, 1::2]
+    ret, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, out=out, return_lse=True)
+    assert ret is out and torch.isnan(buf[:, ::2]).all() and not torch.isnan(out).any()
+    assert lse.shape == (4, q.shape[0])
+    dout = torch.randn_like(q)
+    grads = torch.autograd.grad(ret, (q, k, v), dout)
+    ref = reference_grads(q, k, v, cu_q, cu_k, dout)
+    assert all(rel_error(g, r) < 2e-3 for g, r in zip(grads, ref))
+
+
+def test_lse_is_not_differentiable(reference_kernels, autograd_path):
+    q, k, v, cu_q, cu_k = cpu_packed()
+    out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
+
+
+def test_compile_fullgraph_traces_through(reference_kernels):
+    """torch.compile(fullgraph=True) of a function calling varlen_attn (and compat.varlen_attn):
+    no graph break, the ops in the graph, results and gradients equal to eager, also over batches
+    of changing size (max_seqlen becomes a SymInt) and without grad."""
+    import torch._dynamo
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+
+    def fn(q, k, v, cu_q, cu_k, max_q, max_k):
+        out, lse = cupy_varlen.varlen_attn(q * 2, k, v, cu_q, cu_k, max_q, max_k, causal=True,
+                                           return_lse=True)
+        out2 = compat.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(3, 0),
+                                  enable_gqa=True)
+        return (out.float() ** 2).sum() + out2.float().sum() + lse.clamp(min=-5).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    for i, (q_lens, k_lens) in enumerate((([5, 0, 9], [7, 3, 9]), ([7, 3, 9], [7, 3, 9]),
+                                          ([12, 1, 4, 6], [12, 2, 0, 6]))):
+        q, k, v, cu_q, cu_k = cpu_packed(q_lens, k_lens, seed=i)
+        args = (q, k, v, cu_q, cu_k, max(q_lens), max(k_lens))
+        loss = compiled(*args)
+        grads = torch.autograd.grad(loss, (q, k, v))
+        loss_eager = fn(*args)
+        grads_eager = torch.autograd.grad(loss_eager, (q, k, v))
+        assert torch.equal(loss, loss_eager)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_eager))
+        with torch.no_grad():
+            assert torch.equal(compiled(*args), loss_eager.detach())
+    assert graphs and all("cupy_varlen" in g for g in graphs)
+    torch._dynamo.reset()
+
+
+def test_both_eager_paths_agree(reference_kernels):
+    """The direct path and the op give the same outputs and gradients; anything that has to see
+    the op (here a dispatch mode: FlopCounterMode) gets the op even when the direct path is on."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v, cu_q, cu_k = cpu_packed()
+    dout = torch.randn_like(q)
+    results = []
+    for mode in (None, FlopCounterMode(display=False)):
+        with mode if mode is not None else torch.enable_grad():
+            out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, causal=True,
+                                               return_lse=True)
+            grads = torch.autograd.grad(out, (q, k, v), dout)
+        results.append((type(out.grad_fn).__name__, out, lse, grads))
+    (name_a, *a), (name_b, *b) = results
+    assert "_EagerVarlenAttn" in name_a and "cupy_varlen_varlen_attn" in name_b
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_errors_inside_the_op_keep_their_type_and_message(monkeypatch, fast_path):
+    """The eager implementation validates inside the op; its errors reach the caller unchanged."""
+    monkeypatch.setattr(_torch, "_EAGER_FAST_PATH", fast_path)
+    q, k, v, cu_q, cu_k = cpu_packed()
+    with expect(ValueError, "q", "CUDA device"):
+        cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing and validation on the autograd path (CPU tensors that require grad).
+
+
+def test_needs_autograd():
+    t = torch.zeros(4, 2, 8)
+    g = torch.zeros(4, 2, 8, requires_grad=True)
+    assert not _torch.needs_autograd(t, t, t)
+    assert _torch.needs_autograd(t, g, t)
+    with torch.no_grad():
+        assert not _torch.needs_autograd(g, g, g)
+    with torch.inference_mode():
+        assert not _torch.needs_autograd(t, t, t)
+    assert _torch.needs_autograd(torch.nn.Parameter(t), t, t)
+    assert not _torch.needs_autograd(t.numpy(), t, t)  # not a tensor: the eager path names it
+    assert not _torch.needs_autograd(g, t.numpy(), t)
+
+
+@pytest.mark.parametrize("case,exc,needles", [
+    (dict(q=lambda q: q.float()), TypeError, ("q", "float16 or bfloat16")),
+    (dict(k=lambda k: k.to(torch.bfloat16)), TypeError, ("k", "differs")),
+    (dict(v=lambda v: v.flatten(1)), ValueError, ("v", "3-D")),
+    (dict(v=lambda v: v[:-1]), ValueError, ("v", "shape")),
+    (dict(q=lambda q: q[..., :8]), ValueError, ("k", "head dim")),
+    (dict(q=lambda q: torch.cat([q, q[:, :1]], 1)), ValueError, ("k", "divide")),
+    (dict(cu_q=lambda cu: cu.long()), TypeError, ("cu_seqlens_q", "int32")),
+    (dict(cu_k=lambda cu: cu[:-1]), ValueError, ("cu_seqlens_k", "length")),
+    (dict(max_q=6.0), TypeError, ("max_seqlen_q", "int")),
+    (dict(max_k=-1), ValueError, ("max_seqlen_k", ">= 0")),
+    (dict(scale=0.0), ValueError, ("scale", "finite positive")),
+    (dict(scale="1"), TypeError, ("scale", "float")),
+    (dict(window_size=(1, 2, 3)), TypeError, ("window_size", "pair")),
+    (dict(window_size=(-2, 0)), ValueError, ("window_size", ">= -1")),
+    (dict(causal=True, window_size=(-1, 4)), ValueError, ("window_size", "causal")),
+    (dict(causal="yes"), TypeError, ("causal", "bool")),
+    (dict(return_lse=1), TypeError, ("return_lse", "bool")),
+    (dict(deterministic="yes"), TypeError, ("deterministic", "bool")),
+    (dict(check_inputs=None), TypeError, ("check_inputs", "bool")),
+    (dict(out=lambda q: torch.empty(3, 4, 16, dtype=q.dtype)), ValueError, ("out", "shape")),
+    (dict(out=lambda q: torch.empty_like(q, dtype=torch.bfloat16)), TypeError, ("out", "dtype")),
+])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_validation_messages_match_eager(case, exc, needles, requires_grad):
+    """The autograd path rejects what the eager path rejects, with the same message."""
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=False)
+    tensors = dict(q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k)
+    kw = dict(max_q=16, max_k=16)
+    for name, change in case.items():
+        if name in tensors:
+            tensors[name] = change(tensors[name])
+        elif name == "out":
+            kw["out"] = change(q)
+        else:
+            kw[name] = change
+    if requires_grad:
+        for name in ("q", "k", "v"):
+            if tensors[name].is_floating_point():
+                tensors[name] = tensors[name].detach().requires_grad_()
+    with expect(exc, *needles):
+        cupy_varlen.varlen_attn(tensors["q"], tensors["k"], tensors["v"], tensors["cu_q"],
+                                tensors["cu_k"], kw.pop("max_q"), kw.pop("max_k"), **kw)
+
+
+def _bwd_args(heads=4, heads_kv=2, total=10, head_dim=64, dtype=torch.bfloat16):
+    q, k, v, cu_q, cu_k = make_packed([4, total - 4], heads=heads, heads_kv=heads_kv,
+                                      head_dim=head_dim, dtype=dtype, device="cpu")
+    out = torch.randn_like(q)
+    lse = torch.randn(heads, total, dtype=torch.float32)
+    return dict(dout=torch.randn_like(q), q=q, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_q,
+                cu_seqlens_k=cu_k)
+
+
+def _call_bwd(args, **kw):
+    return cupy_varlen.varlen_attn_backward(
+        args["dout"], args["q"], args["k"], args["v"], args["out"], args["lse"],
+        args["cu_seqlens_q"], args["cu_seqlens_k"], kw.pop("max_q", 6), kw.pop("max_k", 6), **kw)
+
+
+def test_backward_valid_arguments_reach_the_device_check():
+    with expect(ValueError, "q", "CUDA device"):
+        _call_bwd(_bwd_args())
+
+
+@pytest.mark.parametrize("name,change,exc,needles", [
+    ("q", lambda x: x.float(), TypeError, ("q", "float16 or bfloat16")),
+    ("k", lambda x: x.half(), TypeError, ("k", "differs")),
+    ("v", lambda x: x[:-1], ValueError, ("v", "shape")),
+    ("dout", lambda x: x[:-1], ValueError, ("dout", "shape")),
+    ("dout", lambda x: x.half(), TypeError, ("dout", "dtype")),
+    ("dout", lambda x: torch.randn(10, 4, 128, dtype=x.dtype)[..., ::2], ValueError,
+     ("dout", "last dimension")),
+    ("out", lambda x: x[:, :2], ValueError, ("out", "shape")),
+    ("out", lambda x: x.half(), TypeError, ("out", "dtype")),
+    ("lse", lambda x: x.t().contiguous(), ValueError, ("lse", "shape")),
+    ("lse", lambda x: x.half(), TypeError, ("lse", "float32")),
+    ("cu_seqlens_q", lambda x: x.long(), TypeError, ("cu_seqlens_q", "int32")),
+    ("cu_seqlens_k", lambda x: x[:-1], ValueError, ("cu_seqlens_k", "length")),
+])
+def test_backward_validation_names_the_argument(name, change, exc, needles):
+    args = _bwd_args()
+    args[name] = change(args[name])
+    with expect(exc, *needles):
+        _call_bwd(args)
+
+
+@pytest.mark.parametrize("kw,exc,needles", [
+    (dict(max_q=6.0), TypeError, ("max_seqlen_q", "int")),
+    (dict(scale=-1.0), ValueError, ("scale", "finite positive")),
+    (dict(window_size=(0,)), TypeError, ("window_size", "pair")),
+    (dict(causal=True, window_size=(3, 2)), ValueError, ("window_size", "causal")),
+    (dict(deterministic="no"), TypeError, ("deterministic", "bool")),
+    (dict(causal=1), TypeError, ("causal", "bool")),
+])
+def test_backward_scalar_validation(kw, exc, needles):
+    with expect(exc, *needles):
+        _call_bwd(_bwd_args(), **kw)
+
+
+@pytest.mark.parametrize("name,change,exc,needles", [
+    ("dq", lambda a: torch.empty_like(a["k"]), ValueError, ("dq", "shape")),
+    ("dk", lambda a: torch.empty_like(a["k"], dtype=torch.float16), TypeError, ("dk", "dtype")),
+    ("dv", lambda a: torch.empty(10, 2, 128, dtype=torch.bfloat16)[..., ::2], ValueError,
+     ("dv", "last dimension")),
+    ("dq", lambda a: a["q"].float().numpy(), TypeError, ("dq", "torch")),
+])
+def test_backward_output_validation(name, change, exc, needles):
+    args = _bwd_args()
+    with expect(exc, *needles):
+        _call_bwd(args, **{name: change(args)})
+
+
+# --------------------------------------------------------------------------------------------------
+# compat: torch's signature and rules.
+
+
+def _torch_varlen_module():
+    try:
+        from torch.nn.attention import varlen
+    except ImportError:
+        return None
+    return varlen
+
+
+@pytest.mark.parametrize("name", ["varlen_attn", "varlen_attn_out"])
+def test_compat_signature_matches_torch(name):
+    varlen = _torch_varlen_module()
+    if varlen is None or not hasattr(varlen, name):
+        pytest.skip(f"this torch has no torch.nn.attention.varlen.{name}")
+    theirs = inspect.signature(getattr(varlen, name)).parameters
+    ours = inspect.signature(getattr(compat, name)).parameters
+    for pname, p in theirs.items():
+        assert pname in ours, f"torch's parameter {pname} is missing"
+        assert ours[pname].kind == p.kind, pname
+        assert ours[pname].default == p.default, pname
+    # Positional order is torch's; anything extra (for older torch versions) is keyword-only.
+    positional = [n for n, p in theirs.items() if p.kind != p.KEYWORD_ONLY]
+    assert [n for n, p in ours.items() if p.kind != p.KEYWORD_ONLY] == positional
+    assert compat.AuxRequest is varlen.AuxRequest
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """compat's call into cupy_varlen.varlen_attn, recorded instead of run."""
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append((args, kwargs))
+        return "result"
+
+    monkeypatch.setattr(_api, "varlen_attn", fake)
+    return calls
+
+
+def test_compat_maps_arguments(captured):
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=False)
+    assert compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True) == "result"
+    args, kw = captured[-1]
+    assert args == (q, k, v, cu_q, cu_k, 16, 16)
+    assert kw == dict(scale=None, window_size=(-1, -1), return_lse=False, deterministic=False)
+    compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, scale=0.5,
+                       window_size=(-7, 0), return_aux=compat.AuxRequest(lse=True), num_splits=1)
+    _, kw = captured[-1]
+    assert kw == dict(scale=0.5, window_size=(-1, 0), return_lse=True, deterministic=False)
+    compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True,
+                       return_aux=compat.AuxRequest(lse=False))
+    assert captured[-1][1]["return_lse"] is False
+    out = torch.empty_like(q)
+    compat.varlen_attn_out(out, q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, window_size=[5, 0])
+    _, kw = captured[-1]
+    assert kw["out"] is out and kw["window_size"] == (5, 0)
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(True)
+        compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True)
+        assert captured[-1][1]["deterministic"] is True
+        torch.use_deterministic_algorithms(True, warn_only=True)  # torch's FA2 stays atomic then
+        compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True)
+        assert captured[-1][1]["deterministic"] is False
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(seqused_k=torch.tensor([3], dtype=torch.int32)), "seqused_k"),
+    (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
+    (dict(num_splits=2), "num_splits"),
+])
+def test_compat_rejects_what_it_cannot_honour(kw, needle):
+    q, k, v, cu_q, cu_k = cpu_packed(heads_kv=4, requires_grad=False)
+    with expect(NotImplementedError, needle):
+        compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, **kw)
+    with expect(NotImplementedError, "cu_seq_k"):
+        compat.varlen_attn(q, k, v, cu_q, None, 16, 16)
+
+
+def test_compat_head_rules_are_torchs():
+    q, k, v, cu_q, cu_k = cpu_packed(heads=4, heads_kv=2, requires_grad=False)
+    with expect(ValueError, "same number of heads", "enable_gqa=True"):
+        compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16)
+    q3 = torch.cat([q, q[:, :1]], dim=1)  # 5 query heads over 2 KV heads
+    with expect(ValueError, "multiple of kv heads"):
+        compat.varlen_attn(q3, k, v, cu_q, cu_k, 16, 16, enable_gqa=True)
+    with expect(ValueError, "window_size must have length 2"):
+        compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, window_size=(1, 2, 3))
+    with expect(ValueError, "q", "CUDA device"):  # valid: reaches cupy_varlen's device check
+        compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, num_splits=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: the real kernels.
+
+
+
+@requires_gpu
+def test_opcheck_cuda():
+    """Fake vs real (strides included), schema, autograd registration, AOT dispatch: real kernels."""
+    q, k, v, cu_q, cu_k = make_packed([37, 0, 64, 129], [50, 3, 64, 129], heads=4, heads_kv=2,
+                                      head_dim=64, seed=1)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    args = (q, k, v, cu_q, cu_k, 129, 129, True, 0.125, -1, 0, False, False)
+    torch.library.opcheck(FWD_OP, args)
+    with torch.no_grad():
+        out, lse = FWD_OP(*args)
+    dout = torch.randn_like(out)
+    for deterministic in (False, True):
+        torch.library.opcheck(BWD_OP, (dout, q.detach(), k.detach(), v.detach(), out, lse, cu_q,
+                                       cu_k, 129, 129, True, 0.125, -1, 0, deterministic))
+
+
+class TinyAttention(torch.nn.Module):
+    """qkv projection -> attention over packed sequences -> output projection."""
+
+    def __init__(self, attn, dim=128, heads=4, heads_kv=2, head_dim=32):
+        super().__init__()
+        self.attn, self.heads, self.heads_kv, self.head_dim = attn, heads, heads_kv, head_dim
+        self.qkv = torch.nn.Linear(dim, (heads + 2 * heads_kv) * head_dim, bias=False)
+        self.proj = torch.nn.Linear(heads * head_dim, dim, bias=False)
+
+    def forward(self, x, cu, max_len):
+        qkv = self.qkv(x).view(x.shape[0], self.heads + 2 * self.heads_kv, self.head_dim)
+        q, k, v = qkv.split([self.heads, self.heads_kv, self.heads_kv], dim=1)  # strided views
+        o = self.attn(q, k, v, cu, cu, max_len, max_len)
+        return self.proj(o.reshape(x.shape[0], -1))
+
+
+def _ours(q, k, v, cu_q, cu_k, max_q, max_k):
+    return cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+
+
+def _theirs(q, k, v, cu_q, cu_k, max_q, max_k):
+    out = torch_varlen_out(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+    if out is None:
+        pytest.skip("this torch cannot run varlen_attn on this case")
+    return out
+
+
+@requires_gpu
+def test_compile_fullgraph_module_cuda():
+    """torch.compile(fullgraph=True) (inductor) of a module calling varlen_attn: loss and every
+    gradient match eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lens = [100, 1, 257, 30]
+    model = TinyAttention(_ours).cuda().to(torch.bfloat16)
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True)
+    x = torch.randn(sum(lens), 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu = cu_seqlens(lens)
+    results = []
+    for m in (model, compiled):
+        y = m(x, cu, 257)
+        loss = (y.float() ** 2).mean()
+        params = [x, m.qkv.weight, m.proj.weight]
+        results.append((loss, y, torch.autograd.grad(loss, params)))
+    (loss_e, y_e, g_e), (loss_c, y_c, g_c) = results
+    assert rel_error(y_c, y_e.double()) < 1e-2
+    assert abs(loss_c.item() - loss_e.item()) <= 1e-2 * abs(loss_e.item())
+    for a, b in zip(g_c, g_e):
+        assert torch.isfinite(a).all() and rel_error(a, b.double()) < 2e-2
+    torch._dynamo.reset()
+
+
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_graph_capture_forward_backward(deterministic):
+    """Forward + backward captured in one CUDA graph, replayed on new data (new sequence
+    boundaries included): the same results as eager calls on that data."""
+    lens_a, lens_b = [300, 700, 24], [600, 400, 24]  # same batch and totals
+    q, k, v, cu_q, cu_k = make_packed(lens_a, heads=4, heads_kv=2, head_dim=64, seed=2)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    static_cu = [cu_q.clone(), cu_k.clone()]
+    static_dout = torch.randn_like(q)
+
+    def step():
+        out = cupy_varlen.varlen_attn(*leaves, *static_cu, 1024, 1024, causal=True,
+                                      deterministic=deterministic)
+        return (out, *torch.autograd.grad(out, leaves, static_dout))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, allocator pools) outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    q2, k2, v2, cu_q2, cu_k2 = make_packed(lens_b, heads=4, heads_kv=2, head_dim=64, seed=3)
+    dout2 = torch.randn_like(q2)
+    with torch.no_grad():
+        for dst, src in zip((*leaves, *static_cu, static_dout), (q2, k2, v2, cu_q2, cu_k2, dout2)):
+            dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh = [x.clone().requires_grad_() for x in (q2, k2, v2)]
+    out = cupy_varlen.varlen_attn(*fresh, cu_q2, cu_k2, 1024, 1024, causal=True,
+                                  deterministic=deterministic)
+    expected = (out, *torch.autograd.grad(out, fresh, dout2))
+    ref = reference_grads(q2, k2, v2, cu_q2, cu_k2, dout2, causal=True)
+    assert torch.equal(captured[0], expected[0])
+    for got, e, r in zip(captured[1:], expected[1:], ref):
+        if deterministic:
+            assert torch.equal(got, e)
+        else:  # atomic dQ: summation order may differ run to run
+            assert rel_error(got, r) <= ERROR_FLOOR[q.dtype] and rel_error(e, r) <= \
+                ERROR_FLOOR[q.dtype]
+
+
+@requires_gpu
+def test_training_loop_matches_torch_varlen():
+    """A few Adam steps of a small attention layer on packed sequences (bf16 autocast): the loss
+    curve follows the same loop with torch's varlen_attn step for step."""
+    torch.manual_seed(4)
+    lens = [200, 37, 1, 500, 90]
+    cu = cu_seqlens(lens)
+    x = torch.randn(sum(lens), 128, device="cuda")
+    target = torch.randn(sum(lens), 128, device="cuda")
+    base = TinyAttention(None).cuda()
+    losses = {}
+    for name, attn in (("ours", _ours), ("torch", _theirs)):
+        model = copy.deepcopy(base)
+        model.attn = attn
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        losses[name] = []
+        for _ in range(6):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = model(x, cu, 500)
+            loss = torch.nn.functional.mse_loss(y.float(), target)
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    for step, (a, b) in enumerate(zip(losses["ours"], losses["torch"])):
+        assert abs(a - b) <= 2e-2 * abs(b), f"step {step}: {a} vs torch's {b}"
+    assert losses["ours"][-1] < losses["ours"][0]  # it trains
+
+
+@requires_gpu
+@pytest.mark.parametrize("window,gqa", [((-1, -1), False), ((-1, 0), True), ((64, 0), False),
+                                        ((32, 16), True)])
+def test_compat_matches_torch_varlen(window, gqa):
+    """compat.varlen_attn against torch's on the same inputs: outputs, lse and gradients within
+    the tolerance rule; rows with no allowed key have lse -inf here where torch has +inf."""
+    varlen = _torch_varlen_module()
+    if varlen is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    params = inspect.signature(varlen.varlen_attn).parameters
+    if "window_size" not in params or "return_aux" not in params or (
+            gqa and "enable_gqa" not in params):
+        pytest.skip("this torch's varlen_attn lacks an argument the case needs")
+    q_lens, k_lens = [100, 300, 64, 7], [30, 300, 1, 0]  # Lq > Lk, an empty key sequence
+    q, k, v, cu_q, cu_k = make_packed(q_lens, k_lens, heads=8, heads_kv=2 if gqa else 8,
+                                      head_dim=64, seed=5)
+    kw = dict(window_size=window, return_aux=compat.AuxRequest(lse=True))
+    if gqa:
+        kw["enable_gqa"] = True
+    dout = torch.randn_like(q)
+    results = {}
+    for name, fn in (("ours", compat.varlen_attn), ("torch", varlen.varlen_attn)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        try:
+            out, lse = fn(*leaves, cu_q, cu_k, 300, 300, **kw)
+        except Exception as e:  # noqa: BLE001 - torch's kernel may not take this case
+            if name == "torch":
+                pytest.skip(f"torch's varlen_attn cannot run this case: {e}")
+            raise
+        results[name] = (out, lse, torch.autograd.grad(out, leaves, dout))
+    (out, lse, grads), (t_out, t_lse, t_grads) = results["ours"], results["torch"]
+    ref, ref_lse = varlen_attn_reference(q, k, v, cu_q, cu_k, window_size=window,
+                                         return_lse=True)
+    assert rel_error(out, ref) <= max(1.5 * rel_error(t_out, ref), 1e-3)
+    assert lse.shape == t_lse.shape == (8, q.shape[0]) and lse.dtype == t_lse.dtype
+    finite = torch.isfinite(t_lse)
+    assert not finite.all(), "the case must have rows with no allowed key"
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[~finite] == -math.inf).all()
+    assert (lse[finite].double() - ref_lse[finite]).abs().max() <= 2e-3 + 1e-4 * ref_lse[
+        finite].abs().max()
+    ref_grads = reference_grads(q, k, v, cu_q, cu_k, dout, window_size=window)
+    for g, t, r in zip(grads, t_grads, ref_grads):
+        assert rel_error(g, r) <= grad_bound(q.dtype, r, t if torch.isfinite(t).all() else None)
+    # varlen_attn_out: the same numbers, written into the caller's tensor.
+    buf = torch.full_like(q, math.nan)
+    ret = compat.varlen_attn_out(buf, q, k, v, cu_q, cu_k, 300, 300, **kw)
+    assert ret[0] is buf and torch.equal(buf, out.detach()) and torch.equal(ret[1], lse)
+
+
+@requires_gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_compat_num_splits_1_is_batch_invariant(causal):
+    """num_splits=1 promises a sequence the same bits whatever else is in the batch; cupy_varlen
+    never splits a row's keys, so it holds for every call."""
+    one = make_packed([300], [310], heads=4, head_dim=64, seed=6)
+    qo, ko, vo, _, _ = make_packed([57, 1000], [60, 900], heads=4, head_dim=64, seed=7)
+    window = (-1, 0) if causal else (-1, -1)
+    q = torch.cat([qo[:57], one[0], qo[57:]])  # the sequence between two others
+    k, v = (torch.cat([x[:60], y, x[60:]]) for x, y in ((ko, one[1]), (vo, one[2])))
+    cu_q, cu_k = cu_seqlens([57, 300, 1000]), cu_seqlens([60, 310, 900])
+    aux = compat.AuxRequest(lse=True)
+    alone, alone_lse = compat.varlen_attn(*one, 300, 310, window_size=window, num_splits=1,
+                                          return_aux=aux)
+    batched, batched_lse = compat.varlen_attn(q, k, v, cu_q, cu_k, 1000, 900, window_size=window,
+                                              num_splits=1, return_aux=aux)
+    assert torch.equal(batched[57:357], alone)
+    assert torch.equal(batched_lse[:, 57:357], alone_lse)
+
+
+
+@requires_gpu
+def test_both_eager_paths_agree_cuda(monkeypatch):
+    """The direct autograd.Function and the op's registered formula: the same bits (deterministic
+    backward), forward and backward, on the real kernels."""
+    q, k, v, cu_q, cu_k = make_packed([37, 0, 64, 129], [50, 3, 64, 129], heads=4, heads_kv=2,
+                                      head_dim=64, seed=8)
+    dout = torch.randn_like(q)
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(_torch, "_EAGER_FAST_PATH", fast)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = cupy_varlen.varlen_attn(*leaves, cu_q, cu_k, 129, 129, causal=True,
+                                           return_lse=True, deterministic=True)
+        results.append((out, lse, *torch.autograd.grad(out, leaves, dout)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
