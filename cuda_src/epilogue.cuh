@@ -4,31 +4,23 @@
 // sequence's live output, and past the last sequence lies memory that is not ours.
 #pragma once
 
-// Calls f(row, n, lo, hi) for every pair of neighbouring columns (8n + 2 quad, +1) this lane
-// holds in a warp's mma C fragments, row being row0 + 16m + group (+ 8).
-template <int kMAtoms, int kNAtoms, class F>
-CV_DEVICE void for_each_fragment_pair(const float (&acc)[kMAtoms][kNAtoms][4], int row0, int lane,
-                                      F&& f) {
-#pragma unroll
-  for (int m = 0; m < kMAtoms; ++m)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int n = 0; n < kNAtoms; ++n)
-        f(row0 + 16 * m + (lane >> 2) + 8 * h, n, acc[m][n][2 * h], acc[m][n][2 * h + 1]);
-}
-
 // Converts a warp's accumulator fragments (rows row0 + 16m + ..., columns 8 * (chunk0 + n) + ...)
 // times `mul` to 16-bit and writes them into a shared-memory tile laid out like the inputs.
 template <class Tile, int kMAtoms, int kNAtoms>
 CV_DEVICE void stage_fragments(const float (&acc)[kMAtoms][kNAtoms][4], u32 stage, int row0,
                                int chunk0, int lane, float mul = 1.f) {
-  const int quad = lane & 3;
-  for_each_fragment_pair(acc, row0, lane, [&](int row, int n, float lo, float hi) {
-    // Atom n covers columns 8n..8n+7: exactly one chunk; this lane's pair is word `quad` of it.
-    st_shared_u32(stage + Tile::offset(row, chunk0 + n) + 4 * quad,
-                  pack_float2(lo * mul, hi * mul));
-  });
+  const int group = lane >> 2, quad = lane & 3;
+#pragma unroll
+  for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 16 * m + group + 8 * h;
+#pragma unroll
+      for (int n = 0; n < kNAtoms; ++n)
+        // Atom n covers columns 8n..8n+7: exactly one chunk; this lane's pair is word `quad` of it.
+        st_shared_u32(stage + Tile::offset(row, chunk0 + n) + 4 * quad,
+                      pack_float2(acc[m][n][2 * h] * mul, acc[m][n][2 * h + 1] * mul));
+    }
 }
 
 // Copies a staged tile to global memory as 16-byte rows; rows at or past rows_valid and chunks at
@@ -65,11 +57,19 @@ template <int kMAtoms, int kDAtoms>
 CV_DEVICE void store_output_fragments(const float (&acc_o)[kMAtoms][kDAtoms][4], u16* out,
                                       i64 out_row_stride, int rows_valid, int head_dim,
                                       int warp_row0, int lane) {
-  const int quad = lane & 3;
-  for_each_fragment_pair(acc_o, warp_row0, lane, [&](int row, int d, float lo, float hi) {
-    if (row < rows_valid && 8 * d < head_dim)
-      *reinterpret_cast<u32*>(out + row * out_row_stride + 8 * d + 2 * quad) = pack_float2(lo, hi);
-  });
+  const int group = lane >> 2, quad = lane & 3;
+#pragma unroll
+  for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = warp_row0 + 16 * m + group + 8 * h;
+      if (row >= rows_valid) continue;
+      u16* dst = out + row * out_row_stride + 2 * quad;
+#pragma unroll
+      for (int d = 0; d < kDAtoms; ++d)
+        if (8 * d < head_dim)
+          *reinterpret_cast<u32*>(dst + 8 * d) = pack_float2(acc_o[m][d][2 * h], acc_o[m][d][2 * h + 1]);
+    }
 }
 
 // dst[0] += a, dst[1] += b (dst 8-byte aligned). Hopper reduces both in one vector instruction,
@@ -89,12 +89,21 @@ template <int kMAtoms, int kNAtoms>
 CV_DEVICE void add_fragments_atomic(const float (&acc)[kMAtoms][kNAtoms][4], float* dst,
                                     i64 row_stride, int rows_valid, int cols_valid, int row0,
                                     int col0, int lane) {
-  const int quad = lane & 3;
-  for_each_fragment_pair(acc, row0, lane, [&](int row, int n, float lo, float hi) {
-    // cols_valid is a multiple of 8: whole atoms.
-    if (row < rows_valid && col0 + 8 * n < cols_valid)
-      atomic_add_pair(dst + row * row_stride + col0 + 8 * n + 2 * quad, lo, hi);
-  });
+  // Hand-unrolled rather than through a per-element lambda: the row's base pointer is formed
+  // once per row, which keeps the d224 dK/dV kernel (sm_80) under 255 registers.
+  const int group = lane >> 2, quad = lane & 3;
+#pragma unroll
+  for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 16 * m + group + 8 * h;
+      if (row >= rows_valid) continue;
+      float* at = dst + row * row_stride + col0 + 2 * quad;
+#pragma unroll
+      for (int n = 0; n < kNAtoms; ++n)
+        if (col0 + 8 * n < cols_valid)  // cols_valid is a multiple of 8: whole atoms
+          atomic_add_pair(at + 8 * n, acc[m][n][2 * h], acc[m][n][2 * h + 1]);
+    }
 }
 
 // lse has one value per row; the quad's lane 0 holds the reduced value.
