@@ -147,8 +147,6 @@ typedef WarpGrid<kBlockM, kHeadDim, CV_DQ_WARP_ROWS> DQGrid;  // dQ: queries x h
 constexpr int kSUnroll = kHeadDim / 16 < 4 ? kHeadDim / 16 : 4;
 
 constexpr int kStatBytes = 2 * kBlockM * 4;  // lse_log2 and delta of one query tile
-constexpr int kDkdvSmemBytes =
-    2 * KTile::kBytes + 2 * kStages * QTile::kBytes + 2 * STile::kBytes + kStages * kStatBytes;
 
 // Starts copying floats src[0..count) to shared memory, thread t taking element t; elements at or
 // past n are zero-filled without being read.
@@ -341,7 +339,6 @@ constexpr int kDqNAtoms = kDqBlockN / 8;
 constexpr int kDAtoms = kHeadDim / 8;
 static_assert(kDqStages >= 2, "the K/V ring overlaps the next tile's copy with this tile's GEMMs");
 typedef SmemTile<kDqBlockN, kHeadDim> DqKVTile;
-constexpr int kDqSmemBytes = 2 * QTile::kBytes + 2 * kDqStages * DqKVTile::kBytes;
 
 extern "C" __global__ void __launch_bounds__(kDqThreads, 1)
 varlen_bwd_dq(const __grid_constant__ BwdParams p) {

@@ -117,12 +117,15 @@ def _dense_offsets(fw, cu, info):
     return cu, info
 
 
-def _check_qkv(fw, q, k, v):
+def _check_qkv(fw, q, k, v, describe=None):
+    """Type, shape, dtype and layout of q, k, v; returns their infos. ``describe`` (default
+    ``fw.info``) turns an array into an ArrayInfo: ``fw.meta`` checks fake tensors while tracing."""
+    describe = fw.info if describe is None else describe
     infos = []
     for name, x in (("q", q), ("k", k), ("v", v)):
         if _arrays.framework_of(x) is not fw:
             _fail(TypeError, name, f"must be a {fw.name} array like q, got {type(x).__name__}")
-        info = fw.info(x)
+        info = describe(x)
         if len(info.shape) != 3:
             _fail(ValueError, name,
                   f"must be 3-D (total_tokens, num_heads, head_dim), got shape {info.shape}")
@@ -157,12 +160,12 @@ def _check_qkv(fw, q, k, v):
     return qi, ki, vi
 
 
-def _check_like(fw, name, x, like_name, like):
+def _check_like(fw, name, x, like_name, like, describe=None):
     """An array that must match ``like`` (an input's info) in type, shape and dtype, with a
     contiguous last dimension: out, dout, and the gradients."""
     if _arrays.framework_of(x) is not fw:
         _fail(TypeError, name, f"must be a {fw.name} array like q, got {type(x).__name__}")
-    info = fw.info(x)
+    info = (fw.info if describe is None else describe)(x)
     if info.shape != like.shape:
         _fail(ValueError, name, f"shape {info.shape} must equal {like_name}'s shape {like.shape}")
     if info.dtype != like.dtype:
@@ -184,12 +187,13 @@ def _check_devices(named_infos):
             _fail(ValueError, name, f"is in {where} but {first_name} is on cuda:{first.device}")
 
 
-def _check_cu_seqlens(fw, cu_q, cu_k):
+def _check_cu_seqlens(fw, cu_q, cu_k, describe=None):
+    describe = fw.info if describe is None else describe
     results = []
     for name, x in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if _arrays.framework_of(x) is not fw:
             _fail(TypeError, name, f"must be a {fw.name} array like q, got {type(x).__name__}")
-        info = fw.info(x)
+        info = describe(x)
         if info.dtype != "int32":
             _fail(TypeError, name, f"must be int32, got {info.dtype}")
         if len(info.shape) != 1 or info.shape[0] < 1:
@@ -470,11 +474,11 @@ def _run_backward(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results,
     k, ki = _aligned_input(fw, k, ki)
     v, vi = _aligned_input(fw, v, vi)
     out, oi = _aligned_input(fw, out, oi)
-    # Misaligned gradient outputs are computed aside and copied in.
-    targets = list(results)
-    for i, (x, like) in enumerate(zip(results, (q, k, v))):
-        if not _aligned(fw.info(x)):
-            results[i] = fw.empty(fw.info(x).shape, like)
+    # Misaligned gradient outputs are computed aside and copied in; the caller returns its own.
+    targets, results = results, []
+    for x, like in zip(targets, (q, k, v)):
+        info = fw.info(x)
+        results.append(x if _aligned(info) else fw.empty(info.shape, like))
     dqi, dki, dvi = (fw.info(x) for x in results)
 
     total_q, heads, head_dim = qi.shape

@@ -79,13 +79,18 @@ class TorchFramework(Framework):
         self._names = {v: k for k, v in self._dtypes.items()}
 
     def info(self, x) -> ArrayInfo:
+        return self.meta(x, x.data_ptr())
+
+    def meta(self, x, ptr=None) -> ArrayInfo:
+        """info() without reading the data pointer, which fake tensors (torch.compile tracing)
+        do not have: enough for every check but the launch itself."""
         dtype = self._names.get(x.dtype)
         return ArrayInfo(
             tuple(x.shape),
             x.stride(),
             dtype if dtype is not None else str(x.dtype).replace("torch.", ""),
             x.get_device() if x.is_cuda else -1,
-            x.data_ptr(),
+            ptr,
         )
 
     def ptr(self, x) -> int:

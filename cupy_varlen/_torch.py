@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _arrays
 from . import _api  # circular (_api imports this module): only touched inside functions
 
 __all__ = ["needs_autograd", "varlen_attn_autograd"]
@@ -37,7 +38,6 @@ _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _profiling = torch._C._autograd._profiler_enabled
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def needs_autograd(q, k, v) -> bool:
@@ -196,52 +196,15 @@ def _direct(q, k, v) -> bool:
 # The autograd entry point behind cupy_varlen.varlen_attn.
 
 
-def _check_meta(q, k, v, cu_seqlens_q, cu_seqlens_k):
-    """The checks of the eager path that need no data, with its messages.
-
-    The eager path's own checks read ``data_ptr()``, which fake tensors do not have, so a traced
-    call would otherwise be checked only when the compiled graph first runs, far from the call.
-    At run time the eager implementation repeats them (and checks the rest: devices, alignment).
-    """
-    fail = _api._fail
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 3:
-            fail(ValueError, name,
-                 f"must be 3-D (total_tokens, num_heads, head_dim), got shape {tuple(x.shape)}")
-        if x.dtype not in _DTYPE_NAMES:
-            fail(TypeError, name,
-                 f"must be float16 or bfloat16, got {str(x.dtype).replace('torch.', '')}")
-        if x.shape[2] > 1 and x.stride(2) != 1:
-            fail(ValueError, name, f"must be contiguous in its last dimension (stride 1), got "
-                 f"strides {x.stride()}")
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            fail(TypeError, name,
-                 f"dtype {_DTYPE_NAMES[x.dtype]} differs from q's {_DTYPE_NAMES[q.dtype]}")
-    if v.shape != k.shape:
-        fail(ValueError, "v", f"shape {tuple(v.shape)} must equal k's shape {tuple(k.shape)}")
-    head_dim = q.shape[2]
-    if k.shape[2] != head_dim:
-        fail(ValueError, "k", f"head dim {k.shape[2]} differs from q's head dim {head_dim}")
-    max_head_dim = _api._spec.MAX_HEAD_DIM
-    if head_dim % 8 != 0 or not 8 <= head_dim <= max_head_dim:
-        fail(ValueError, "q",
-             f"head dim must be a multiple of 8 in [8, {max_head_dim}], got {head_dim}")
-    if q.shape[1] < 1 or k.shape[1] < 1:
-        fail(ValueError, "q", f"needs at least one head (q has {q.shape[1]}, k has {k.shape[1]})")
-    if q.shape[1] % k.shape[1] != 0:
-        fail(ValueError, "k", f"num_heads {k.shape[1]} must divide q's num_heads {q.shape[1]} "
-             "(GQA/MQA groups)")
-    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(x, _Tensor):
-            fail(TypeError, name, f"must be a torch array like q, got {type(x).__name__}")
-        if x.dtype != torch.int32:
-            fail(TypeError, name, f"must be int32, got {str(x.dtype).replace('torch.', '')}")
-        if x.dim() != 1 or x.shape[0] < 1:
-            fail(ValueError, name, f"must be 1-D of length batch + 1, got shape {tuple(x.shape)}")
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        fail(ValueError, "cu_seqlens_k", f"length {cu_seqlens_k.shape[0]} differs from "
-             f"cu_seqlens_q's {cu_seqlens_q.shape[0]}")
+def _check_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, out):
+    """The eager path's checks that need no data (``fw.meta`` instead of ``fw.info``), so that a
+    traced call on fake tensors fails at the call site with the same messages. At run time the eager
+    implementation repeats them and checks the rest (devices, alignment)."""
+    fw = _arrays.framework_of(q)
+    qi, _, _ = _api._check_qkv(fw, q, k, v, describe=fw.meta)
+    _api._check_cu_seqlens(fw, cu_seqlens_q, cu_seqlens_k, describe=fw.meta)
+    if out is not None:
+        _api._check_like(fw, "out", out, "q", qi, describe=fw.meta)
 
 
 def _check_max_seqlen(name, value):
@@ -267,7 +230,7 @@ def varlen_attn_autograd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     gradient flows through the copy, and ``out`` is returned. That costs one extra pass over the
     output; pass ``out`` only where its storage matters.
     """
-    _check_meta(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _check_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, out)
     _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     causal = _api._check_bool("causal", causal)
@@ -276,15 +239,6 @@ def varlen_attn_autograd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     check_inputs = _api._check_bool("check_inputs", check_inputs)
     scale = _api._check_scale(scale, q.shape[2])
     left, right = _api._check_window(window_size, causal)
-    if out is not None:
-        if not isinstance(out, _Tensor):
-            _api._fail(TypeError, "out", f"must be a torch array like q, got {type(out).__name__}")
-        if out.shape != q.shape:
-            _api._fail(ValueError, "out",
-                       f"shape {tuple(out.shape)} must equal q's shape {tuple(q.shape)}")
-        if out.dtype != q.dtype:
-            _api._fail(TypeError, "out", f"dtype {str(out.dtype).replace('torch.', '')} must "
-                       f"equal q's dtype {_DTYPE_NAMES[q.dtype]}")
     fn = _EagerVarlenAttn.apply if _direct(q, k, v) else _varlen_attn_op
     result, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                      scale, left, right, deterministic, check_inputs)

@@ -358,3 +358,30 @@ def test_nan_stays_in_its_sequence(poison):
         for name, g, c, rows in zip(("dq", "dk", "dv"), got, clean, (q_rows, k_rows, k_rows)):
             assert torch.isfinite(g[rows]).all(), f"sequence {b}'s {name} is not finite"
             assert torch.equal(g[rows], c[rows]), f"sequence {b}'s {name} changed"
+
+
+def test_misaligned_inputs_and_outputs():
+    """Inputs and preallocated gradients whose base is not 16-byte aligned (an odd storage offset)
+    take the copy path: same gradients, and the caller's own dq/dk/dv are written and returned."""
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=4, heads_kv=2, head_dim=64, seed=23)
+    dout = _random_like(q, 24)
+    expected = functional_grads(q, k, v, cu_q, cu_k, dout, max_q=300, max_k=300, causal=True,
+                                deterministic=True)
+
+    def shifted(x, fill=None):
+        buf = torch.empty(x.numel() + 1, device=x.device, dtype=x.dtype)
+        view = buf[1:].view(x.shape)
+        if fill is None:
+            view.copy_(x)
+        else:
+            view.fill_(fill)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    q2, k2, v2, dout2 = (shifted(x) for x in (q, k, v, dout))
+    dq, dk, dv = (shifted(x, math.nan) for x in (q, k, v))
+    ret = functional_grads(q2, k2, v2, cu_q, cu_k, dout2, max_q=300, max_k=300, causal=True,
+                           deterministic=True, dq=dq, dk=dk, dv=dv)
+    assert ret[0] is dq and ret[1] is dk and ret[2] is dv
+    for name, got, e in zip(("dq", "dk", "dv"), ret, expected):
+        assert torch.equal(got, e), f"{name} differs on the copy path"
