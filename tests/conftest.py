@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from cupy_varlen.reference import varlen_attn_reference
+from cupy_varlen.reference import allowed_keys_mask, varlen_attn_reference
 
 
 def cuda_available() -> bool:
@@ -197,3 +197,90 @@ def grad_bound(dtype, ref, theirs) -> float:
     if theirs is None or ref.norm() == 0:
         return ERROR_FLOOR[dtype]
     return max(1.5 * rel_error(theirs, ref), MIN_BOUND[dtype])
+
+
+# Backward checks (tests/test_backward.py, tests/test_fuzz.py).
+
+
+def max_len(cu):
+    return max((cu[1:] - cu[:-1]).tolist(), default=0)
+
+
+def random_like(x, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
+
+
+def dead_rows(cu_q, cu_k, causal, window_size):
+    """(query rows with no allowed key, key rows that no query may attend), as boolean masks."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    dead_q = torch.zeros(cq[-1], dtype=torch.bool)
+    dead_k = torch.zeros(ck[-1], dtype=torch.bool)
+    for b in range(len(cq) - 1):
+        allowed = allowed_keys_mask(cq[b + 1] - cq[b], ck[b + 1] - ck[b], causal, window_size)
+        dead_q[cq[b]:cq[b + 1]] = ~allowed.any(dim=1)
+        dead_k[ck[b]:ck[b + 1]] = ~allowed.any(dim=0)
+    return dead_q.to(cu_q.device), dead_k.to(cu_q.device)
+
+
+def autograd_grads(q, k, v, cu_q, cu_k, dout, *, max_q, max_k, **kw):
+    """(dq, dk, dv) through torch autograd; q, k, v may be views of a leaf that requires grad."""
+    import cupy_varlen
+
+    q, k, v = (x if x.requires_grad else x.detach().requires_grad_() for x in (q, k, v))
+    out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+def functional_grads(q, k, v, cu_q, cu_k, dout, *, max_q, max_k, causal=False, scale=None,
+                     window_size=(-1, -1), deterministic=False, dq=None, dk=None, dv=None):
+    """(dq, dk, dv) of cupy_varlen.varlen_attn_backward, with out and lse from the forward."""
+    import cupy_varlen
+
+    q, k, v = (x.detach() for x in (q, k, v))
+    out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal,
+                                       scale=scale, window_size=window_size, return_lse=True)
+    return cupy_varlen.varlen_attn_backward(
+        dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale,
+        window_size=window_size, deterministic=deterministic, dq=dq, dk=dk, dv=dv)
+
+
+def check_backward(q, k, v, cu_q, cu_k, *, causal=False, scale=None, window_size=(-1, -1),
+                   deterministic=False, dout=None, compare_torch=True, seed=0):
+    """Autograd gradients against the float64 reference under the tolerance rule, plus the
+    functional backward into NaN-poisoned outputs. Returns the autograd (dq, dk, dv)."""
+    max_q, max_k = max_len(cu_q), max_len(cu_k)
+    if dout is None:
+        dout = random_like(q, seed + 1000)
+    kw = dict(causal=causal, scale=scale, window_size=window_size)
+    grads = autograd_grads(q, k, v, cu_q, cu_k, dout, max_q=max_q, max_k=max_k,
+                           deterministic=deterministic, **kw)
+    ref = reference_grads(q, k, v, cu_q, cu_k, dout, **kw)
+    theirs = (torch_varlen_grads(q, k, v, cu_q, cu_k, max_q, max_k, dout, **kw)
+              if compare_torch else None) or (None, None, None)
+    dead_q, dead_k = dead_rows(cu_q, cu_k, causal, window_size)
+    bounds = []
+    for name, x, g, r, t, dead in zip(("dq", "dk", "dv"), (q, k, v), grads, ref, theirs,
+                                      (dead_q, dead_k, dead_k)):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert torch.isfinite(g).all(), f"{name} has non-finite elements"
+        assert (g[dead] == 0).all(), f"{name}: rows that attend (or are attended by) nothing must be 0"
+        bound = grad_bound(q.dtype, r, t)
+        err = rel_error(g, r)
+        assert err <= bound, f"{name}: relative error {err:.3g} > bound {bound:.3g}"
+        bounds.append(bound)
+
+    poisoned = [torch.full(x.shape, math.nan, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+    # The functional API takes dout contiguous in its last dim (the autograd op copies otherwise).
+    fdout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    ret = functional_grads(q, k, v, cu_q, cu_k, fdout, max_q=max_q, max_k=max_k,
+                           deterministic=deterministic, dq=poisoned[0], dk=poisoned[1],
+                           dv=poisoned[2], **kw)
+    for name, got, buf, g, r, bound in zip(("dq", "dk", "dv"), ret, poisoned, grads, ref, bounds):
+        assert got is buf, f"{name}= must be written in place and returned"
+        assert not torch.isnan(got).any(), f"{name}: unwritten (or NaN) elements"
+        if deterministic:  # same kernels, same inputs, fixed order: same bits
+            assert torch.equal(got, g), f"{name}: functional and autograd results differ"
+        else:
+            assert rel_error(got, r) <= bound, name
+    return grads

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import cupy_varlen
-from conftest import (DTYPES, cu_seqlens, grad_bound, make_packed, reference_grads, rel_error,
-                      requires_gpu, torch_varlen_grads)
-from cupy_varlen.reference import allowed_keys_mask
+from conftest import (DTYPES, autograd_grads, check_backward, cu_seqlens, dead_rows,
+                      functional_grads, make_packed, random_like, reference_grads, rel_error,
+                      requires_gpu)
 
 pytestmark = requires_gpu
 
@@ -26,86 +26,6 @@ pytestmark = requires_gpu
 # sequence (1 query, 0 keys) among them.
 RAGGED = [37, 0, 1, 128, 200, 64, 129]
 RAGGED_K = [50, 3, 0, 127, 190, 300, 129]
-
-
-def _max_len(cu):
-    return max((cu[1:] - cu[:-1]).tolist(), default=0)
-
-
-def _random_like(x, seed):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
-
-
-def dead_rows(cu_q, cu_k, causal, window_size):
-    """(query rows with no allowed key, key rows that no query may attend), as boolean masks."""
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    dead_q = torch.zeros(cq[-1], dtype=torch.bool)
-    dead_k = torch.zeros(ck[-1], dtype=torch.bool)
-    for b in range(len(cq) - 1):
-        allowed = allowed_keys_mask(cq[b + 1] - cq[b], ck[b + 1] - ck[b], causal, window_size)
-        dead_q[cq[b]:cq[b + 1]] = ~allowed.any(dim=1)
-        dead_k[ck[b]:ck[b + 1]] = ~allowed.any(dim=0)
-    return dead_q.to(cu_q.device), dead_k.to(cu_q.device)
-
-
-def autograd_grads(q, k, v, cu_q, cu_k, dout, *, max_q, max_k, **kw):
-    """(dq, dk, dv) through torch autograd; q, k, v may be views of a leaf that requires grad."""
-    q, k, v = (x if x.requires_grad else x.detach().requires_grad_() for x in (q, k, v))
-    out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
-    return torch.autograd.grad(out, (q, k, v), dout)
-
-
-def functional_grads(q, k, v, cu_q, cu_k, dout, *, max_q, max_k, causal=False, scale=None,
-                     window_size=(-1, -1), deterministic=False, dq=None, dk=None, dv=None):
-    """(dq, dk, dv) of cupy_varlen.varlen_attn_backward, with out and lse from the forward."""
-    q, k, v = (x.detach() for x in (q, k, v))
-    out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal,
-                                       scale=scale, window_size=window_size, return_lse=True)
-    return cupy_varlen.varlen_attn_backward(
-        dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale,
-        window_size=window_size, deterministic=deterministic, dq=dq, dk=dk, dv=dv)
-
-
-def check_backward(q, k, v, cu_q, cu_k, *, causal=False, scale=None, window_size=(-1, -1),
-                   deterministic=False, dout=None, compare_torch=True, seed=0):
-    """Autograd gradients against the float64 reference under the tolerance rule, plus the
-    functional backward into NaN-poisoned outputs. Returns the autograd (dq, dk, dv)."""
-    max_q, max_k = _max_len(cu_q), _max_len(cu_k)
-    if dout is None:
-        dout = _random_like(q, seed + 1000)
-    kw = dict(causal=causal, scale=scale, window_size=window_size)
-    grads = autograd_grads(q, k, v, cu_q, cu_k, dout, max_q=max_q, max_k=max_k,
-                           deterministic=deterministic, **kw)
-    ref = reference_grads(q, k, v, cu_q, cu_k, dout, **kw)
-    theirs = (torch_varlen_grads(q, k, v, cu_q, cu_k, max_q, max_k, dout, **kw)
-              if compare_torch else None) or (None, None, None)
-    dead_q, dead_k = dead_rows(cu_q, cu_k, causal, window_size)
-    bounds = []
-    for name, x, g, r, t, dead in zip(("dq", "dk", "dv"), (q, k, v), grads, ref, theirs,
-                                      (dead_q, dead_k, dead_k)):
-        assert g.shape == x.shape and g.dtype == x.dtype, name
-        assert torch.isfinite(g).all(), f"{name} has non-finite elements"
-        assert (g[dead] == 0).all(), f"{name}: rows that attend (or are attended by) nothing must be 0"
-        bound = grad_bound(q.dtype, r, t)
-        err = rel_error(g, r)
-        assert err <= bound, f"{name}: relative error {err:.3g} > bound {bound:.3g}"
-        bounds.append(bound)
-
-    poisoned = [torch.full(x.shape, math.nan, dtype=x.dtype, device=x.device) for x in (q, k, v)]
-    # The functional API takes dout contiguous in its last dim (the autograd op copies otherwise).
-    fdout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    ret = functional_grads(q, k, v, cu_q, cu_k, fdout, max_q=max_q, max_k=max_k,
-                           deterministic=deterministic, dq=poisoned[0], dk=poisoned[1],
-                           dv=poisoned[2], **kw)
-    for name, got, buf, g, r, bound in zip(("dq", "dk", "dv"), ret, poisoned, grads, ref, bounds):
-        assert got is buf, f"{name}= must be written in place and returned"
-        assert not torch.isnan(got).any(), f"{name}: unwritten (or NaN) elements"
-        if deterministic:  # same kernels, same inputs, fixed order: same bits
-            assert torch.equal(got, g), f"{name}: functional and autograd results differ"
-        else:
-            assert rel_error(got, r) <= bound, name
-    return grads
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -207,7 +127,7 @@ def test_strided_input_views(layout):
     cu = cu_seqlens(lens)
     grads = check_backward(q, k, v, cu, cu, causal=True, deterministic=True)
     out = cupy_varlen.varlen_attn(q, k, v, cu, cu, 257, 257, causal=True, deterministic=True)
-    out.backward(_random_like(out, 1000))  # check_backward's dout (seed 0)
+    out.backward(random_like(out, 1000))  # check_backward's dout (seed 0)
     parts = leaf.grad.unbind(1) if layout == "qkv_packed" else leaf.grad.split(
         [heads, heads_kv, heads_kv], dim=1)
     for part, expected in zip(parts, grads):
@@ -242,7 +162,7 @@ def test_return_lse_and_backward():
     out, lse = cupy_varlen.varlen_attn(*leaves, cu_q, cu_k, 300, 300, causal=True,
                                        return_lse=True, deterministic=True)
     assert out.requires_grad and not lse.requires_grad  # lse has no gradient formula
-    dout = _random_like(q, 1000)
+    dout = random_like(q, 1000)
     grads = torch.autograd.grad(out, leaves, dout)
     expected = check_backward(q, k, v, cu_q, cu_k, causal=True, deterministic=True)
     for g, e in zip(grads, expected):
@@ -260,7 +180,7 @@ def test_out_argument_with_autograd():
     out = buf[:, ::2]
     ret = cupy_varlen.varlen_attn(*leaves, cu_q, cu_k, 300, 300, out=out, deterministic=True)
     assert ret is out and torch.isnan(buf[:, 1::2]).all()
-    dout = _random_like(q, 1000)
+    dout = random_like(q, 1000)
     grads = torch.autograd.grad(ret, leaves, dout)
     expected = check_backward(q, k, v, cu_q, cu_k, deterministic=True)
     for g, e in zip(grads, expected):
@@ -269,7 +189,7 @@ def test_out_argument_with_autograd():
 
 def test_max_seqlen_does_not_change_gradients():
     q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, head_dim=64, seed=11)
-    dout = _random_like(q, 12)
+    dout = random_like(q, 12)
     runs = [functional_grads(q, k, v, cu_q, cu_k, dout, max_q=m, max_k=m, causal=True,
                              deterministic=True) for m in (300, 10**6, 1)]
     for run in runs[1:]:
@@ -282,7 +202,7 @@ def test_deterministic_bitwise(heads_kv):
     the group) included; and still as accurate as the default mode."""
     q, k, v, cu_q, cu_k = make_packed([2048, 37, 1000], heads=8, heads_kv=heads_kv, head_dim=128,
                                       seed=13)
-    dout = _random_like(q, 14)
+    dout = random_like(q, 14)
     first = check_backward(q, k, v, cu_q, cu_k, causal=True, deterministic=True, dout=dout)
     for _ in range(2):
         again = autograd_grads(q, k, v, cu_q, cu_k, dout, max_q=2048, max_k=2048, causal=True,
@@ -297,7 +217,7 @@ def test_functional_backward_cupy_and_torch():
     import cupy
 
     q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=4, heads_kv=2, head_dim=64, seed=15)
-    dout = _random_like(q, 16)
+    dout = random_like(q, 16)
     expected = autograd_grads(q, k, v, cu_q, cu_k, dout, max_q=300, max_k=300, causal=True,
                               deterministic=True)
     got = functional_grads(q, k, v, cu_q, cu_k, dout, max_q=300, max_k=300, causal=True,
@@ -322,7 +242,7 @@ def test_functional_backward_cupy_and_torch():
 def test_preallocated_strided_outputs_touch_nothing_else():
     """dq/dk/dv as strided views into NaN-poisoned buffers: written in place, guards untouched."""
     q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=4, heads_kv=2, head_dim=64, seed=17)
-    dout = _random_like(q, 18)
+    dout = random_like(q, 18)
     expected = functional_grads(q, k, v, cu_q, cu_k, dout, max_q=300, max_k=300, causal=True,
                                 deterministic=True)
     total_q, total_k = q.shape[0], k.shape[0]
@@ -345,7 +265,7 @@ def test_nan_stays_in_its_sequence(poison):
     (deterministic mode: a fixed summation order, so the clean run is a bitwise baseline)."""
     lens_q, lens_k = [70, 129, 1, 200], [64, 130, 5, 190]
     q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, heads=4, heads_kv=2, head_dim=128, seed=19)
-    dout = _random_like(q, 20)
+    dout = random_like(q, 20)
     clean = autograd_grads(q, k, v, cu_q, cu_k, dout, max_q=200, max_k=190, deterministic=True)
     bad = {"q": q.clone(), "k": k.clone(), "v": v.clone(), "dout": dout.clone()}
     cu = cu_k if poison in ("k", "v") else cu_q
@@ -364,7 +284,7 @@ def test_misaligned_inputs_and_outputs():
     """Inputs and preallocated gradients whose base is not 16-byte aligned (an odd storage offset)
     take the copy path: same gradients, and the caller's own dq/dk/dv are written and returned."""
     q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=4, heads_kv=2, head_dim=64, seed=23)
-    dout = _random_like(q, 24)
+    dout = random_like(q, 24)
     expected = functional_grads(q, k, v, cu_q, cu_k, dout, max_q=300, max_k=300, causal=True,
                                 deterministic=True)
 
@@ -385,3 +305,35 @@ def test_misaligned_inputs_and_outputs():
     assert ret[0] is dq and ret[1] is dk and ret[2] is dv
     for name, got, e in zip(("dq", "dk", "dv"), ret, expected):
         assert torch.equal(got, e), f"{name} differs on the copy path"
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_offsets_beyond_int32(deterministic):
+    """total_q * H * D > 2**31 elements (and the fp32 dQ accumulator past 2**32 bytes): the last
+    sequences' q, dout and gradients sit past the 32-bit offset range. Checked there against the
+    float64 reference; nothing anywhere is left unwritten (NaN-poisoned dq, dk, dv)."""
+    heads, head_dim, length = 32, 128, 1024
+    n_seq = 2**31 // (heads * head_dim * length) + 2
+    total = n_seq * length
+    assert total * heads * head_dim > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    q, k, v, dout = (torch.randn(total, heads, head_dim, device="cuda", dtype=torch.bfloat16,
+                                 generator=gen) for _ in range(4))
+    cu = cu_seqlens([length] * n_seq)
+    out, lse = cupy_varlen.varlen_attn(q, k, v, cu, cu, length, length, causal=True,
+                                       return_lse=True)
+    grads = [torch.full_like(q, math.nan) for _ in range(3)]
+    cupy_varlen.varlen_attn_backward(dout, q, k, v, out, lse, cu, cu, length, length, causal=True,
+                                     deterministic=deterministic, dq=grads[0], dk=grads[1],
+                                     dv=grads[2])
+    del out, lse
+    for g in grads:
+        assert not torch.isnan(g).any()
+    tail = slice(total - 2 * length, total)
+    cu_tail = cu_seqlens([length, length])
+    ref = reference_grads(q[tail], k[tail], v[tail], cu_tail, cu_tail, dout[tail], causal=True)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
+        err = rel_error(g[tail], r)
+        assert err < 2e-2, f"{name}: relative error {err:.3g} past 2**31 elements"
+    del q, k, v, dout, grads
+    torch.cuda.empty_cache()

@@ -6,7 +6,9 @@
 - GPU: cupy_varlen's forward on random batches (lengths including 0, 1 and primes, Lq != Lk,
   GQA ratios, every head-dim class, both dtypes, causal and windows, strided views, both kernel
   families), checked like every forward test (NaN-poisoned out=, error at most 1.5x torch
-  varlen_attn's, lse).
+  varlen_attn's, lse); and the backward on the same kind of batches, both dQ modes, checked like
+  every backward test (dq, dk, dv against float64 autograd, exact zeros where nothing attends,
+  NaN-poisoned preallocated gradients, deterministic results bitwise equal to autograd's).
 
 Budget: a fixed, derandomized number of examples (seconds on the H100). For a longer search set
 CUPY_VARLEN_FUZZ_EXAMPLES (e.g. 2000) and run ``pytest tests/test_fuzz.py``.
@@ -24,7 +26,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import check_forward, cu_seqlens, is_hopper, requires_gpu  # noqa: E402
+from conftest import (check_backward, check_forward, cu_seqlens, is_hopper,  # noqa: E402
+                      requires_gpu)
 from cupy_varlen.reference import varlen_attn_reference  # noqa: E402
 
 _LONG = int(os.environ.get("CUPY_VARLEN_FUZZ_EXAMPLES", "0"))
@@ -105,30 +108,57 @@ def test_reference_matches_a_dense_masked_softmax(case, scale):
 
 
 
+def _random_inputs(case, dtype, packed_view, seed):
+    """q, k, v for a drawn case on the GPU: standard normal; with ``packed_view`` (where shapes
+    allow) views of one (T, 3, H, D) tensor, row stride 3 H D, no copy."""
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+    lens_q, lens_k = case["lens_q"], case["lens_k"]
+    h, hkv, d = case["heads"], case["heads_kv"], case["head_dim"]
+    g = torch.Generator().manual_seed(seed)
+    if packed_view and lens_q == lens_k and h == hkv:
+        qkv = torch.randn(sum(lens_q), 3, h, d, generator=g).to("cuda", torch_dtype)
+        return qkv.unbind(1)
+    q = torch.randn(sum(lens_q), h, d, generator=g).to("cuda", torch_dtype)
+    k = torch.randn(sum(lens_k), hkv, d, generator=g).to("cuda", torch_dtype)
+    v = torch.randn(sum(lens_k), hkv, d, generator=g).to("cuda", torch_dtype)
+    return q, k, v
+
+
+class _ForwardKernel:
+    """Runs the body under forward-kernel family ``kernel`` (sm90 only where the GPU has it)."""
+
+    def __init__(self, kernel):
+        from cupy_varlen import _spec
+
+        self.spec = _spec
+        self.kernel = kernel if kernel != "sm90" or is_hopper() else "sm80"
+
+    def __enter__(self):
+        self.old, self.spec.forward_kernel = self.spec.forward_kernel, self.kernel
+
+    def __exit__(self, *exc):
+        self.spec.forward_kernel = self.old
+
+
 @requires_gpu
 @_budget(120)
 @given(_batches(), st.sampled_from(["bf16", "fp16"]), st.sampled_from(["sm80", "sm90"]),
        st.booleans())
 def test_forward_on_random_batches(case, dtype, kernel, packed_view):
-    from cupy_varlen import _spec
+    q, k, v = _random_inputs(case, dtype, packed_view, sum(case["lens_q"]) * 31 + case["head_dim"])
+    with _ForwardKernel(kernel):
+        check_forward(q, k, v, cu_seqlens(case["lens_q"]), cu_seqlens(case["lens_k"]),
+                      causal=case["causal"], window_size=case["window"])
 
-    if kernel == "sm90" and not is_hopper():
-        kernel = "sm80"
-    old, _spec.forward_kernel = _spec.forward_kernel, kernel
-    try:
-        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
-        lens_q, lens_k = case["lens_q"], case["lens_k"]
-        h, hkv, d = case["heads"], case["heads_kv"], case["head_dim"]
-        g = torch.Generator().manual_seed(sum(lens_q) * 31 + d)
-        if packed_view and lens_q == lens_k and h == hkv:
-            # q, k, v as views of one (T, 3, H, D) tensor: row stride 3 H D, no copy
-            qkv = torch.randn(sum(lens_q), 3, h, d, generator=g).to("cuda", torch_dtype)
-            q, k, v = qkv.unbind(1)
-        else:
-            q = torch.randn(sum(lens_q), h, d, generator=g).to("cuda", torch_dtype)
-            k = torch.randn(sum(lens_k), hkv, d, generator=g).to("cuda", torch_dtype)
-            v = torch.randn(sum(lens_k), hkv, d, generator=g).to("cuda", torch_dtype)
-        check_forward(q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k), causal=case["causal"],
-                      window_size=case["window"])
-    finally:
-        _spec.forward_kernel = old
+
+@requires_gpu
+@_budget(40)
+@given(_batches(max_batch=4), st.sampled_from(["bf16", "fp16"]), st.sampled_from(["sm80", "sm90"]),
+       st.booleans(), st.booleans())
+def test_backward_on_random_batches(case, dtype, kernel, packed_view, deterministic):
+    seed = sum(case["lens_k"]) * 37 + case["head_dim"]
+    q, k, v = _random_inputs(case, dtype, packed_view, seed)
+    with _ForwardKernel(kernel):
+        check_backward(q, k, v, cu_seqlens(case["lens_q"]), cu_seqlens(case["lens_k"]),
+                       causal=case["causal"], window_size=case["window"],
+                       deterministic=deterministic, seed=seed)
