@@ -4,6 +4,7 @@ on any report.
 
     python benchmarks/sanitize.py                 # all tools, both kernel families where they run
     python benchmarks/sanitize.py --tools memcheck --head-dims 64 128
+    python benchmarks/sanitize.py --paths bwd bwd-det      # the backward only
 
 Each case is a child process (``--child``) that runs cupy_varlen on a ragged batch (empty
 sequences, Lq != Lk, GQA 4/2, full and causal, one sliding window) and checks the result against
@@ -24,6 +25,8 @@ from pathlib import Path
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("memcheck", "racecheck", "synccheck")
+# Forward kernel families, then the backward with atomic and with deterministic dQ.
+PATHS = ("sm80", "sm90", "bwd", "bwd-det")
 # Head dims that reach every head-dim class of both families (sm90: tiles 64/128/256).
 HEAD_DIMS = (40, 64, 96, 128, 256)
 _CLEAN = {
@@ -75,7 +78,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     ap.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
-    ap.add_argument("--forward-only", action="store_true", help="skip the backward's kernels")
+    ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                    help="kernel paths to run (default: all that apply to this GPU)")
     ap.add_argument("--child", nargs=2, metavar=("KERNEL", "HEAD_DIM"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -97,8 +101,8 @@ def main() -> int:
     for head_dim in args.head_dims:
         kernels = {_spec.kernel_for(arch, _spec.head_dim_tile(head_dim), c) for c in ("sm80",
                                                                                       "sm90")}
-        if not args.forward_only:
-            kernels |= {"bwd", "bwd-det"}  # the backward's atomic and deterministic dQ paths
+        kernels |= {"bwd", "bwd-det"}  # the backward's atomic and deterministic dQ paths
+        kernels &= set(args.paths)
         for kernel in sorted(kernels):
             for tool in args.tools:
                 cmd = [sanitizer, "--tool", tool, "--error-exitcode", "9", sys.executable,
