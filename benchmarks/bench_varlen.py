@@ -25,7 +25,7 @@ Methods (same inputs, same process)
 -----------------------------------
 cupy_varlen   cupy_varlen.varlen_attn on the packed (T, H, D) tensors, kernel chosen as users get
               it (the sm90 wgmma kernel on Hopper where it covers the head dim).
-cupy_varlen_sm80  the same call forced onto the portable mma.sync kernel (opt-in method).
+cupy_varlen_sm80  the same call forced onto the portable mma.sync kernels (opt-in method).
 cupy_varlen_det   the same call with deterministic=True (opt-in; only the backward differs).
 torch_varlen  torch.nn.attention.varlen.varlen_attn (FlashAttention-2); the call is built from its
               signature (is_causal or window_size; enable_gqa, else k/v expanded before timing).
@@ -362,18 +362,19 @@ class Prepared:
 
 
 def _kernel_choice(choice):
-    """Context manager running cupy_varlen calls under forward-kernel choice ``choice``."""
+    """Context manager running cupy_varlen calls under kernel-family choice ``choice``, forward
+    and backward."""
 
     @contextlib.contextmanager
     def context():
         from cupy_varlen import _spec
 
-        old = _spec.forward_kernel
-        _spec.forward_kernel = choice
+        old = _spec.forward_kernel, _spec.backward_kernel
+        _spec.forward_kernel = _spec.backward_kernel = choice
         try:
             yield
         finally:
-            _spec.forward_kernel = old
+            _spec.forward_kernel, _spec.backward_kernel = old
 
     return context
 

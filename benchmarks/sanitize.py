@@ -9,8 +9,8 @@ on any report.
 Each case is a child process (``--child``) that runs cupy_varlen on a ragged batch (empty
 sequences, Lq != Lk, GQA 4/2, full and causal, one sliding window) and checks the result against
 the float64 reference (the backward cases: dq, dk, dv against float64 autograd), so a clean
-sanitizer report also means a correct result under it. The sm90
-(wgmma) kernel is exercised on Hopper GPUs only. Exit status: 0 when every case is clean.
+sanitizer report also means a correct result under it. The sm90 (wgmma) kernels are exercised on
+Hopper GPUs only; there the backward runs on both dK/dV families where the head dim has both. Exit status: 0 when every case is clean.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("memcheck", "racecheck", "synccheck")
-# Forward kernel families, then the backward with atomic and with deterministic dQ.
+# Forward kernel families, then the backward with atomic and with deterministic dQ (each run under
+# every dK/dV family that covers the head dim on this GPU).
 PATHS = ("sm80", "sm90", "bwd", "bwd-det")
 # Head dims that reach every head-dim class of both families (sm90: tiles 64/128/256).
 HEAD_DIMS = (40, 64, 96, 128, 256)
@@ -44,8 +45,10 @@ def run_child(kernel: str, head_dim: int) -> None:
     from cupy_varlen import _spec
     from cupy_varlen.reference import varlen_attn_reference
 
-    backward = kernel.startswith("bwd")
-    _spec.forward_kernel = "auto" if backward else kernel
+    path, _, family = kernel.partition(":")  # "bwd:sm90": the backward on the sm90 dK/dV kernel
+    backward = path.startswith("bwd")
+    _spec.forward_kernel = "auto" if backward else path
+    _spec.backward_kernel = family or "auto"
     lens_q, lens_k = [37, 0, 1, 130, 200], [50, 3, 0, 127, 300]
     cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32,
                         device="cuda")
@@ -65,7 +68,7 @@ def run_child(kernel: str, head_dim: int) -> None:
             dout = torch.randn(out.shape, generator=g).to("cuda", torch.bfloat16)
             results += cupy_varlen.varlen_attn_backward(
                 dout, q, k, v, out, lse, cu_q, cu_k, 200, 300, causal=causal,
-                window_size=window, deterministic=kernel == "bwd-det")
+                window_size=window, deterministic=path == "bwd-det")
             refs += torch.autograd.grad(ref, leaves, dout.double())
         torch.cuda.synchronize()
         for got, want in zip(results, refs):
@@ -99,10 +102,11 @@ def main() -> int:
     arch = _spec.arch_for_capability(major, minor)
     failures = 0
     for head_dim in args.head_dims:
-        kernels = {_spec.kernel_for(arch, _spec.head_dim_tile(head_dim), c) for c in ("sm80",
-                                                                                      "sm90")}
-        kernels |= {"bwd", "bwd-det"}  # the backward's atomic and deterministic dQ paths
-        kernels &= set(args.paths)
+        tile = _spec.head_dim_tile(head_dim)
+        kernels = {_spec.kernel_for(arch, tile, c) for c in ("sm80", "sm90")} & set(args.paths)
+        families = {_spec.backward_kernel_for(arch, tile, c) for c in ("sm80", "sm90")}
+        kernels |= {f"{path}:{family}" for path in ("bwd", "bwd-det") if path in args.paths
+                    for family in families}
         for kernel in sorted(kernels):
             for tool in args.tools:
                 cmd = [sanitizer, "--tool", tool, "--error-exitcode", "9", sys.executable,

@@ -28,9 +28,6 @@ constexpr int kConsumerRows = kBlockM / kConsumers;  // one wgmma M of 64
 constexpr int kNAtoms = kBlockN / 8;
 constexpr int kDAtoms = kHeadDim / 8;
 constexpr int kPanelBytes = 128;  // one row of a 64-element panel
-// O's wgmma N: the whole head dim up to 128, 128-column chunks beyond.
-constexpr int kOChunkN = kHeadDim < 128 ? kHeadDim : 128;
-constexpr int kOChunks = kHeadDim / kOChunkN;
 // The producer's address arithmetic fits 24 registers up to head dim 128; head dim 256's copies
 // (32 lanes per row) need 40, which leaves the consumers 232 (S is half as wide there).
 constexpr int kProducerRegs = kHeadDim > 128 ? 40 : 24;
@@ -188,55 +185,18 @@ CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, i
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-// P (fp32 scores turned probabilities, C layout) as wgmma A fragments of 16 keys each.
-CV_DEVICE void pack_probabilities(const float (&s)[1][kNAtoms][4], u32 (&a)[kBlockN / 16][4]) {
-#pragma unroll
-  for (int kk = 0; kk < kBlockN / 16; ++kk) {
-    a[kk][0] = pack_float2(s[0][2 * kk][0], s[0][2 * kk][1]);
-    a[kk][1] = pack_float2(s[0][2 * kk][2], s[0][2 * kk][3]);
-    a[kk][2] = pack_float2(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-    a[kk][3] = pack_float2(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-  }
-}
-
-// Issues S = Q K^T for this warpgroup's 64 rows (head dim in k16 steps, 4 per 64-element panel)
-// as one wgmma group; the scores are valid after the matching wgmma_wait + fence_registers.
+// Issues S = Q K^T for this warpgroup's 64 rows as one wgmma group; the scores are valid after the
+// matching wgmma_wait + fence_registers.
 CV_DEVICE void issue_scores(float (&s)[1][kNAtoms][4], u32 q_rows, u32 k_tile) {
-  float(&acc)[kBlockN / 2] = reinterpret_cast<float(&)[kBlockN / 2]>(s);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-    const u32 panel = kk / 4, in_row = (kk % 4) * 32;
-    const u64 a = smem_desc_sw128(q_rows + panel * kBlockM * kPanelBytes + in_row, 0,
-                                  kSwizzleAtomBytes);
-    const u64 b = smem_desc_sw128(k_tile + panel * kBlockN * kPanelBytes + in_row, 0,
-                                  kSwizzleAtomBytes);
-    if (kk == 0)
-      Wgmma<kBlockN>::ss_first(acc, a, b);
-    else
-      Wgmma<kBlockN>::ss(acc, a, b, 1);
-  }
-  wgmma_commit();
+  wgmma_ss_kmajor<kBlockN, kHeadDim>(reinterpret_cast<float(&)[kBlockN / 2]>(s), q_rows,
+                                     kBlockM * kPanelBytes, k_tile, kBlockN * kPanelBytes);
 }
 
-// Issues O += P V as one wgmma group: keys in k16 steps (16 rows of V each); O's columns in chunks
-// of up to 128, each chunk two panels of V (leading byte offset = one panel).
+// Issues O += P V as one wgmma group (V's rows are the keys: MN-major).
 CV_DEVICE void issue_output(float (&o)[1][kDAtoms][4], const u32 (&pa)[kBlockN / 16][4],
                             u32 v_tile) {
-  constexpr int kChunkRegs = kOChunkN / 2;
-  float(&acc)[kOChunks][kChunkRegs] = reinterpret_cast<float(&)[kOChunks][kChunkRegs]>(o);
-  fence_registers(o);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kBlockN / 16; ++kk)
-#pragma unroll
-    for (int c = 0; c < kOChunks; ++c) {
-      const u64 b = smem_desc_sw128(
-          v_tile + c * (kOChunkN / 64) * kBlockN * kPanelBytes + kk * 16 * kPanelBytes,
-          kBlockN * kPanelBytes, kSwizzleAtomBytes);
-      Wgmma<kOChunkN>::rs(acc[c], pa[kk], b, 1);
-    }
-  wgmma_commit();
+  wgmma_rs_mnmajor<kHeadDim, kBlockN>(reinterpret_cast<float(&)[kHeadDim / 2]>(o), pa, v_tile,
+                                      kBlockN * kPanelBytes);
 }
 
 // Mask and online softmax of a finished score tile, in place (the probabilities stay fp32 until
@@ -290,7 +250,7 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, i
       mbarrier_arrive(bar.k_empty(pipe % kStages));
       if (n_iters == 1) mbarrier_arrive(bar.q_empty());
       softmax_tile(s, t, mask_test, n0_of(0), row0, lane, p.scale_log2, softmax, correction);
-      pack_probabilities(s, pa);  // O is still 0: no rescale
+      pack_a_fragments(s, pa);  // O is still 0: no rescale
     } else {
       mbarrier_arrive(bar.q_empty());
     }
@@ -321,7 +281,7 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, i
       mbarrier_arrive(bar.v_empty(stage));
       OnlineSoftmax<1>::rescale(acc_o, correction);
       // P(i+1) is packed only now, over P(i)'s registers, which the finished GEMM has released.
-      pack_probabilities(s, pa);
+      pack_a_fragments(s, pa);
     }
     if (n_iters > 0) {  // the last P V
       const int stage = pipe % kStages;

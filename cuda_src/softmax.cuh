@@ -105,27 +105,46 @@ struct OnlineSoftmax {
 };
 
 // Softmax backward on a transposed tile (rows = keys, columns = queries), whose row statistics
-// therefore belong to the columns: turns scores S into P = exp2(S * scale_log2 - lse_log2) and
-// dP into dS = P * (dP - delta), in place. lse_log2 and delta are per-query arrays in shared memory
-// indexed by tile column; lse_log2 is +inf for a query with no allowed key, so its P is 0.
+// therefore belong to the columns; lse_log2 and delta are per-query arrays in shared memory indexed
+// by tile column. In two steps, so that a kernel can start the GEMM that needs P before dP is
+// ready: probabilities_backward turns scores S into P = exp2(S * scale_log2 - lse_log2) in place
+// (lse_log2 is +inf for a query with no allowed key, so its P is 0); scores_gradient turns dP into
+// dS = P * (dP - delta) in place.
 template <int kMAtoms, int kNAtoms>
-CV_DEVICE void softmax_backward(float (&s)[kMAtoms][kNAtoms][4], float (&dp)[kMAtoms][kNAtoms][4],
-                                u32 lse_log2, u32 delta, int col0, float scale_log2, int lane) {
+CV_DEVICE void probabilities_backward(float (&s)[kMAtoms][kNAtoms][4], u32 lse_log2, int col0,
+                                      float scale_log2, int lane) {
 #pragma unroll
   for (int n = 0; n < kNAtoms; ++n) {
-    const int col = col0 + 8 * n + 2 * (lane & 3);
-    const float2 l = ld_shared_f32x2(lse_log2 + 4 * col);
-    const float2 d = ld_shared_f32x2(delta + 4 * col);
+    const float2 l = ld_shared_f32x2(lse_log2 + 4 * (col0 + 8 * n + 2 * (lane & 3)));
 #pragma unroll
     for (int m = 0; m < kMAtoms; ++m)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float p0 = fast_exp2(fmaf(s[m][n][2 * h], scale_log2, -l.x));
-        const float p1 = fast_exp2(fmaf(s[m][n][2 * h + 1], scale_log2, -l.y));
-        dp[m][n][2 * h] = p0 * (dp[m][n][2 * h] - d.x);
-        dp[m][n][2 * h + 1] = p1 * (dp[m][n][2 * h + 1] - d.y);
-        s[m][n][2 * h] = p0;
-        s[m][n][2 * h + 1] = p1;
+        s[m][n][2 * h] = fast_exp2(fmaf(s[m][n][2 * h], scale_log2, -l.x));
+        s[m][n][2 * h + 1] = fast_exp2(fmaf(s[m][n][2 * h + 1], scale_log2, -l.y));
       }
   }
+}
+
+template <int kMAtoms, int kNAtoms>
+CV_DEVICE void scores_gradient(const float (&p)[kMAtoms][kNAtoms][4],
+                               float (&dp)[kMAtoms][kNAtoms][4], u32 delta, int col0, int lane) {
+#pragma unroll
+  for (int n = 0; n < kNAtoms; ++n) {
+    const float2 d = ld_shared_f32x2(delta + 4 * (col0 + 8 * n + 2 * (lane & 3)));
+#pragma unroll
+    for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        dp[m][n][2 * h] = p[m][n][2 * h] * (dp[m][n][2 * h] - d.x);
+        dp[m][n][2 * h + 1] = p[m][n][2 * h + 1] * (dp[m][n][2 * h + 1] - d.y);
+      }
+  }
+}
+
+template <int kMAtoms, int kNAtoms>
+CV_DEVICE void softmax_backward(float (&s)[kMAtoms][kNAtoms][4], float (&dp)[kMAtoms][kNAtoms][4],
+                                u32 lse_log2, u32 delta, int col0, float scale_log2, int lane) {
+  probabilities_backward(s, lse_log2, col0, scale_log2, lane);
+  scores_gradient(s, dp, delta, col0, lane);
 }

@@ -1,5 +1,5 @@
-// Hopper warpgroup MMA (wgmma.mma_async, sm_90a): shared-memory matrix descriptors and the
-// instruction wrappers the sm_90 forward kernel uses.
+// Hopper warpgroup MMA (wgmma.mma_async, sm_90a): shared-memory matrix descriptors, the instruction
+// wrappers, and whole products over shared-memory tiles, for the sm_90 forward and backward kernels.
 //
 // Operands in shared memory use the 128-byte swizzle: tiles.cuh's SmemTile stores every 64-element
 // panel as rows of 128 bytes with the 16-byte chunk index XORed by row % 8, which is exactly the
@@ -91,17 +91,21 @@ CV_DEVICE void fence_registers(u32 (&a)[kA][kB]) {
 template <int kN>
 struct Wgmma;
 
-// ss: A and B from shared memory (descriptors), K-major. ss_first: the first k16 step of a fresh
-// product, with D written only (no stale inputs tied to it). rs: A from registers, B MN-major.
+// ss: A and B from shared memory (descriptors); kTransA / kTransB = 1 reads that operand MN-major
+// (the reduction dim runs down its rows). ss_first: the first k16 step of a fresh product, with D
+// written only (no stale inputs tied to it). rs: A from registers, B MN-major.
 template <>
 struct Wgmma<64> {
+  template <int kTransA = 0, int kTransB = 0>
   static CV_DEVICE void ss(float (&d)[32], u64 desc_a, u64 desc_b, int accumulate) {
-    asm volatile(CV_WGMMA_HEAD("%34", "64") CV_ACC_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : CV_ACC32("+f") : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+    asm volatile(CV_WGMMA_HEAD("%34", "64") CV_ACC_REGS32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+                 : CV_ACC32("+f")
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
   }
+  template <int kTransA = 0, int kTransB = 0>
   static CV_DEVICE void ss_first(float (&d)[32], u64 desc_a, u64 desc_b) {
-    asm volatile(CV_WGMMA_HEAD("0", "64") CV_ACC_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : CV_ACC32("=f") : "l"(desc_a), "l"(desc_b));
+    asm volatile(CV_WGMMA_HEAD("0", "64") CV_ACC_REGS32 ", %32, %33, p, 1, 1, %34, %35;\n}\n"
+                 : CV_ACC32("=f") : "l"(desc_a), "l"(desc_b), "n"(kTransA), "n"(kTransB));
   }
   static CV_DEVICE void rs(float (&d)[32], const u32 (&a)[4], u64 desc_b, int accumulate) {
     asm volatile(CV_WGMMA_HEAD("%37", "64") CV_ACC_REGS32
@@ -113,13 +117,16 @@ struct Wgmma<64> {
 
 template <>
 struct Wgmma<128> {
+  template <int kTransA = 0, int kTransB = 0>
   static CV_DEVICE void ss(float (&d)[64], u64 desc_a, u64 desc_b, int accumulate) {
-    asm volatile(CV_WGMMA_HEAD("%66", "128") CV_ACC_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : CV_ACC64("+f") : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+    asm volatile(CV_WGMMA_HEAD("%66", "128") CV_ACC_REGS64 ", %64, %65, p, 1, 1, %67, %68;\n}\n"
+                 : CV_ACC64("+f")
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
   }
+  template <int kTransA = 0, int kTransB = 0>
   static CV_DEVICE void ss_first(float (&d)[64], u64 desc_a, u64 desc_b) {
-    asm volatile(CV_WGMMA_HEAD("0", "128") CV_ACC_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : CV_ACC64("=f") : "l"(desc_a), "l"(desc_b));
+    asm volatile(CV_WGMMA_HEAD("0", "128") CV_ACC_REGS64 ", %64, %65, p, 1, 1, %66, %67;\n}\n"
+                 : CV_ACC64("=f") : "l"(desc_a), "l"(desc_b), "n"(kTransA), "n"(kTransB));
   }
   static CV_DEVICE void rs(float (&d)[64], const u32 (&a)[4], u64 desc_b, int accumulate) {
     asm volatile(CV_WGMMA_HEAD("%69", "128") CV_ACC_REGS64
@@ -128,3 +135,90 @@ struct Wgmma<128> {
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Whole products, each issued as one wgmma group (the caller commits nothing; it waits with
+// wgmma_wait and reads the accumulator after fence_registers). Operands are SmemTile tiles:
+// `*_panel_bytes` is the size of one 64-column panel of that tile (its rows x 128 bytes), and a
+// tile address may point at a later row of the tile (a multiple of 8 rows: whole swizzle atoms).
+
+// D (64 x kN) = A B^T over kDepth: A's 64 rows and B's kN rows both K-major (the reduction dim is
+// the tiles' columns), e.g. S = Q K^T. One k16 step is 32 bytes along a row, 4 per panel.
+template <int kN, int kDepth>
+CV_DEVICE void wgmma_ss_kmajor(float (&acc)[kN / 2], u32 a, u32 a_panel_bytes, u32 b,
+                               u32 b_panel_bytes) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    const u32 panel = kk / 4, in_row = (kk % 4) * 32;
+    const u64 da = smem_desc_sw128(a + panel * a_panel_bytes + in_row, 0, kSwizzleAtomBytes);
+    const u64 db = smem_desc_sw128(b + panel * b_panel_bytes + in_row, 0, kSwizzleAtomBytes);
+    if (kk == 0)
+      Wgmma<kN>::ss_first(acc, da, db);
+    else
+      Wgmma<kN>::ss(acc, da, db, 1);
+  }
+  wgmma_commit();
+}
+
+// D (64 x kN) = A B over kDepth, both MN-major (the reduction dim runs down the tiles' rows), e.g.
+// dQ = dS K from dS^T and K as stored: A is the 64-column panel at `a`, B's kN columns start at
+// panel `b` (kN <= 128). One k16 step is 16 rows = 2048 bytes of both.
+template <int kN, int kDepth>
+CV_DEVICE void wgmma_ss_mnmajor(float (&acc)[kN / 2], u32 a, u32 b, u32 b_panel_bytes) {
+  static_assert(kN <= 128, "one wgmma N per k16 step");
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    const u32 rows = kk * 16 * 128;
+    const u64 da = smem_desc_sw128(a + rows, kSwizzleAtomBytes, kSwizzleAtomBytes);
+    const u64 db = smem_desc_sw128(b + rows, b_panel_bytes, kSwizzleAtomBytes);
+    if (kk == 0)
+      Wgmma<kN>::template ss_first<1, 1>(acc, da, db);
+    else
+      Wgmma<kN>::template ss<1, 1>(acc, da, db, 1);
+  }
+  wgmma_commit();
+}
+
+// D (64 x kN) += A B over kDepth, A from registers (kDepth / 16 k16 fragments, see
+// pack_a_fragments), B MN-major, e.g. O += P V. D's columns go in chunks of up to 128, each chunk
+// two panels of B (leading byte offset = one panel).
+template <int kN, int kDepth>
+CV_DEVICE void wgmma_rs_mnmajor(float (&acc)[kN / 2], const u32 (&a)[kDepth / 16][4], u32 b,
+                                u32 b_panel_bytes) {
+  constexpr int kChunkN = kN < 128 ? kN : 128;
+  constexpr int kChunks = kN / kChunkN;
+  float(&chunk)[kChunks][kChunkN / 2] = reinterpret_cast<float(&)[kChunks][kChunkN / 2]>(acc);
+  fence_registers(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk)
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const u64 db = smem_desc_sw128(b + c * (kChunkN / 64) * b_panel_bytes + kk * 16 * 128,
+                                     b_panel_bytes, kSwizzleAtomBytes);
+      Wgmma<kChunkN>::rs(chunk[c], a[kk], db, 1);
+    }
+  wgmma_commit();
+}
+
+// A warp's fp32 C fragments of a 64 x (8 kNAtoms) tile, rounded to 16 bits, as the A operand of a
+// product over those columns (k16 fragment kk = atoms 2kk and 2kk + 1): the accumulator layout
+// packed pairwise is the A-from-registers layout, so no shuffles.
+template <int kNAtoms>
+CV_DEVICE void pack_a_fragments(const float (&s)[1][kNAtoms][4], u32 (&a)[kNAtoms / 2][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kNAtoms / 2; ++kk) {
+    a[kk][0] = pack_float2(s[0][2 * kk][0], s[0][2 * kk][1]);
+    a[kk][1] = pack_float2(s[0][2 * kk][2], s[0][2 * kk][3]);
+    a[kk][2] = pack_float2(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+    a[kk][3] = pack_float2(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+  }
+}
+
+// The accumulator of a whole product as the fragment array the rest of the kernel indexes.
+template <int kN>
+CV_DEVICE float (&as_fragments(float (&acc)[kN / 2]))[1][kN / 8][4] {
+  return reinterpret_cast<float(&)[1][kN / 8][4]>(acc);
+}

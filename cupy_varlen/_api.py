@@ -387,8 +387,9 @@ def _run_forward(fw, q, k, v, qi, ki, vi, out, cu_q, cu_k, cu_qi, cu_ki, lse, *,
 
 @functools.lru_cache(maxsize=None)
 def _dispatch_backward(dtype: str, head_dim: int, windowed: bool, device: int,
-                       deterministic: bool):
-    spec = _spec.choose_bwd_spec(dtype, head_dim, windowed, _device_arch(device), deterministic)
+                       deterministic: bool, choice: str):
+    spec = _spec.choose_bwd_spec(dtype, head_dim, windowed, _device_arch(device), deterministic,
+                                 choice)
     return spec, _build.load_kernels(spec, device)
 
 
@@ -487,7 +488,8 @@ def _run_backward(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results,
     on_device = cupy.cuda.runtime.getDevice() == device
     with contextlib.nullcontext() if on_device else cupy.cuda.Device(device):
         spec, kernels = _dispatch_backward(_arrays.DTYPE_NAMES[qi.dtype], head_dim,
-                                           window != (-1, -1), device, deterministic)
+                                           window != (-1, -1), device, deterministic,
+                                           _spec.backward_kernel)
         floats, ints = _launch.backward_workspace_sizes(total_q, total_k, heads, head_dim, batch,
                                                         spec)
         float_ws = fw.empty((max(floats, 1),), cu_q, "float32")

@@ -41,7 +41,14 @@ FWD_SOURCES = {
     + ("fwd_sm90.cu",),
 }
 KERNELS = tuple(FWD_SOURCES)
-BWD_SOURCES = ("common.cuh", "tiles.cuh", "mma_sm80.cuh") + _SHARED_SOURCES + ("bwd_sm80.cu",)
+# Backward dK/dV families; both also carry bwd_common.cu's kernels (preprocess, dQ of either mode,
+# the latter on mma.sync).
+BWD_SOURCES = {
+    "sm80": ("common.cuh", "tiles.cuh", "mma_sm80.cuh") + _SHARED_SOURCES
+    + ("bwd_common.cu", "bwd_sm80.cu"),
+    "sm90": ("common.cuh", "tiles.cuh", "mma_sm80.cuh", "wgmma.cuh", "sync_sm90.cuh")
+    + _SHARED_SOURCES + ("bwd_common.cu", "bwd_sm90.cu"),
+}
 SM90_THREADS = 384  # cuda_src/fwd_sm90.cu: a producer and two consumer warpgroups
 SM90_BARRIER_BYTES = 1024 + 256  # alignment slack for the 1024-byte swizzle atoms + barriers
 
@@ -118,6 +125,8 @@ tile_overrides: dict = {}
 
 # "auto" picks sm90 on Hopper where it has the head-dim tile, sm80 elsewhere. Read per dispatch.
 forward_kernel = os.environ.get("CUPY_VARLEN_FWD_KERNEL", "auto")
+# The same choice for the backward's dK/dV kernel (CUPY_VARLEN_BWD_KERNEL).
+backward_kernel = os.environ.get("CUPY_VARLEN_BWD_KERNEL", "auto")
 
 
 def _check_spec_fields(spec):
@@ -238,11 +247,12 @@ def arch_for_capability(major: int, minor: int) -> str:
     return "sm_90a"
 
 
-def kernel_for(arch: str, tile: int, choice: str = "auto") -> str:
-    """The kernel family for ``arch`` and head-dim tile under ``choice`` (auto, sm80, sm90)."""
+def kernel_for(arch: str, tile: int, choice: str = "auto", sm90_tiles=None) -> str:
+    """The kernel family for ``arch`` and head-dim tile under ``choice`` (auto, sm80, sm90);
+    ``sm90_tiles`` holds the head-dim tiles the sm90 family covers (the forward's by default)."""
     if choice not in ("auto",) + KERNELS:
-        raise ValueError(f"forward kernel choice must be auto, sm80 or sm90, got {choice!r}")
-    sm90_ok = arch == "sm_90a" and tile in _TILES_WGMMA
+        raise ValueError(f"kernel choice must be auto, sm80 or sm90, got {choice!r}")
+    sm90_ok = arch == "sm_90a" and tile in (_TILES_WGMMA if sm90_tiles is None else sm90_tiles)
     if choice == "sm90" and not sm90_ok:
         return "sm80"  # the override selects where it can; other shapes keep the portable kernel
     if choice == "sm80" or not sm90_ok:
@@ -276,18 +286,21 @@ def all_fwd_specs(archs=ARCHS):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward (cuda_src/bwd_sm80.cu): mma.sync on every architecture.
+# Backward: cuda_src/bwd_sm80.cu (mma.sync, every architecture) or, on Hopper at head-dim tiles 64
+# and 128, cuda_src/bwd_sm90.cu (wgmma, warp-specialized); the same dispatch rule and override as
+# the forward (backward_kernel / CUPY_VARLEN_BWD_KERNEL).
 
 
 @dataclasses.dataclass(frozen=True)
 class BwdTileConfig:
     block_m: int  # query rows per step of the dK/dV kernel (and per CTA of the dQ kernel)
     block_n: int  # keys per dK/dV CTA
-    warps: int  # of the dK/dV kernel; the dQ kernel has block_m / 16
+    warps: int  # of the dK/dV kernel (sm90: 12, a producer and two consumer warpgroups); the dQ
+    #             kernel has block_m / 16
     stages: int  # Q/dO ring depth of the dK/dV kernel (1: no prefetch)
-    s_warp_rows: int  # warps down the keys for S^T/dP^T (the rest across the queries)
-    kv_warp_rows: int  # warps down the keys for dK/dV (the rest across the head dim)
-    dq_warp_rows: int  # warps down the queries for dQ in atomic mode
+    s_warp_rows: int  # sm80: warps down the keys for S^T/dP^T (the rest across the queries)
+    kv_warp_rows: int  # sm80: warps down the keys for dK/dV (the rest across the head dim)
+    dq_warp_rows: int  # sm80: warps down the queries for dQ in atomic mode
     dq_block_n: int  # keys per streamed tile of the deterministic dQ kernel
     dq_stages: int = 2  # its K/V ring depth
 
@@ -329,7 +342,14 @@ _BWD_TILES["sm_89"] = _BWD_TILES["sm_86"]
 # dK/dV warps 2x4 251 / 247 TFLOP/s (full / causal) against 233 / 224 for the table's 2x4 / 4x2;
 # it spills in deterministic mode, hence not in the table.
 _BWD_ATOMIC_TILES = {("sm_90a", 128): _B(64, 128, 8, 2, 4, 2, 2, 64)}
-# Tuning hook, as tile_overrides for the forward: (arch, head-dim tile) -> BwdTileConfig.
+# The sm90 family (sm_90a only): 128 keys per CTA, 64 per consumer warpgroup; queries per step
+# bounded by S^T and dP^T (block_m / 2 registers each) beside dK and dV (head_dim / 2 each) in a
+# consumer's 240 registers. The warp-grid fields do not apply (0).
+_BWD_TILES_WGMMA = {
+    64: _B(128, 128, 12, 2, 0, 0, 0, 64),
+    128: _B(64, 128, 12, 2, 0, 0, 0, 64),
+}
+# Tuning hook, as tile_overrides for the forward: (arch or "sm90", head-dim tile) -> BwdTileConfig.
 bwd_tile_overrides: dict = {}
 
 
@@ -344,12 +364,18 @@ class BwdSpec:
     windowed: bool
     arch: str
     deterministic: bool
+    kernel: str = "sm80"  # the dK/dV family, one of KERNELS
 
     kernel_name = "varlen_bwd_dkdv"
     schedule_kernel_name = "varlen_tile_schedule"
-    sources = BWD_SOURCES
 
     def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.kernel == "sm90" and (self.arch != "sm_90a"
+                                      or self.head_dim_tile not in _BWD_TILES_WGMMA):
+            raise ValueError(f"the sm90 backward needs sm_90a and a head-dim tile in "
+                             f"{tuple(_BWD_TILES_WGMMA)}, got {self.arch} d{self.head_dim_tile}")
         _check_spec_fields(self)
         for name, size in (("dkdv", self.smem_bytes), ("dq", self.dq_smem_bytes)):
             if size > SMEM_LIMIT[self.arch]:
@@ -364,11 +390,19 @@ class BwdSpec:
         return self.tiles.block_m // 16 * 32
 
     @property
+    def sources(self) -> tuple:
+        return BWD_SOURCES[self.kernel]
+
+    @property
     def smem_bytes(self) -> int:
-        """Dynamic shared memory of the dK/dV kernel."""
+        """Dynamic shared memory of the dK/dV kernel: K, V, the Q/dO/statistics ring, and P^T and
+        dS^T (sm80) or two dS^T buffers in atomic mode (sm90)."""
         t, row = self.tiles, self.head_dim_tile * 2
-        return (2 * t.block_n * row + 2 * t.stages * t.block_m * row + 2 * 2 * t.block_n * t.block_m
-                + t.stages * 2 * t.block_m * 4)
+        common = 2 * t.block_n * row + t.stages * (2 * t.block_m * row + 2 * t.block_m * 4)
+        if self.kernel == "sm90":
+            ds = 0 if self.deterministic else 2 * t.block_n * t.block_m * 2
+            return common + ds + SM90_BARRIER_BYTES
+        return common + 2 * 2 * t.block_n * t.block_m
 
     @property
     def dq_smem_bytes(self) -> int:
@@ -390,21 +424,21 @@ class BwdSpec:
     @property
     def defines(self) -> dict:
         t = self.tiles
-        return {
+        common = {
             "CV_DTYPE_BF16": int(self.dtype == "bf16"),
             "CV_HEAD_DIM": self.head_dim_tile,
             "CV_BLOCK_M": t.block_m,
             "CV_BLOCK_N": t.block_n,
-            "CV_WARPS": t.warps,
             "CV_STAGES": t.stages,
             "CV_WINDOWED": int(self.windowed),
-            "CV_S_WARP_ROWS": t.s_warp_rows,
-            "CV_KV_WARP_ROWS": t.kv_warp_rows,
-            "CV_DQ_WARP_ROWS": t.dq_warp_rows,
             "CV_DQ_ATOMIC": int(not self.deterministic),
             "CV_DQ_BLOCK_N": t.dq_block_n,
             "CV_DQ_STAGES": t.dq_stages,
         }
+        if self.kernel == "sm90":
+            return common
+        return dict(common, CV_WARPS=t.warps, CV_S_WARP_ROWS=t.s_warp_rows,
+                    CV_KV_WARP_ROWS=t.kv_warp_rows, CV_DQ_WARP_ROWS=t.dq_warp_rows)
 
     options = FwdSpec.options
 
@@ -412,20 +446,37 @@ class BwdSpec:
         t = self.tiles
         mode = "deterministic" if self.deterministic else "atomic"
         mask = "window" if self.windowed else "full"
-        return (f"bwd[{self.dtype} d{self.head_dim_tile} {t.block_n}x{t.block_m} w{t.warps} "
-                f"s{t.stages} {mode} {mask} {self.arch}]")
+        return (f"bwd[{self.kernel} {self.dtype} d{self.head_dim_tile} {t.block_n}x{t.block_m} "
+                f"w{t.warps} s{t.stages} {mode} {mask} {self.arch}]")
+
+
+def backward_kernel_for(arch: str, tile: int, choice: str = "auto") -> str:
+    """The backward's dK/dV family for ``arch`` and head-dim tile under ``choice``."""
+    return kernel_for(arch, tile, choice, _BWD_TILES_WGMMA)
 
 
 def choose_bwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
-                    deterministic: bool) -> BwdSpec:
+                    deterministic: bool, choice: str = "auto") -> BwdSpec:
     tile = head_dim_tile(head_dim)
-    tiles = (bwd_tile_overrides.get((arch, tile))
-             or (None if deterministic else _BWD_ATOMIC_TILES.get((arch, tile)))
-             or _BWD_TILES[arch][tile])
-    return BwdSpec(dtype, tile, tiles, windowed, arch, deterministic)
+    kernel = backward_kernel_for(arch, tile, choice)
+    if kernel == "sm90":
+        tiles = bwd_tile_overrides.get(("sm90", tile)) or _BWD_TILES_WGMMA[tile]
+    else:
+        tiles = (bwd_tile_overrides.get((arch, tile))
+                 or (None if deterministic else _BWD_ATOMIC_TILES.get((arch, tile)))
+                 or _BWD_TILES[arch][tile])
+    return BwdSpec(dtype, tile, tiles, windowed, arch, deterministic, kernel)
 
 
 def all_bwd_specs(archs=ARCHS):
-    return [choose_bwd_spec(dtype, tile, windowed, arch, det)
-            for arch in archs for dtype in DTYPES for tile in HEAD_DIM_TILES
-            for windowed in (False, True) for det in (False, True)]
+    specs = []
+    for arch in archs:
+        for choice in ("sm80", "sm90") if arch == "sm_90a" else ("sm80",):
+            for dtype in DTYPES:
+                for tile in HEAD_DIM_TILES:
+                    for windowed in (False, True):
+                        for det in (False, True):
+                            spec = choose_bwd_spec(dtype, tile, windowed, arch, det, choice)
+                            if spec not in specs:
+                                specs.append(spec)
+    return specs

@@ -37,6 +37,18 @@ def is_hopper() -> bool:
 
     return cupy.cuda.Device().compute_capability.startswith("9")
 
+
+def select_kernel_family(family, monkeypatch, attribute):
+    """Runs the calling test under kernel family ``family`` ("sm80" or "sm90") of the dispatch
+    switch ``cupy_varlen._spec.<attribute>`` (forward_kernel or backward_kernel); sm90 only where
+    the GPU is a Hopper. Head dims the sm90 family does not cover run sm80 under either choice."""
+    if family == "sm90" and not is_hopper():
+        pytest.skip("the sm90 kernels need a Hopper GPU")
+    from cupy_varlen import _spec
+
+    monkeypatch.setattr(_spec, attribute, family)
+    return family
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ERROR_FLOOR = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 

@@ -18,9 +18,15 @@ import torch
 import cupy_varlen
 from conftest import (DTYPES, autograd_grads, check_backward, cu_seqlens, dead_rows,
                       functional_grads, make_packed, random_like, reference_grads, rel_error,
-                      requires_gpu)
+                      requires_gpu, select_kernel_family)
 
 pytestmark = requires_gpu
+
+
+@pytest.fixture(autouse=True, params=["sm80", "sm90"])
+def bwd_kernel(request, monkeypatch):
+    """Every test runs on both dK/dV kernel families (sm90: head-dim tiles 64 and 128)."""
+    return select_kernel_family(request.param, monkeypatch, "backward_kernel")
 
 # Lengths off the tile multiples, an empty query sequence (0 queries, 3 keys) and an empty key
 # sequence (1 query, 0 keys) among them.

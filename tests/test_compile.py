@@ -51,6 +51,27 @@ def test_backward_dispatch_covers_every_head_dim_and_mode():
                       "sm_86", False)
 
 
+def test_backward_dispatch_picks_the_kernel_family():
+    for tile in _spec.HEAD_DIM_TILES:
+        for det in (False, True):
+            hopper = _spec.choose_bwd_spec("bf16", tile, False, "sm_90a", det)
+            assert hopper.kernel == ("sm90" if tile in (64, 128) else "sm80")
+            assert _spec.choose_bwd_spec("bf16", tile, True, "sm_90a", det, "sm80").kernel == "sm80"
+            for arch in ("sm_80", "sm_86", "sm_89"):
+                assert _spec.choose_bwd_spec("fp16", tile, False, arch, det, "sm90").kernel == "sm80"
+    spec = _spec.choose_bwd_spec("bf16", 128, False, "sm_90a", False)
+    assert spec.threads == _spec.SM90_THREADS and spec.sources[-1] == "bwd_sm90.cu"
+    assert "CV_WARPS" not in spec.defines and spec.defines["CV_DQ_ATOMIC"] == 1
+    sm80 = _spec.choose_bwd_spec("bf16", 128, False, "sm_90a", False, "sm80")
+    assert sm80.sources[-1] == "bwd_sm80.cu" and sm80.defines["CV_WARPS"] == sm80.tiles.warps
+    with pytest.raises(ValueError, match="auto, sm80 or sm90"):
+        _spec.choose_bwd_spec("bf16", 128, False, "sm_90a", False, "fast")
+    with pytest.raises(ValueError, match="needs sm_90a"):
+        _spec.BwdSpec("bf16", 128, spec.tiles, False, "sm_80", False, "sm90")
+    with pytest.raises(ValueError, match="needs sm_90a"):
+        _spec.BwdSpec("bf16", 256, spec.tiles, False, "sm_90a", False, "sm90")
+
+
 def test_every_arch_and_head_dim_has_a_spec():
     for arch in _spec.ARCHS:
         for head_dim in range(8, 257, 8):
@@ -232,7 +253,7 @@ def test_backward_params_packing_matches_the_kernel_struct():
     from cupy_varlen import _launch
 
     packer = _launch._BWD_PARAMS
-    source = (_build.SOURCE_DIR / "bwd_sm80.cu").read_text()
+    source = (_build.SOURCE_DIR / "bwd_common.cu").read_text()
     assert f"sizeof(BwdParams) == {packer.size}" in source
     blob = packer.pack(*range(1, 36), 36, 37, 38, 0.5, 0.25, -1, 7)
     assert struct.unpack_from("<Q", blob, 0)[0] == 1  # q

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import cupy_varlen
-from conftest import (DTYPES, check_forward, cu_seqlens, is_hopper, make_packed, rel_error,
-                      requires_gpu)
+from conftest import (DTYPES, check_forward, cu_seqlens, make_packed, rel_error, requires_gpu,
+                      select_kernel_family)
 from cupy_varlen.reference import varlen_attn_reference
 
 pytestmark = requires_gpu
@@ -22,14 +22,8 @@ pytestmark = requires_gpu
 
 @pytest.fixture(autouse=True, params=["sm80", "sm90"])
 def fwd_kernel(request, monkeypatch):
-    """Every test runs on both kernel families (sm90 where the GPU is a Hopper; head dims the
-    sm90 kernel does not cover run the sm80 kernel under either choice)."""
-    if request.param == "sm90" and not is_hopper():
-        pytest.skip("the sm90 kernel needs a Hopper GPU")
-    from cupy_varlen import _spec
-
-    monkeypatch.setattr(_spec, "forward_kernel", request.param)
-    return request.param
+    """Every test runs on both forward kernel families."""
+    return select_kernel_family(request.param, monkeypatch, "forward_kernel")
 
 # Lengths that are not tile multiples, with empty and single-token sequences among them.
 RAGGED = [37, 0, 1, 128, 200, 64, 513]

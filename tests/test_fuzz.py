@@ -124,8 +124,9 @@ def _random_inputs(case, dtype, packed_view, seed):
     return q, k, v
 
 
-class _ForwardKernel:
-    """Runs the body under forward-kernel family ``kernel`` (sm90 only where the GPU has it)."""
+class _KernelFamily:
+    """Runs the body under kernel family ``kernel``, forward and backward (sm90 only where the GPU
+    has it)."""
 
     def __init__(self, kernel):
         from cupy_varlen import _spec
@@ -134,10 +135,11 @@ class _ForwardKernel:
         self.kernel = kernel if kernel != "sm90" or is_hopper() else "sm80"
 
     def __enter__(self):
-        self.old, self.spec.forward_kernel = self.spec.forward_kernel, self.kernel
+        self.old = self.spec.forward_kernel, self.spec.backward_kernel
+        self.spec.forward_kernel = self.spec.backward_kernel = self.kernel
 
     def __exit__(self, *exc):
-        self.spec.forward_kernel = self.old
+        self.spec.forward_kernel, self.spec.backward_kernel = self.old
 
 
 @requires_gpu
@@ -146,7 +148,7 @@ class _ForwardKernel:
        st.booleans())
 def test_forward_on_random_batches(case, dtype, kernel, packed_view):
     q, k, v = _random_inputs(case, dtype, packed_view, sum(case["lens_q"]) * 31 + case["head_dim"])
-    with _ForwardKernel(kernel):
+    with _KernelFamily(kernel):
         check_forward(q, k, v, cu_seqlens(case["lens_q"]), cu_seqlens(case["lens_k"]),
                       causal=case["causal"], window_size=case["window"])
 
@@ -158,7 +160,7 @@ def test_forward_on_random_batches(case, dtype, kernel, packed_view):
 def test_backward_on_random_batches(case, dtype, kernel, packed_view, deterministic):
     seed = sum(case["lens_k"]) * 37 + case["head_dim"]
     q, k, v = _random_inputs(case, dtype, packed_view, seed)
-    with _ForwardKernel(kernel):
+    with _KernelFamily(kernel):
         check_backward(q, k, v, cu_seqlens(case["lens_q"]), cu_seqlens(case["lens_k"]),
                        causal=case["causal"], window_size=case["window"],
                        deterministic=deterministic, seed=seed)

@@ -1,0 +1,262 @@
+// FlashAttention backward on Hopper (sm_90a): the dK/dV kernel (and atomic dQ) on wgmma tensor
+// cores, warp-specialized; the algorithm, the parameters and the other kernels are in
+// bwd_common.cu.
+//
+// One CTA per (key tile of kBlockN = 128 keys, K/V head), three warpgroups:
+//  - warpgroup 0, the producer, gives up registers and only copies: K and V once, then for every
+//    query tile the mask lets the key tile see (for every query head of the GQA group) Q, dO and
+//    the tile's lse_log2 and delta into a ring of kStages slots, with cp.async, zero-filled past
+//    the sequence's end. Each batch of copies completes an mbarrier when it lands.
+//  - warpgroups 1 and 2, the consumers, own 64 keys each. Per query tile:
+//      S^T = K Q^T and dP^T = V dO^T      (wgmma, both operands in shared memory)
+//      P^T, then dV += P^T dO             (A from registers: P never leaves them)
+//      dS^T, then dK += dS^T Q            (A from registers; dK and dV stay in registers throughout)
+//      dS^T to shared memory, dQ = dS K   (wgmma, both operands MN-major in shared memory)
+//    and dQ's fp32 partial goes to the accumulator with vector atomics. dQ needs all 128 keys, so
+//    the two consumers meet at a named barrier once per query tile; dQ's work is split between them
+//    by head-dim columns when a query tile is one wgmma M (64 rows), by rows when it is two (128).
+// The GEMM for dV is issued before dS is computed and the one for dK before dS is stored, so the
+// tensor cores run while the warpgroup does the softmax-gradient arithmetic.
+//
+// Specialization (-D from cupy_varlen/_spec.py), beyond bwd_common.cu's: CV_STAGES (the Q/dO ring).
+
+constexpr int kStages = CV_STAGES;
+constexpr int kConsumers = 2;
+constexpr int kWarpgroupThreads = 128;
+constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
+constexpr int kConsumerThreads = kConsumers * kWarpgroupThreads;
+constexpr int kConsumerKeys = kBlockN / kConsumers;  // one wgmma M of 64
+constexpr int kQAtoms = kBlockM / 8;                 // columns of S^T in mma atoms
+constexpr int kPanelBytes = 128;                     // one row of a 64-element panel
+// dQ = dS K, 64 rows per wgmma: two query row blocks go one per consumer, one is split by columns.
+constexpr bool kDqSplitRows = kBlockM == 2 * 64;
+constexpr int kDqN = kDqSplitRows ? kHeadDim : kHeadDim / kConsumers;
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;
+static_assert(kConsumerKeys == 64, "each consumer warpgroup owns one 64-key wgmma tile");
+static_assert(kBlockM == 64 || kBlockM == 128, "a query tile is one or two wgmma row blocks");
+static_assert(kBlockM <= kWarpgroupThreads, "one producer thread per lse and delta value");
+static_assert(kHeadDim % 64 == 0 && kDqN % 64 == 0 && kDqN <= 128,
+              "operands are whole 128-byte panels; dQ's N is one wgmma's");
+// setmaxnreg moves registers within what the CTA was launched with (see fwd_sm90.cu).
+constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
+static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumerThreads <=
+                  kLaunchRegs * kThreads, "register reallocation exceeds the CTA's registers");
+
+typedef SmemTile<kBlockN, kBlockM> DsTile;  // dS^T: keys x queries
+
+// Shared memory, from a 1024-byte aligned base: K, V, the Q and dO rings, two dS^T buffers (a
+// consumer may store the next tile's while the other still reads this one), the statistics ring,
+// the barriers.
+constexpr int kKOffset = 0;
+constexpr int kVOffset = kKOffset + KTile::kBytes;
+constexpr int kQOffset = kVOffset + KTile::kBytes;
+constexpr int kDoOffset = kQOffset + kStages * QTile::kBytes;
+constexpr int kDsOffset = kDoOffset + kStages * QTile::kBytes;
+constexpr int kDsBuffers = CV_DQ_ATOMIC ? 2 : 0;
+constexpr int kStatOffset = kDsOffset + kDsBuffers * DsTile::kBytes;
+constexpr int kBarOffset = kStatOffset + kStages * kStatBytes;
+
+// Named barriers (0 is __syncthreads'): the consumers' meeting points.
+constexpr int kConsumerBarrier = 1;
+
+struct BwdBarriers {
+  u32 base;
+  CV_DEVICE u32 kv_full() const { return base; }
+  CV_DEVICE u32 q_full(int s) const { return base + 8 + 8 * s; }
+  CV_DEVICE u32 q_empty(int s) const { return base + 8 + 8 * (kStages + s); }
+};
+
+// Everything about this CTA's key tile, derived identically by producer and consumers.
+struct KeyTileWork {
+  int kv_head;
+  SeqInfo seq;
+  int n0, keys_valid;
+  MaskBand band_t;      // the mask seen from the keys (see bwd_sm80.cu)
+  QueryTileWalk walk;
+  int n_iters;
+
+  CV_DEVICE int head(const BwdParams& p, int it) const {
+    return kv_head * p.heads_per_kv + walk.head_in_group(it);
+  }
+  CV_DEVICE int m0(int it) const { return walk.m0(it); }
+};
+
+CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
+  TileWork work;
+  if (!decode_tile(p.schedule_kv, 1, blockIdx.x, work, t.kv_head)) return false;
+  t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, work.batch_idx);
+  t.n0 = work.m_block * kBlockN;
+  t.keys_valid = min(kBlockN, t.seq.k_len - t.n0);
+  const MaskBand band = make_band(t.seq.q_len, t.seq.k_len, bwd_window(p));
+  t.band_t = {-band.hi, -band.lo};
+  t.walk = QueryTileWalk(
+      key_block_range(t.n0, t.n0 + t.keys_valid - 1, t.seq.q_len, t.band_t, kBlockM),
+      work.m_block, p.heads_per_kv);
+  t.n_iters = t.walk.steps;
+  return true;
+}
+
+CV_DEVICE void produce(const BwdParams& p, const KeyTileWork& t, u32 smem, BwdBarriers bar,
+                       int ptid) {
+  const int chunks_valid = p.head_dim / 8;
+  const i64 key0 = t.seq.k_start + t.n0;
+  load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
+      smem + kKOffset, p.k + key0 * p.k_row_stride + (i64)t.kv_head * p.k_head_stride,
+      p.k_row_stride, t.keys_valid, chunks_valid, ptid);
+  load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
+      smem + kVOffset, p.v + key0 * p.v_row_stride + (i64)t.kv_head * p.v_head_stride,
+      p.v_row_stride, t.keys_valid, chunks_valid, ptid);
+  mbarrier_arrive_on_copies(bar.kv_full());
+
+  for (int it = 0; it < t.n_iters; ++it) {
+    const int stage = it % kStages;
+    mbarrier_wait(bar.q_empty(stage), ((it / kStages) & 1) ^ 1);
+    const int head = t.head(p, it);
+    const int m0 = t.m0(it);
+    const int rows = t.seq.q_len - m0;
+    const i64 row0 = t.seq.q_start + m0;
+    load_tile_async<kBlockM, kHeadDim, kWarpgroupThreads>(
+        smem + kQOffset + stage * QTile::kBytes,
+        p.q + row0 * p.q_row_stride + (i64)head * p.q_head_stride, p.q_row_stride, rows,
+        chunks_valid, ptid);
+    load_tile_async<kBlockM, kHeadDim, kWarpgroupThreads>(
+        smem + kDoOffset + stage * QTile::kBytes,
+        p.dout + row0 * p.do_row_stride + (i64)head * p.do_head_stride, p.do_row_stride, rows,
+        chunks_valid, ptid);
+    const i64 at = (i64)head * p.total_q + row0;
+    const u32 stats = smem + kStatOffset + stage * kStatBytes;
+    // Rows past the sequence read lse 0 and delta 0; the tail mask zeroes their P anyway.
+    load_stats_async(stats, p.lse_log2 + at, rows, kBlockM, ptid);
+    load_stats_async(stats + kBlockM * 4, p.delta + at, rows, kBlockM, ptid);
+    mbarrier_arrive_on_copies(bar.q_full(stage));
+  }
+  // No copy may still be landing when the CTA retires.
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, u32 smem, BwdBarriers bar,
+                       int wg, int ctid) {
+  const int lane = ctid & 31;
+  const int key_row0 = wg * kConsumerKeys + (ctid >> 5) * 16;  // this warp's first key in the tile
+  const u32 k_rows = smem + kKOffset + wg * kConsumerKeys * kPanelBytes;
+  const u32 v_rows = smem + kVOffset + wg * kConsumerKeys * kPanelBytes;
+  const TileMaskTest<kBlockM> mask_test(t.n0, t.n0 + t.keys_valid - 1, t.seq.q_len, t.band_t);
+
+  float acc_dv[1][kDAtoms][4], acc_dk[1][kDAtoms][4];
+  zero_fragments(acc_dv);
+  zero_fragments(acc_dk);
+  float(&dv_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(acc_dv);
+  float(&dk_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(acc_dk);
+  // Waited on even with no query tile to visit: the epilogue stages dK and dV where K and V landed.
+  mbarrier_wait(bar.kv_full(), 0);
+
+  for (int it = 0; it < t.n_iters; ++it) {
+    const int stage = it % kStages;
+    const u32 q_slot = smem + kQOffset + stage * QTile::kBytes;
+    const u32 do_slot = smem + kDoOffset + stage * QTile::kBytes;
+    const u32 stats = smem + kStatOffset + stage * kStatBytes;
+    const int m0 = t.m0(it);
+    mbarrier_wait(bar.q_full(stage), (it / kStages) & 1);
+    fence_proxy_async();  // the copies, observed through the barrier, before wgmma reads them
+
+    float s[1][kQAtoms][4], dp[1][kQAtoms][4];
+    float(&s_flat)[kBlockM / 2] = reinterpret_cast<float(&)[kBlockM / 2]>(s);
+    float(&dp_flat)[kBlockM / 2] = reinterpret_cast<float(&)[kBlockM / 2]>(dp);
+    wgmma_ss_kmajor<kBlockM, kHeadDim>(s_flat, k_rows, KTile::kRowCount * kPanelBytes, q_slot,
+                                       kBlockM * kPanelBytes);
+    wgmma_ss_kmajor<kBlockM, kHeadDim>(dp_flat, v_rows, KTile::kRowCount * kPanelBytes, do_slot,
+                                       kBlockM * kPanelBytes);
+    wgmma_wait<1>();  // S^T is done; dP^T may still run
+    fence_registers(s);
+    if (mask_test.needs_mask(m0))
+      apply_mask(s, t.n0 + key_row0, m0, lane, t.seq.q_len, t.band_t);
+    // Keys past the sequence hold zeros, whose score is 0, not -inf: exp2(0 - lse) could overflow.
+    if (t.keys_valid < kBlockN) mask_rows_from(s, key_row0, t.keys_valid, lane);
+    probabilities_backward(s, stats, 0, p.scale_log2, lane);
+    u32 pa[kBlockM / 16][4];
+    pack_a_fragments(s, pa);
+    wgmma_rs_mnmajor<kHeadDim, kBlockM>(dv_flat, pa, do_slot, kBlockM * kPanelBytes);
+
+    wgmma_wait<1>();  // dP^T is done; dV's GEMM may still run
+    fence_registers(dp);
+    scores_gradient(s, dp, stats + kBlockM * 4, 0, lane);
+    u32 dsa[kBlockM / 16][4];
+    pack_a_fragments(dp, dsa);
+    wgmma_rs_mnmajor<kHeadDim, kBlockM>(dk_flat, dsa, q_slot, kBlockM * kPanelBytes);
+#if CV_DQ_ATOMIC
+    const u32 ds_tile = smem + kDsOffset + (it & 1) * DsTile::kBytes;
+    stage_fragments<DsTile>(dp, ds_tile, key_row0, 0, lane);
+    fence_proxy_async();  // the generic-proxy stores before the other consumer's wgmma reads
+    // Both halves of dS^T are in; this buffer's previous contents (two tiles ago) were read by
+    // GEMMs that both consumers have waited for before arriving here last time.
+    named_barrier_sync(kConsumerBarrier, kConsumerThreads);
+    float dq[1][kDqN / 8][4];
+    float(&dq_flat)[kDqN / 2] = reinterpret_cast<float(&)[kDqN / 2]>(dq);
+    const int q_panel = kDqSplitRows ? wg : 0;
+    const int d0 = kDqSplitRows ? 0 : wg * kDqN;
+    wgmma_ss_mnmajor<kDqN, kBlockN>(dq_flat, ds_tile + q_panel * DsTile::kRowCount * kPanelBytes,
+                                    smem + kKOffset + d0 / 64 * KTile::kRowCount * kPanelBytes,
+                                    KTile::kRowCount * kPanelBytes);
+#endif
+    wgmma_wait<0>();
+    fence_registers(acc_dv);
+    fence_registers(acc_dk);
+    fence_registers(pa);  // A operands: live until the GEMMs reading them are done
+    fence_registers(dsa);
+    mbarrier_arrive(bar.q_empty(stage));  // Q, dO and the statistics are read for the last time
+#if CV_DQ_ATOMIC
+    fence_registers(dq);
+    const int head = t.head(p, it);
+    const i64 row_stride = (i64)p.heads * p.head_dim;
+    const int q_row0 = (kDqSplitRows ? wg * 64 : 0) + (ctid >> 5) * 16;
+    add_fragments_atomic(dq, p.dq_accum + (i64)(t.seq.q_start + m0) * row_stride +
+                                 (i64)head * p.head_dim,
+                         row_stride, t.seq.q_len - m0, p.head_dim, q_row0, d0, lane);
+#endif
+  }
+
+  // dV and dK are staged where V and K were: K is read by both consumers' dQ GEMMs, so both must
+  // be done with it first.
+  named_barrier_sync(kConsumerBarrier, kConsumerThreads);
+  stage_fragments<KTile>(acc_dv, smem + kVOffset, key_row0, 0, lane);
+  stage_fragments<KTile>(acc_dk, smem + kKOffset, key_row0, 0, lane, p.scale);
+  named_barrier_sync(kConsumerBarrier, kConsumerThreads);
+  const int chunks_valid = p.head_dim / 8;
+  const int tid = wg * kWarpgroupThreads + ctid;
+  write_staged_tile<KTile, kConsumerThreads>(
+      smem + kVOffset,
+      p.dv + (i64)(t.seq.k_start + t.n0) * p.dv_row_stride + (i64)t.kv_head * p.dv_head_stride,
+      p.dv_row_stride, t.keys_valid, chunks_valid, tid);
+  write_staged_tile<KTile, kConsumerThreads>(
+      smem + kKOffset,
+      p.dk + (i64)(t.seq.k_start + t.n0) * p.dk_row_stride + (i64)t.kv_head * p.dk_head_stride,
+      p.dk_row_stride, t.keys_valid, chunks_valid, tid);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+varlen_bwd_dkdv(const __grid_constant__ BwdParams p) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // The swizzle pattern is a function of the address: panels must sit on 1024-byte boundaries.
+  const u32 smem = (smem_addr(smem_raw) + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1);
+  KeyTileWork t;
+  if (!load_key_tile(p, t)) return;  // the same for every thread: before any barrier
+  const BwdBarriers bar{smem + kBarOffset};
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    mbarrier_init(bar.kv_full(), kWarpgroupThreads);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(bar.q_full(s), kWarpgroupThreads);
+      mbarrier_init(bar.q_empty(s), kConsumerThreads);
+    }
+  }
+  __syncthreads();
+  const int wg = tid / kWarpgroupThreads;
+  if (wg == 0) {
+    warpgroup_reg_dealloc<kProducerRegs>();
+    produce(p, t, smem, bar, tid);
+  } else {
+    warpgroup_reg_alloc<kConsumerRegs>();
+    consume(p, t, smem, bar, wg - 1, tid % kWarpgroupThreads);
+  }
+}
