@@ -216,9 +216,3 @@ CV_DEVICE void pack_a_fragments(const float (&s)[1][kNAtoms][4], u32 (&a)[kNAtom
     a[kk][3] = pack_float2(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
   }
 }
-
-// The accumulator of a whole product as the fragment array the rest of the kernel indexes.
-template <int kN>
-CV_DEVICE float (&as_fragments(float (&acc)[kN / 2]))[1][kN / 8][4] {
-  return reinterpret_cast<float(&)[1][kN / 8][4]>(acc);
-}
