@@ -181,24 +181,3 @@ def adopt(x):
         except Exception:  # host memory or an unsupported dtype: leave it for the type check
             return x
     return x
-
-
-class StreamHandle:
-    """Raw stream for CuPy's launcher, which only reads ``.ptr`` (no CuPy Stream object per call)."""
-
-    __slots__ = ("ptr",)
-
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
-
-_streams: dict = {}
-
-
-def stream_handle(ptr: int) -> StreamHandle:
-    handle = _streams.get(ptr)
-    if handle is None:
-        if len(_streams) > 256:
-            _streams.clear()
-        handle = _streams[ptr] = StreamHandle(ptr)
-    return handle

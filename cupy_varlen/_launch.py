@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import ctypes
 import struct
-
-import numpy as np
-
-from ._arrays import stream_handle
 
 SCHEDULE_THREADS = 1024  # cuda_src/scheduler.cuh: kScheduleThreads
 SCHEDULE_HEADER = 4  # cuda_src/scheduler.cuh: kScheduleHeader
+# Every kernel's parameters, packed as the kernel lays them out (each at its natural alignment;
+# these formats need no padding between fields).
 # cuda_src/fwd_sm90.cu: struct Params, passed by value as one __grid_constant__ argument: 8 pointers,
 # 9 int64 strides, 3 int32, 2 float32, 2 int32, padded to 8-byte alignment.
 _SM90_PARAMS = struct.Struct("<8Q9q3i2f2i4x")
-_SM90_PARAMS_DTYPE = np.dtype((np.void, _SM90_PARAMS.size))
+# cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 8 pointers, 9 int64 strides, 2 int32, 2 float32,
+# 2 int32.
+_SM80_PARAMS = struct.Struct("<8Q9q2i2f2i")
+# cuda_src/scheduler.cuh: varlen_tile_schedule(cu_q, cu_k, batch, block_m, block_n, left, right,
+# tile_bound, workspace).
+_SCHEDULE_PARAMS = struct.Struct("<2Q6iQ")
 _MAX_GRID_X = 2**31 - 1
+
+# cuLaunchKernel's `extra` keys: the parameters as one buffer.
+_PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0
+
+
+def _launch(function, grid: int, block: int, params: bytes, stream_ptr: int,
+            shared_mem: int = 0) -> None:
+    """One cuLaunchKernel with the packed parameter buffer: a single driver call per kernel, no
+    per-argument conversion (the backward's four launches were a third of its host time)."""
+    from cupy.cuda import driver
+
+    buf = ctypes.create_string_buffer(params, len(params))
+    size = ctypes.c_size_t(len(params))
+    extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(buf),
+                                  _PARAM_BUFFER_SIZE, ctypes.addressof(size), _PARAM_END)
+    driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr, 0,
+                        ctypes.addressof(extra))
+
+
+def _launch_schedule(function, stream_ptr: int, cu_rows, cu_cols, batch: int, block_rows: int,
+                     block_cols: int, left: int, right: int, bound: int, workspace) -> None:
+    _launch(function, 1, SCHEDULE_THREADS,
+            _SCHEDULE_PARAMS.pack(cu_rows, cu_cols, batch, block_rows, block_cols, left, right,
+                                  bound, workspace), stream_ptr)
 
 
 def tile_bound(total_q: int, batch: int, block_m: int) -> int:
@@ -36,52 +64,30 @@ def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, c
                    total_q: int, batch: int, heads: int, heads_per_kv: int, head_dim: int,
                    scale: float, scale_log2: float, window, num_sms: int):
     """Launches the tile scheduler and the forward kernel on ``stream_ptr``. Pointers are ints."""
-    stream = stream_handle(stream_ptr)
     tiles = spec.tiles
-    left, right = np.int32(window[0]), np.int32(window[1])
     bound = tile_bound(total_q, batch, tiles.block_m)
     ctas = bound * heads
     if ctas > _MAX_GRID_X:
         raise ValueError(f"varlen_attn: {ctas} query tiles x heads exceed one launch's grid")
-    kernels.schedule(
-        (1,), (SCHEDULE_THREADS,),
-        (cu_q, cu_k, np.int32(batch), np.int32(tiles.block_m), np.int32(tiles.block_n), left,
-         right, np.int32(bound), workspace),
-        stream=stream,
-    )
+    _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, batch, tiles.block_m,
+                     tiles.block_n, window[0], window[1], bound, workspace)
+    fields = (q, k, v, out, lse, cu_q, cu_k, workspace,
+              q_strides[0], q_strides[1], k_strides[0], k_strides[1],
+              v_strides[0], v_strides[1], o_strides[0], o_strides[1], lse_head_stride)
     if spec.persistent:
-        params = _SM90_PARAMS.pack(
-            q, k, v, out, lse, cu_q, cu_k, workspace,
-            q_strides[0], q_strides[1], k_strides[0], k_strides[1],
-            v_strides[0], v_strides[1], o_strides[0], o_strides[1], lse_head_stride,
-            heads_per_kv, heads, head_dim, scale, scale_log2, window[0], window[1],
-        )
-        kernels.main(
-            (min(ctas, num_sms),), (spec.threads,),
-            (np.frombuffer(params, dtype=_SM90_PARAMS_DTYPE),),
-            shared_mem=spec.smem_bytes, stream=stream,
-        )
+        params = _SM90_PARAMS.pack(*fields, heads_per_kv, heads, head_dim, scale, scale_log2,
+                                   window[0], window[1])
+        _launch(kernels.main, min(ctas, num_sms), spec.threads, params, stream_ptr,
+                spec.smem_bytes)
         return
-    kernels.main(
-        (ctas,),
-        (spec.threads,),
-        (
-            q, k, v, out, lse, cu_q, cu_k, workspace,
-            q_strides[0], q_strides[1], k_strides[0], k_strides[1],
-            v_strides[0], v_strides[1], o_strides[0], o_strides[1],
-            lse_head_stride,
-            np.int32(heads_per_kv), np.int32(head_dim),
-            np.float32(scale), np.float32(scale_log2), left, right,
-        ),
-        shared_mem=spec.smem_bytes,
-        stream=stream,
-    )
+    params = _SM80_PARAMS.pack(*fields, heads_per_kv, head_dim, scale, scale_log2, window[0],
+                               window[1])
+    _launch(kernels.main, ctas, spec.threads, params, stream_ptr, spec.smem_bytes)
 
 
 # cuda_src/bwd_sm80.cu: struct BwdParams, by value: 16 pointers, 19 int64, 3 int32, 2 float32,
 # 2 int32, padded to 8-byte alignment.
 _BWD_PARAMS = struct.Struct("<16Q19q3i2f2i4x")
-_BWD_PARAMS_DTYPE = np.dtype((np.void, _BWD_PARAMS.size))
 _PREP_THREADS = 256  # cuda_src/bwd_sm80.cu: kPrepThreads (8 lanes per row and head)
 _CONVERT_THREADS = 256  # kConvertThreads (one thread per 8 elements)
 
@@ -105,7 +111,6 @@ def launch_backward(kernels, spec, stream_ptr: int, *, q, k, v, out, dout, dq, d
                     scale: float, scale_log2: float, window):
     """Launches the backward's kernels on ``stream_ptr``. Pointers are ints; ``strides`` maps
     q, k, v, out, dout, dq, dk, dv to (row, head) strides in elements."""
-    stream = stream_handle(stream_ptr)
     t = spec.tiles
     # The accumulator first: its float4 accesses need the allocation's alignment.
     accum_bytes = 0 if spec.deterministic else 4 * total_q * heads * head_dim
@@ -128,31 +133,21 @@ def launch_backward(kernels, spec, stream_ptr: int, *, q, k, v, out, dout, dq, d
         *lse_strides, total_q, heads, heads // heads_kv, head_dim, scale, scale_log2,
         window[0], window[1],
     )
-    arg = (np.frombuffer(params, dtype=_BWD_PARAMS_DTYPE),)
-    left, right = np.int32(window[0]), np.int32(window[1])
+    left, right = window
     rows = total_q * heads
     if rows:
-        kernels.preprocess((-(-rows * 8 // _PREP_THREADS),), (_PREP_THREADS,), arg,
-                           stream=stream)
+        _launch(kernels.preprocess, -(-rows * 8 // _PREP_THREADS), _PREP_THREADS, params,
+                stream_ptr)
     # Key tiles are scheduled as the forward schedules query tiles, with the roles swapped: the
     # transposed mask is the band with left and right exchanged.
-    kernels.schedule(
-        (1,), (SCHEDULE_THREADS,),
-        (cu_k, cu_q, np.int32(batch), np.int32(t.block_n), np.int32(t.block_m), right, left,
-         np.int32(bound_k), ws_kv),
-        stream=stream,
-    )
-    kernels.main((grid_kv,), (spec.threads,), arg, shared_mem=spec.smem_bytes, stream=stream)
+    _launch_schedule(kernels.schedule, stream_ptr, cu_k, cu_q, batch, t.block_n, t.block_m,
+                     right, left, bound_k, ws_kv)
+    _launch(kernels.main, grid_kv, spec.threads, params, stream_ptr, spec.smem_bytes)
     if spec.deterministic:
-        kernels.schedule(
-            (1,), (SCHEDULE_THREADS,),
-            (cu_q, cu_k, np.int32(batch), np.int32(t.block_m), np.int32(t.dq_block_n), left,
-             right, np.int32(bound_q), ws_q),
-            stream=stream,
-        )
-        kernels.dq((grid_q,), (spec.dq_threads,), arg, shared_mem=spec.dq_smem_bytes,
-                   stream=stream)
+        _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, batch, t.block_m,
+                         t.dq_block_n, left, right, bound_q, ws_q)
+        _launch(kernels.dq, grid_q, spec.dq_threads, params, stream_ptr, spec.dq_smem_bytes)
     elif rows:
         chunks = rows * (head_dim // 8)
-        kernels.dq_convert((-(-chunks // _CONVERT_THREADS),), (_CONVERT_THREADS,), arg,
-                           stream=stream)
+        _launch(kernels.dq_convert, -(-chunks // _CONVERT_THREADS), _CONVERT_THREADS, params,
+                stream_ptr)

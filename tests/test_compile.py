@@ -227,6 +227,45 @@ def test_ptxas_report_parser():
     assert usage.shared_static == 128 and usage.spills
 
 
+def _signature_types(source: str, kernel: str) -> list:
+    """The parameter types of ``kernel``'s definition in ``source``, in order."""
+    import re
+
+    start = source.index(f"{kernel}(")
+    params = source[start + len(kernel) + 1:source.index(")", start)]
+    return [re.sub(r"\s+\w+$", "", p.strip()).replace("__restrict__", "").strip()
+            for p in params.split(",")]
+
+
+def test_launch_packing_matches_kernel_signatures():
+    """Kernels with plain argument lists get their parameters as one packed buffer (cuLaunchKernel's
+    `extra`): the format must list the signature's types in order, 8-byte fields never behind an
+    odd number of 4-byte ones (the packing inserts no padding)."""
+    from cupy_varlen import _launch
+
+    size = {"Q": 8, "q": 8, "i": 4, "f": 4}
+
+    def expected(types):
+        codes = "".join("Q" if t.endswith("*") else {"i64": "q", "int": "i", "float": "f"}[t]
+                        for t in types)
+        offset = 0
+        for c in codes:
+            assert offset % size[c] == 0, (types, codes)
+            offset += size[c]
+        return codes
+
+    def codes_of(fmt):
+        import re
+
+        return "".join(c * int(n or 1) for n, c in re.findall(r"(\d*)([Qqif])", fmt))
+
+    fwd = (_build.SOURCE_DIR / "fwd_sm80.cu").read_text()
+    sched = (_build.SOURCE_DIR / "scheduler.cuh").read_text()
+    assert codes_of(_launch._SM80_PARAMS.format) == expected(_signature_types(fwd, "varlen_fwd"))
+    assert codes_of(_launch._SCHEDULE_PARAMS.format) == expected(
+        _signature_types(sched, "varlen_tile_schedule"))
+
+
 def test_sm90_params_packing_matches_the_kernel_struct():
     """The sm90 kernel takes one by-value struct; the host packs it byte for byte. The kernel
     static_asserts its size (so every compile above checks that side), this checks the host's."""
