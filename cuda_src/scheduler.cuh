@@ -9,7 +9,7 @@
 // bucket depends on atomics, but no result does: every tile is computed independently.
 //
 // Consecutive tiles of one sequence that fall in the same bucket get consecutive ranks (one atomic
-// reserves the run). The 1-D grid is a host-side upper bound on tiles (tile_bound) times heads and
+// reserves the run of up to 32 that one warp holds). The 1-D grid is a host-side upper bound on tiles (tile_bound) times heads and
 // walks ranks head by head: CTA i takes rank (i / g) mod tile_bound of head
 // g * (i / (g * tile_bound)) + i mod g, g being the query heads per K/V head. So the query heads that
 // share K/V run side by side, the query tiles of one (sequence, head) run at the same time and read
@@ -67,37 +67,83 @@ CV_DEVICE int block_exclusive_sum(int value, int* warp_totals) {
   return (warp > 0 ? warp_totals[warp - 1] : 0) + inclusive - value;
 }
 
-extern "C" __global__ void __launch_bounds__(kScheduleThreads)
+// Calls visit(valid, b, seq, m) for every query tile m of every sequence b of the batch, on every
+// lane of every warp in step (lanes without a tile pass valid = false), so visit may use warp
+// collectives. Warp w takes groups of per_warp consecutive sequences, one per lane, and the group's
+// tiles are then dealt to its lanes 32 at a time: one long sequence spreads over a whole warp, a
+// batch of short ones over the whole block, and no thread walks a sequence tile by tile.
+template <class Visit>
+CV_DEVICE void for_each_tile(const int* __restrict__ cu_seqlens_q,
+                             const int* __restrict__ cu_seqlens_k, int batch, int block_m,
+                             Visit&& visit) {
+  const unsigned full = 0xffffffffu;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int per_warp = min(32, max(1, (batch + warps - 1) / warps));
+  for (int first = warp * per_warp; first < batch; first += warps * per_warp) {
+    const bool mine = lane < per_warp && first + lane < batch;
+    const SeqInfo seq = mine ? load_seq_info(cu_seqlens_q, cu_seqlens_k, first + lane)
+                             : SeqInfo{0, 0, 0, 0};
+    // Inclusive scan of the tile counts over the lanes: lane l's tiles end at `end`.
+    int end = (seq.q_len + block_m - 1) / block_m;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int up = __shfl_up_sync(full, end, d);
+      if (lane >= d) end += up;
+    }
+    const int total = __shfl_sync(full, end, 31);
+    for (int t0 = 0; t0 < total; t0 += 32) {
+      const int t = t0 + lane;
+      int owner = 0;  // the first lane whose tiles end past t
+#pragma unroll
+      for (int step = 16; step > 0; step >>= 1)
+        if (__shfl_sync(full, end, owner + step - 1) <= t) owner += step;
+      const int before = __shfl_sync(full, end, (owner + 31) & 31);
+      const SeqInfo s = {__shfl_sync(full, seq.q_start, owner), __shfl_sync(full, seq.q_len, owner),
+                         __shfl_sync(full, seq.k_start, owner), __shfl_sync(full, seq.k_len, owner)};
+      visit(t < total, first + owner, s, t - (owner > 0 ? before : 0));
+    }
+  }
+}
+
+// minBlocks 1: one block runs at a time, so it may use 64 registers per thread (without it ptxas
+// aims at two resident blocks on sm_90, caps itself at 32 and spills).
+extern "C" __global__ void __launch_bounds__(kScheduleThreads, 1)
 varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
                      int batch, int block_m, int block_n, int window_left, int window_right,
                      int tile_bound, int* __restrict__ workspace) {
   __shared__ int bucket_count[kCostBuckets];
   __shared__ int warp_totals[32];
   __shared__ int max_cost, num_tiles;
+  const unsigned full = 0xffffffffu;
+  const int lane = threadIdx.x & 31;
   const AttnWindow window = {window_left, window_right};
   for (int i = threadIdx.x; i < kCostBuckets; i += blockDim.x) bucket_count[i] = 0;
   if (threadIdx.x == 0) max_cost = num_tiles = 0;
   __syncthreads();
 
-  // Each thread walks whole sequences; the passes recompute costs rather than store them.
+  // The passes recompute costs rather than store them.
   int my_max = 0, my_tiles = 0;
-  for (int b = threadIdx.x; b < batch; b += blockDim.x) {
-    const SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, b);
-    const int tiles = (seq.q_len + block_m - 1) / block_m;
-    my_tiles += tiles;
-    for (int m = 0; m < tiles; ++m) my_max = max(my_max, tile_cost(seq, m, block_m, block_n, window));
+  for_each_tile(cu_seqlens_q, cu_seqlens_k, batch, block_m,
+                [&](bool valid, int, SeqInfo seq, int m) {
+                  if (!valid) return;
+                  my_max = max(my_max, tile_cost(seq, m, block_m, block_n, window));
+                  ++my_tiles;
+                });
+  my_max = __reduce_max_sync(full, my_max);
+  my_tiles = __reduce_add_sync(full, my_tiles);
+  if (lane == 0) {
+    atomicMax(&max_cost, my_max);
+    atomicAdd(&num_tiles, my_tiles);
   }
-  atomicMax(&max_cost, my_max);
-  atomicAdd(&num_tiles, my_tiles);
   __syncthreads();
   const int cost_cap = max(max_cost, 1);
 
-  for (int b = threadIdx.x; b < batch; b += blockDim.x) {
-    const SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, b);
-    const int tiles = (seq.q_len + block_m - 1) / block_m;
-    for (int m = 0; m < tiles; ++m)
-      atomicAdd(&bucket_count[cost_bucket(tile_cost(seq, m, block_m, block_n, window), cost_cap)], 1);
-  }
+  for_each_tile(cu_seqlens_q, cu_seqlens_k, batch, block_m,
+                [&](bool valid, int, SeqInfo seq, int m) {
+                  if (valid)
+                    atomicAdd(&bucket_count[cost_bucket(
+                                  tile_cost(seq, m, block_m, block_n, window), cost_cap)], 1);
+                });
   __syncthreads();
 
   // Bucket k's first rank: the tiles of every costlier bucket come before it.
@@ -107,25 +153,27 @@ varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict
   bucket_count[bucket] = first_rank;  // from here on: the bucket's next free rank
   __syncthreads();
 
+  // Lanes holding tiles of one sequence in one bucket reserve their ranks with one atomic, the
+  // later tiles first.
   int* order = workspace + kScheduleHeader;
-  for (int b = threadIdx.x; b < batch; b += blockDim.x) {
-    const SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, b);
-    const int tiles = (seq.q_len + block_m - 1) / block_m;
-    int m = tiles - 1;
-    while (m >= 0) {
-      const int bucket = cost_bucket(tile_cost(seq, m, block_m, block_n, window), cost_cap);
-      int run = 1;  // tiles m, m-1, ... in the same bucket
-      while (m - run >= 0 &&
-             cost_bucket(tile_cost(seq, m - run, block_m, block_n, window), cost_cap) == bucket)
-        ++run;
-      const int rank = atomicAdd(&bucket_count[bucket], run);
-      for (int r = 0; r < run; ++r) {
-        order[2 * (rank + r)] = b;
-        order[2 * (rank + r) + 1] = m - r;
-      }
-      m -= run;
-    }
-  }
+  for_each_tile(cu_seqlens_q, cu_seqlens_k, batch, block_m,
+                [&](bool valid, int b, SeqInfo seq, int m) {
+                  const int bucket =
+                      valid ? cost_bucket(tile_cost(seq, m, block_m, block_n, window), cost_cap)
+                            : -1;
+                  const unsigned group =
+                      __match_any_sync(full, ((unsigned long long)(unsigned)b << 32) |
+                                                 (unsigned)bucket);
+                  if (!valid) return;
+                  const int leader = __ffs(group) - 1;
+                  int base = 0;
+                  if (lane == leader) base = atomicAdd(&bucket_count[bucket], __popc(group));
+                  base = __shfl_sync(group, base, leader);
+                  // Lanes above this one hold later tiles of the sequence: they go first.
+                  const int rank = base + __popc(group & ~((2u << lane) - 1u));
+                  order[2 * rank] = b;
+                  order[2 * rank + 1] = m;
+                });
   if (threadIdx.x == 0) {
     workspace[0] = num_tiles;
     workspace[1] = tile_bound;
