@@ -72,7 +72,7 @@ struct KeyTileWork {
   int kv_head;
   SeqInfo seq;
   int n0, keys_valid;
-  MaskBand band_t;      // the mask seen from the keys (see bwd_sm80.cu)
+  MaskBand band_t;  // the mask seen from the keys (see bwd_sm80.cu)
   QueryTileWalk walk;
   int n_iters;
 
