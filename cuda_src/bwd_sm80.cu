@@ -45,7 +45,6 @@ typedef WarpGrid<kBlockM, kHeadDim, CV_DQ_WARP_ROWS> DQGrid;  // dQ: queries x h
 // 64 x 128 tiles): spill-free and the fastest of the spill-free variants.
 constexpr int kSUnroll = kHeadDim / 16 < 4 ? kHeadDim / 16 : 4;
 
-
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 varlen_bwd_dkdv(const __grid_constant__ BwdParams p) {
   extern __shared__ __align__(128) unsigned char smem[];

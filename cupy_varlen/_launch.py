@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import struct
 
+from cupy.cuda import driver
+
 SCHEDULE_THREADS = 1024  # cuda_src/scheduler.cuh: kScheduleThreads
 SCHEDULE_HEADER = 4  # cuda_src/scheduler.cuh: kScheduleHeader
 # Every kernel's parameters, packed as the kernel lays them out (each at its natural alignment;
@@ -28,8 +30,6 @@ def _launch(function, grid: int, block: int, params: bytes, stream_ptr: int,
             shared_mem: int = 0) -> None:
     """One cuLaunchKernel with the packed parameter buffer: a single driver call per kernel, no
     per-argument conversion (the backward's four launches were a third of its host time)."""
-    from cupy.cuda import driver
-
     buf = ctypes.create_string_buffer(params, len(params))
     size = ctypes.c_size_t(len(params))
     extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(buf),

@@ -129,8 +129,14 @@ forward_kernel = os.environ.get("CUPY_VARLEN_FWD_KERNEL", "auto")
 backward_kernel = os.environ.get("CUPY_VARLEN_BWD_KERNEL", "auto")
 
 
-def _check_spec_fields(spec):
-    """dtype, head-dim tile and architecture, common to every spec."""
+def _check_spec_fields(spec, sm90_name: str, sm90_tiles) -> None:
+    """Kernel family, dtype, head-dim tile and architecture, common to every spec; ``sm90_tiles``
+    holds the head-dim tiles the spec kind's sm90 family covers."""
+    if spec.kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {spec.kernel!r}")
+    if spec.kernel == "sm90" and (spec.arch != "sm_90a" or spec.head_dim_tile not in sm90_tiles):
+        raise ValueError(f"{sm90_name} needs sm_90a and a head-dim tile in {tuple(sm90_tiles)}, "
+                         f"got {spec.arch} d{spec.head_dim_tile}")
     if spec.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {spec.dtype!r}")
     if spec.head_dim_tile not in HEAD_DIM_TILES:
@@ -154,13 +160,7 @@ class FwdSpec:
     schedule_kernel_name = "varlen_tile_schedule"
 
     def __post_init__(self):
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
-        if self.kernel == "sm90" and (self.arch != "sm_90a"
-                                      or self.head_dim_tile not in _TILES_WGMMA):
-            raise ValueError(f"the sm90 kernel needs sm_90a and a head-dim tile in "
-                             f"{tuple(_TILES_WGMMA)}, got {self.arch} d{self.head_dim_tile}")
-        _check_spec_fields(self)
+        _check_spec_fields(self, "the sm90 kernel", _TILES_WGMMA)
         if self.smem_bytes > SMEM_LIMIT[self.arch]:
             raise ValueError(f"{self} needs {self.smem_bytes} B of shared memory")
 
@@ -370,13 +370,7 @@ class BwdSpec:
     schedule_kernel_name = "varlen_tile_schedule"
 
     def __post_init__(self):
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
-        if self.kernel == "sm90" and (self.arch != "sm_90a"
-                                      or self.head_dim_tile not in _BWD_TILES_WGMMA):
-            raise ValueError(f"the sm90 backward needs sm_90a and a head-dim tile in "
-                             f"{tuple(_BWD_TILES_WGMMA)}, got {self.arch} d{self.head_dim_tile}")
-        _check_spec_fields(self)
+        _check_spec_fields(self, "the sm90 backward", _BWD_TILES_WGMMA)
         for name, size in (("dkdv", self.smem_bytes), ("dq", self.dq_smem_bytes)):
             if size > SMEM_LIMIT[self.arch]:
                 raise ValueError(f"{self} needs {size} B of shared memory in its {name} kernel")
