@@ -36,8 +36,14 @@ CV_DEVICE u64 smem_desc_sw128(u32 addr, u32 leading_bytes, u32 stride_bytes) {
   return desc;
 }
 
-// Moves a descriptor's start address by `bytes` (a multiple of 16).
-CV_DEVICE u64 desc_advance(u64 desc, u32 bytes) { return desc + (u64)(bytes >> 4); }
+// Moves a descriptor's start address by `bytes` (a multiple of 16) within the same tile. The
+// address field (bits 0-13, address / 16) of an in-bounds shared address never carries into bit
+// 14, so the add touches the low word alone: one integer add per wgmma instead of rebuilding the
+// descriptor, which matters because the k16 steps are issued while the tensor-core turn is held.
+CV_DEVICE u64 desc_advance(u64 desc, u32 bytes) {
+  const u32 lo = (u32)desc + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | lo;
+}
 
 CV_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 CV_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -147,12 +153,14 @@ struct Wgmma<128> {
 template <int kN, int kDepth>
 CV_DEVICE void wgmma_ss_kmajor(float (&acc)[kN / 2], u32 a, u32 a_panel_bytes, u32 b,
                                u32 b_panel_bytes) {
+  const u64 da0 = smem_desc_sw128(a, 0, kSwizzleAtomBytes);
+  const u64 db0 = smem_desc_sw128(b, 0, kSwizzleAtomBytes);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kDepth / 16; ++kk) {
     const u32 panel = kk / 4, in_row = (kk % 4) * 32;
-    const u64 da = smem_desc_sw128(a + panel * a_panel_bytes + in_row, 0, kSwizzleAtomBytes);
-    const u64 db = smem_desc_sw128(b + panel * b_panel_bytes + in_row, 0, kSwizzleAtomBytes);
+    const u64 da = desc_advance(da0, panel * a_panel_bytes + in_row);
+    const u64 db = desc_advance(db0, panel * b_panel_bytes + in_row);
     if (kk == 0)
       Wgmma<kN>::ss_first(acc, da, db);
     else
@@ -167,12 +175,14 @@ CV_DEVICE void wgmma_ss_kmajor(float (&acc)[kN / 2], u32 a, u32 a_panel_bytes, u
 template <int kN, int kDepth>
 CV_DEVICE void wgmma_ss_mnmajor(float (&acc)[kN / 2], u32 a, u32 b, u32 b_panel_bytes) {
   static_assert(kN <= 128, "one wgmma N per k16 step");
+  const u64 da0 = smem_desc_sw128(a, kSwizzleAtomBytes, kSwizzleAtomBytes);
+  const u64 db0 = smem_desc_sw128(b, b_panel_bytes, kSwizzleAtomBytes);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kDepth / 16; ++kk) {
     const u32 rows = kk * 16 * 128;
-    const u64 da = smem_desc_sw128(a + rows, kSwizzleAtomBytes, kSwizzleAtomBytes);
-    const u64 db = smem_desc_sw128(b + rows, b_panel_bytes, kSwizzleAtomBytes);
+    const u64 da = desc_advance(da0, rows);
+    const u64 db = desc_advance(db0, rows);
     if (kk == 0)
       Wgmma<kN>::template ss_first<1, 1>(acc, da, db);
     else
@@ -190,14 +200,14 @@ CV_DEVICE void wgmma_rs_mnmajor(float (&acc)[kN / 2], const u32 (&a)[kDepth / 16
   constexpr int kChunkN = kN < 128 ? kN : 128;
   constexpr int kChunks = kN / kChunkN;
   float(&chunk)[kChunks][kChunkN / 2] = reinterpret_cast<float(&)[kChunks][kChunkN / 2]>(acc);
+  const u64 db0 = smem_desc_sw128(b, b_panel_bytes, kSwizzleAtomBytes);
   fence_registers(acc);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kDepth / 16; ++kk)
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
-      const u64 db = smem_desc_sw128(b + c * (kChunkN / 64) * b_panel_bytes + kk * 16 * 128,
-                                     b_panel_bytes, kSwizzleAtomBytes);
+      const u64 db = desc_advance(db0, c * (kChunkN / 64) * b_panel_bytes + kk * 16 * 128);
       Wgmma<kChunkN>::rs(chunk[c], a[kk], db, 1);
     }
   wgmma_commit();
