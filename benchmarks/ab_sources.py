@@ -94,6 +94,8 @@ def main():
     ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--kernel", choices=("auto", "sm80", "sm90"), default="auto",
+                    help="forward kernel family for every variant (as CUPY_VARLEN_FWD_KERNEL)")
     args = ap.parse_args()
 
     import torch
@@ -103,9 +105,13 @@ def main():
     from bench_varlen import grid_configs, make_inputs
     from cupy_varlen.reference import varlen_attn_reference
 
+    from cupy_varlen import _spec
+
+    _spec.forward_kernel = args.kernel
     variants = Variants(args.variants)
     grid = grid_configs()
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, runs {args.runs}")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, runs {args.runs}, "
+          f"forward kernel {args.kernel}")
     for name in args.configs:
         cfg = grid[name]
         inp = make_inputs(cfg, "bf16")

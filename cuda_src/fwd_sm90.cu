@@ -208,11 +208,14 @@ CV_DEVICE void softmax_tile(float (&s)[1][kNAtoms][4], const WorkTile& t,
   softmax.update_scores(s, scale_log2, correction);
 }
 
-// Per warpgroup, software-pipelined over key tiles (FlashAttention-3's intra-warpgroup overlap):
-// iteration i issues S(i+1) = Q K(i+1)^T and then O += P(i) V(i), waits only for S(i+1), and runs
-// the mask and softmax of S(i+1) while P(i) V(i) is still on the tensor cores; O's rescale and the
-// packing of P(i+1) into the A-operand registers wait for that GEMM (it reads P(i) from those
-// registers until it completes).
+// Per warpgroup, software-pipelined over key tiles in FlashAttention-3's order (intra-warpgroup
+// overlap): iteration i issues S(i+1) = Q K(i+1)^T and then O += P(i) V(i), waits for S(i+1), runs
+// the mask and softmax of S(i+1), then waits for P(i) V(i) before O's rescale and the packing of
+// P(i+1) over P(i)'s registers (the GEMM reads them until it completes). In the SASS the overlap
+// does not happen: ptxas moves the second wait above the softmax, and issuing the wgmmas already
+// blocks the warps for about the GEMMs' duration. Holding the wait below the softmax measured no
+// faster (benchmarks/NOTES.md, head dim 64 section); the other consumer's GEMMs are what fill the
+// tensor cores during a softmax.
 CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, int wg, int ctid) {
   const int lane = ctid & 31;
   const int warp_row0 = wg * kConsumerRows + (ctid >> 5) * 16;  // first row of this warp's 16

@@ -55,9 +55,10 @@ struct OnlineSoftmax {
       }
   }
 
-  // Applies update_scores' correction to the output accumulator. Once the running max has settled
-  // it rarely moves; skipping the multiplies then (the test is warp-uniform, so no divergence)
-  // saves kDAtoms * 2 per row and tile.
+  // Applies update_scores' correction to the output accumulator, always: a warp vote that skipped
+  // the multiplies while no row max moved never fired (ptxas fuses the exponent into an FMA whose
+  // rounding residue keeps the factor off 1), and with an exact 1 for an unmoved max it still did
+  // not pay on the H100 (benchmarks/NOTES.md, head dim 64 section).
   template <int kDAtoms>
   static CV_DEVICE void rescale(float (&acc_o)[kMAtoms][kDAtoms][4],
                                 const float (&correction)[kMAtoms][2]) {
@@ -65,12 +66,10 @@ struct OnlineSoftmax {
     for (int m = 0; m < kMAtoms; ++m)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        if (__any_sync(0xffffffffu, correction[m][h] != 1.f)) {
 #pragma unroll
-          for (int d = 0; d < kDAtoms; ++d) {
-            acc_o[m][d][2 * h] *= correction[m][h];
-            acc_o[m][d][2 * h + 1] *= correction[m][h];
-          }
+        for (int d = 0; d < kDAtoms; ++d) {
+          acc_o[m][d][2 * h] *= correction[m][h];
+          acc_o[m][d][2 * h + 1] *= correction[m][h];
         }
   }
 
