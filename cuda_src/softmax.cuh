@@ -55,10 +55,12 @@ struct OnlineSoftmax {
       }
   }
 
-  // Applies update_scores' correction to the output accumulator, always: a warp vote that skipped
-  // the multiplies while no row max moved never fired (ptxas fuses the exponent into an FMA whose
-  // rounding residue keeps the factor off 1), and with an exact 1 for an unmoved max it still did
-  // not pay on the H100 (benchmarks/NOTES.md, head dim 64 section).
+  // Applies update_scores' correction to the output accumulator. The warp vote was meant to skip
+  // the multiplies once the running max settles, but it practically never fires: ptxas fuses the
+  // correction's exponent into an FMA whose rounding residue keeps the factor off 1 (ncu: the
+  // multiplies ran in 99.7% of iterations), and an exact 1 for an unmoved max did not pay either
+  // (benchmarks/NOTES.md, head dim 64 section). The branch stays because without it (or with the
+  // exact 1) ptxas spills 68-72 bytes in the sm80 head-dim-128 tile.
   template <int kDAtoms>
   static CV_DEVICE void rescale(float (&acc_o)[kMAtoms][kDAtoms][4],
                                 const float (&correction)[kMAtoms][2]) {
@@ -66,10 +68,12 @@ struct OnlineSoftmax {
     for (int m = 0; m < kMAtoms; ++m)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
+        if (__any_sync(0xffffffffu, correction[m][h] != 1.f)) {
 #pragma unroll
-        for (int d = 0; d < kDAtoms; ++d) {
-          acc_o[m][d][2 * h] *= correction[m][h];
-          acc_o[m][d][2 * h + 1] *= correction[m][h];
+          for (int d = 0; d < kDAtoms; ++d) {
+            acc_o[m][d][2 * h] *= correction[m][h];
+            acc_o[m][d][2 * h + 1] *= correction[m][h];
+          }
         }
   }
 
