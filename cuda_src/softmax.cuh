@@ -113,36 +113,38 @@ struct OnlineSoftmax {
 // ready: probabilities_backward turns scores S into P = exp2(S * scale_log2 - lse_log2) in place
 // (lse_log2 is +inf for a query with no allowed key, so its P is 0); scores_gradient turns dP into
 // dS = P * (dP - delta) in place.
-template <int kMAtoms, int kNAtoms>
-CV_DEVICE void probabilities_backward(float (&s)[kMAtoms][kNAtoms][4], u32 lse_log2, int col0,
-                                      float scale_log2, int lane) {
+// Calls f(m, n, i, stat) for every element (m, n, i) of a transposed tile, with stat the per-query
+// value of its column read from the fp32 array `stats` in shared memory (the tile's columns start
+// at query col0; a lane's two columns of an atom are adjacent, so one 8-byte load serves both).
+template <int kMAtoms, int kNAtoms, class F>
+CV_DEVICE void for_each_with_column_stat(u32 stats, int col0, int lane, F f) {
 #pragma unroll
   for (int n = 0; n < kNAtoms; ++n) {
-    const float2 l = ld_shared_f32x2(lse_log2 + 4 * (col0 + 8 * n + 2 * (lane & 3)));
+    const float2 v = ld_shared_f32x2(stats + 4 * (col0 + 8 * n + 2 * (lane & 3)));
 #pragma unroll
     for (int m = 0; m < kMAtoms; ++m)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        s[m][n][2 * h] = fast_exp2(fmaf(s[m][n][2 * h], scale_log2, -l.x));
-        s[m][n][2 * h + 1] = fast_exp2(fmaf(s[m][n][2 * h + 1], scale_log2, -l.y));
+        f(m, n, 2 * h, v.x);
+        f(m, n, 2 * h + 1, v.y);
       }
   }
 }
 
 template <int kMAtoms, int kNAtoms>
+CV_DEVICE void probabilities_backward(float (&s)[kMAtoms][kNAtoms][4], u32 lse_log2, int col0,
+                                      float scale_log2, int lane) {
+  for_each_with_column_stat<kMAtoms, kNAtoms>(lse_log2, col0, lane, [&](int m, int n, int i, float l) {
+    s[m][n][i] = fast_exp2(fmaf(s[m][n][i], scale_log2, -l));
+  });
+}
+
+template <int kMAtoms, int kNAtoms>
 CV_DEVICE void scores_gradient(const float (&p)[kMAtoms][kNAtoms][4],
                                float (&dp)[kMAtoms][kNAtoms][4], u32 delta, int col0, int lane) {
-#pragma unroll
-  for (int n = 0; n < kNAtoms; ++n) {
-    const float2 d = ld_shared_f32x2(delta + 4 * (col0 + 8 * n + 2 * (lane & 3)));
-#pragma unroll
-    for (int m = 0; m < kMAtoms; ++m)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        dp[m][n][2 * h] = p[m][n][2 * h] * (dp[m][n][2 * h] - d.x);
-        dp[m][n][2 * h + 1] = p[m][n][2 * h + 1] * (dp[m][n][2 * h + 1] - d.y);
-      }
-  }
+  for_each_with_column_stat<kMAtoms, kNAtoms>(delta, col0, lane, [&](int m, int n, int i, float d) {
+    dp[m][n][i] = p[m][n][i] * (dp[m][n][i] - d);
+  });
 }
 
 template <int kMAtoms, int kNAtoms>

@@ -271,18 +271,25 @@ def choose_fwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
     return FwdSpec(dtype, tile, tiles, windowed, arch, kernel)
 
 
-def all_fwd_specs(archs=ARCHS):
-    """Every specialization the dispatcher can return, for the given architectures."""
+def _distinct_specs(archs, make) -> list:
+    """The distinct specs that make(arch, kernel choice, dtype, head-dim tile, windowed) yields over
+    every combination (both kernel families on sm_90a), in first-seen order."""
     specs = []
     for arch in archs:
         for choice in ("sm80", "sm90") if arch == "sm_90a" else ("sm80",):
             for dtype in DTYPES:
                 for tile in HEAD_DIM_TILES:
                     for windowed in (False, True):
-                        spec = choose_fwd_spec(dtype, tile, windowed, arch, choice)
-                        if spec not in specs:
-                            specs.append(spec)
+                        for spec in make(arch, choice, dtype, tile, windowed):
+                            if spec not in specs:
+                                specs.append(spec)
     return specs
+
+
+def all_fwd_specs(archs=ARCHS):
+    """Every specialization the dispatcher can return, for the given architectures."""
+    return _distinct_specs(archs, lambda arch, choice, dtype, tile, windowed: (
+        choose_fwd_spec(dtype, tile, windowed, arch, choice),))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,14 +470,6 @@ def choose_bwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
 
 
 def all_bwd_specs(archs=ARCHS):
-    specs = []
-    for arch in archs:
-        for choice in ("sm80", "sm90") if arch == "sm_90a" else ("sm80",):
-            for dtype in DTYPES:
-                for tile in HEAD_DIM_TILES:
-                    for windowed in (False, True):
-                        for det in (False, True):
-                            spec = choose_bwd_spec(dtype, tile, windowed, arch, det, choice)
-                            if spec not in specs:
-                                specs.append(spec)
-    return specs
+    """Every backward specialization the dispatcher can return (both dQ modes)."""
+    return _distinct_specs(archs, lambda arch, choice, dtype, tile, windowed: (
+        choose_bwd_spec(dtype, tile, windowed, arch, det, choice) for det in (False, True)))
