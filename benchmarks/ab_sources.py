@@ -17,7 +17,8 @@ Why interleaved: the H100 clocks drift as it heats, within seconds of sustained 
 method for N calls and then the next favours whichever runs first; here call r of every variant
 and of torch's varlen_attn runs back to back, so drift spreads evenly. Each timed call is one CUDA
 event pair around one forward (medians reported), preceded by an untimed call of the same variant
-(switching variants re-dispatches; the timed call then finds its kernel cached). The first output
+(switching variants re-dispatches; the timed call then finds its kernel cached); the order rotates
+every round, because the call timed first in a round reads a few percent faster. The first output
 of every variant is compared with the float64 reference for configs of at most 40k tokens.
 """
 
@@ -59,6 +60,18 @@ class Variants:
         from cupy_varlen import _build
 
         self._read_source = _build._read_source
+        # Which compiled source each variant ran (short cache keys), recorded as kernels load:
+        # two variants that differ in their files yet ran one key would be timing one kernel.
+        self.keys = {}
+        self.current = None
+        compile_spec = _build.compile_spec
+
+        def recording_compile(spec, **kwargs):
+            compiled = compile_spec(spec, **kwargs)
+            self.keys.setdefault(self.current, set()).add(compiled.key[:10])
+            return compiled
+
+        _build.compile_spec = recording_compile
         self.parts = {}  # label -> (files, tiles); a repeated name gets a label of its own
         for name in names:
             label = name
@@ -82,6 +95,7 @@ class Variants:
         from cupy_varlen import _api, _build, _spec
 
         files, tiles = self.parts[label]
+        self.current = label
         _build._read_source = lambda src, files=files: files.get(src) or self._read_source(src)
         _spec.tile_overrides.clear()
         _spec.tile_overrides.update(tiles)
@@ -131,8 +145,12 @@ def main():
                     variants.use(var)
                 errors[var] = ((fn().double() - ref).norm() / ref.norm()).item()
         times = {var: [] for var in fns}
+        order = list(fns)
         for r in range(args.warmup + args.runs):
-            for var, fn in fns.items():
+            # Rotate who goes first: a call timed right after another library's differs by a few
+            # percent from one timed after a sibling (clocks), and no variant should always get it.
+            for var in order[r % len(order):] + order[:r % len(order)]:
+                fn = fns[var]
                 if var != "torch":
                     variants.use(var)
                 fn()
@@ -151,6 +169,9 @@ def main():
                                               for var in variants.parts)
               + ("" if not errors else " | rel. error " + "  ".join(
                   f"{var} {e:.2e}" for var, e in errors.items())), flush=True)
+        print("  kernels: " + "  ".join(f"{var} {','.join(sorted(variants.keys.get(var, ())))}"
+                                       for var in variants.parts), flush=True)
+        variants.keys.clear()
         del inp, fns
         torch.cuda.empty_cache()
 

@@ -110,6 +110,7 @@ class CompiledSpec:
     cubin: bytes
     log: str
     from_disk: bool
+    key: str  # the cache key: a hash of the source text, options and NVRTC version
 
     @functools.cached_property
     def usage(self) -> dict:
@@ -224,12 +225,12 @@ def compile_spec(spec, *, use_disk_cache: bool = True) -> CompiledSpec:
         path = cache_dir() / f"{key}.cubin"
         entry = _load_from_disk(path) if use_disk_cache else None
         if entry is not None:
-            compiled = CompiledSpec(spec, entry[0], entry[1], True)
+            compiled = CompiledSpec(spec, entry[0], entry[1], True, key)
         else:
             cubin, log = _nvrtc_compile(source, spec.options, f"{spec.kernel_name}.cu")
             if use_disk_cache:
                 _store_to_disk(path, cubin, log)
-            compiled = CompiledSpec(spec, cubin, log, False)
+            compiled = CompiledSpec(spec, cubin, log, False, key)
         _memory_cache[key] = compiled
         return compiled
 
@@ -249,12 +250,15 @@ _loaded: dict = {}
 
 def load_kernels(spec, device_id: int) -> LoadedKernels:
     """Kernel handles for ``spec`` on ``device_id`` (which must be CuPy's current device)."""
-    loaded = _loaded.get((spec, device_id))
-    if loaded is not None:
-        return loaded
     from cupy.cuda import driver, function
 
+    # Keyed by the compiled source, not by the spec alone: a spec names a specialization, and the
+    # same spec over other source text (benchmarks/ab_sources.py swaps sources in one process)
+    # must load its own module.
     compiled = compile_spec(spec)
+    loaded = _loaded.get((compiled.key, device_id))
+    if loaded is not None:
+        return loaded
     module = function.Module()
     module.load(compiled.cubin)
     functions = {}
@@ -265,7 +269,7 @@ def load_kernels(spec, device_id: int) -> LoadedKernels:
                 functions[role].ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem
             )
     loaded = LoadedKernels(module, functions)
-    _loaded[(spec, device_id)] = loaded
+    _loaded[(compiled.key, device_id)] = loaded
     return loaded
 
 

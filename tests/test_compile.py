@@ -131,6 +131,30 @@ def cache_dir(tmp_path, monkeypatch):
     _build.clear_memory_cache()
 
 
+def test_loaded_kernels_follow_the_source(cache_dir, monkeypatch):
+    """A spec over edited source text loads its own module: kernels are not cached by spec alone
+    (benchmarks/ab_sources.py swaps sources within one process and times whatever is loaded)."""
+    from conftest import cuda_available
+
+    if not cuda_available():
+        pytest.skip("needs a CUDA GPU")
+    import cupy
+
+    from cupy_varlen import _api
+
+    device = cupy.cuda.Device().id
+    spec = _spec.choose_fwd_spec("bf16", 64, False, _api._device_arch(device))
+    first = _build.load_kernels(spec, device)
+    assert _build.load_kernels(spec, device) is first
+    original = _build._read_source
+    monkeypatch.setattr(_build, "_read_source",
+                        lambda name: original(name) + ("\n// edited\n" if name == spec.sources[-1] else ""))
+    edited = _build.load_kernels(spec, device)
+    assert edited is not first and edited.module is not first.module
+    monkeypatch.setattr(_build, "_read_source", original)
+    assert _build.load_kernels(spec, device) is first
+
+
 def test_disk_cache_roundtrip(cache_dir):
     spec = SPECS[0]
     first = _build.compile_spec(spec)
