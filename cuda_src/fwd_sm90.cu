@@ -5,8 +5,10 @@
 // sequence, head) in the scheduler's LPT order until none are left:
 //  - warpgroup 0, the producer, gives up registers (setmaxnreg) and only copies: the Q tile, then
 //    the K and V tiles the mask lets the query tile see (last tile first), into a ring of kStages
-//    K/V slots, with cp.async (zero-filled past a sequence's end, so no other sequence's data ever
-//    enters a tile). Each copy batch completes an mbarrier when it lands (cp.async.mbarrier.arrive).
+//    K/V slots. K/V tiles wholly inside their sequence go by TMA (cp.async.bulk.tensor, one thread,
+//    maps built on the host); Q and a tile that runs past the sequence's end go by cp.async,
+//    zero-filled past the end, so no other sequence's data ever enters a tile. Each copy batch
+//    completes an mbarrier when it lands (transaction bytes, or cp.async.mbarrier.arrive).
 //  - warpgroups 1 and 2, the consumers, take 64 query rows each: S = Q K^T (wgmma, both operands in
 //    shared memory), mask, online softmax in registers, O += P V (wgmma, P from registers),
 //    software-pipelined so that each softmax overlaps the previous tile's P V (see consume()). K
@@ -94,10 +96,13 @@ struct Params {
   int heads_per_kv, num_heads, head_dim;
   float scale, scale_log2;
   int window_left, window_right;
+  int use_tma;  // 1: tma_k and tma_v are valid maps of k and v (cupy_varlen/_tma.py)
+  TensorMap tma_k, tma_v;
 };
 // The host packs this struct byte for byte (cupy_varlen/_launch.py, _SM90_PARAMS: 8 pointers,
-// 9 int64, 3 int32, 2 float, 2 int32, padding); a field added on one side only changes the size.
-static_assert(sizeof(Params) == 168, "Params layout must match the host's packing");
+// 9 int64, 3 int32, 2 float, 3 int32, padding to 64 bytes, two 128-byte maps); a field added on one
+// side only changes the size.
+static_assert(sizeof(Params) == 448, "Params layout must match the host's packing");
 
 // Everything one work item needs, derived identically by producer and consumers.
 struct WorkTile {
@@ -125,6 +130,17 @@ CV_DEVICE WorkTile load_work(const Params& p, int num_tiles, int item) {
   t.band = make_band(t.seq.q_len, t.seq.k_len, window);
   t.range = key_block_range(t.m0, t.m0 + t.rows_valid - 1, t.seq.k_len, t.band, kBlockN);
   return t;
+}
+
+// One K or V tile by TMA. The full barrier counts one arrival per producer thread, as for cp.async:
+// thread 0's also announces the tile's bytes, the others' are plain.
+CV_DEVICE void load_bulk(u32 dst, const TensorMap& map, int head, int row, u32 full, int ptid) {
+  if (ptid == 0) {
+    mbarrier_arrive_expect_tx(full, KVTile::kBytes);
+    load_tile_bulk<kBlockN, kHeadDim>(dst, map, head, row, full);
+  } else {
+    mbarrier_arrive(full);
+  }
 }
 
 CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, int total_items,
@@ -161,18 +177,32 @@ CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, i
       const int free_parity = ((pipe / kStages) & 1) ^ 1;
       const int n0 = (t.range.n_block_max - 1 - it) * kBlockN;
       const i64 row = t.seq.k_start + n0;
+      // A tile wholly inside its sequence goes by TMA: one instruction per panel from one thread,
+      // where cp.async costs every producer thread its address arithmetic. The tile that runs past
+      // the sequence's end (the first one sent) keeps cp.async, which zero-fills those rows.
+      const bool bulk = p.use_tma && n0 + kBlockN <= t.seq.k_len;
       mbarrier_wait(bar.k_empty(stage), free_parity);
-      load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
-          smem + kKOffset + stage * KVTile::kBytes,
-          p.k + row * p.k_row_stride + (i64)t.kv_head * p.k_head_stride, p.k_row_stride,
-          t.seq.k_len - n0, chunks_valid, ptid);
-      mbarrier_arrive_on_copies(bar.k_full(stage));
+      if (bulk) {
+        load_bulk(smem + kKOffset + stage * KVTile::kBytes, p.tma_k, t.kv_head, (int)row,
+                  bar.k_full(stage), ptid);
+      } else {
+        load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
+            smem + kKOffset + stage * KVTile::kBytes,
+            p.k + row * p.k_row_stride + (i64)t.kv_head * p.k_head_stride, p.k_row_stride,
+            t.seq.k_len - n0, chunks_valid, ptid);
+        mbarrier_arrive_on_copies(bar.k_full(stage));
+      }
       mbarrier_wait(bar.v_empty(stage), free_parity);
-      load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
-          smem + kVOffset + stage * KVTile::kBytes,
-          p.v + row * p.v_row_stride + (i64)t.kv_head * p.v_head_stride, p.v_row_stride,
-          t.seq.k_len - n0, chunks_valid, ptid);
-      mbarrier_arrive_on_copies(bar.v_full(stage));
+      if (bulk) {
+        load_bulk(smem + kVOffset + stage * KVTile::kBytes, p.tma_v, t.kv_head, (int)row,
+                  bar.v_full(stage), ptid);
+      } else {
+        load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
+            smem + kVOffset + stage * KVTile::kBytes,
+            p.v + row * p.v_row_stride + (i64)t.kv_head * p.v_head_stride, p.v_row_stride,
+            t.seq.k_len - n0, chunks_valid, ptid);
+        mbarrier_arrive_on_copies(bar.v_full(stage));
+      }
     }
     // Every producer thread follows thread 0's item sequence. The first barrier keeps thread 0
     // from overwriting the slot before every thread has read the previous value.
@@ -240,11 +270,14 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, i
     float correction[1][2];
     const int n_iters = t.range.count();
     auto n0_of = [&](int it) { return (t.range.n_block_max - 1 - it) * kBlockN; };
+    // Tiles that came by cp.async (generic proxy) need the proxy fence before wgmma reads them; the
+    // producer's choice, repeated: K(i+1) of the steady state is always whole, V(i) may not be.
+    auto by_cp_async = [&](int it) { return !p.use_tma || n0_of(it) + kBlockN > t.seq.k_len; };
     auto k_tile = [&](int at) { return smem + kKOffset + (at % kStages) * KVTile::kBytes; };
 
     if (n_iters > 0) {
       mbarrier_wait(bar.k_full(pipe % kStages), (pipe / kStages) & 1);
-      fence_proxy_async();
+      if (by_cp_async(0)) fence_proxy_async();
       turn.acquire();
       issue_scores(s, q_rows, k_tile(pipe));
       turn.release();
@@ -267,7 +300,7 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, i
       const int next = pipe + 1;
       mbarrier_wait(bar.k_full(next % kStages), (next / kStages) & 1);
       mbarrier_wait(bar.v_full(stage), (pipe / kStages) & 1);
-      fence_proxy_async();
+      if (by_cp_async(it)) fence_proxy_async();
       turn.acquire();
       issue_scores(s, q_rows, k_tile(next));
       issue_output(acc_o, pa, smem + kVOffset + stage * KVTile::kBytes);
@@ -289,7 +322,7 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, i
     if (n_iters > 0) {  // the last P V
       const int stage = pipe % kStages;
       mbarrier_wait(bar.v_full(stage), (pipe / kStages) & 1);
-      fence_proxy_async();
+      if (by_cp_async(it)) fence_proxy_async();
       turn.acquire();
       issue_output(acc_o, pa, smem + kVOffset + stage * KVTile::kBytes);
       turn.release();

@@ -16,6 +16,13 @@ CV_DEVICE void mbarrier_arrive(u32 bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
+// Arrives on `bar` and adds `bytes` to the transactions its current phase waits for (the TMA
+// copies that complete them may land before or after).
+CV_DEVICE void mbarrier_arrive_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
 // Arrives on `bar` once every cp.async this thread has issued so far has landed, without waiting
 // for it here. noinc: the arrival is one of the barrier's initial count.
 CV_DEVICE void mbarrier_arrive_on_copies(u32 bar) {
@@ -37,7 +44,7 @@ CV_DEVICE void mbarrier_wait(u32 bar, int parity) {
 
 // cp.async writes shared memory through the generic proxy; wgmma reads it through the async proxy.
 // A consumer that has observed the copies (through an mbarrier wait) orders them before its own
-// following wgmma reads with this fence.
+// following wgmma reads with this fence. TMA copies write through the async proxy: none needed.
 CV_DEVICE void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }

@@ -81,3 +81,29 @@ CV_DEVICE void load_tile_async(u32 smem_base, const u16* gmem, i64 row_stride, i
     cp_async_16(smem_base + Tile::offset(row, chunk), valid ? src + i * step : gmem, valid);
   }
 }
+
+// A CUtensorMap built on the host (cupy_varlen/_tma.py) and passed inside the kernel's
+// __grid_constant__ parameters: 128 opaque bytes the TMA unit reads, 64-byte aligned.
+struct alignas(64) TensorMap {
+  unsigned char bytes[128];
+};
+
+// Starts the TMA copy of rows [row0, row0 + kRows) of head `head` into a SmemTile<kRows, kHeadDim>:
+// one copy per 64-element panel, the map's box being kRows rows x 64 elements of one head with the
+// 128-byte swizzle, which is SmemTile's layout on 1024-byte aligned panels. Columns past the map's
+// head dim read as zeros; rows past its last row too, but rows of the next sequence are real data,
+// so the caller sends only tiles that lie wholly inside their sequence. The copies complete
+// kRows * kHeadDim * 2 bytes of transactions on `bar` (see mbarrier_arrive_expect_tx).
+template <int kRows, int kHeadDim>
+CV_DEVICE void load_tile_bulk(u32 smem_base, const TensorMap& map, int head, int row0, u32 bar) {
+  static_assert(kHeadDim % 64 == 0, "whole 64-element panels");
+  const u64 desc = reinterpret_cast<u64>(&map);
+#pragma unroll
+  for (int panel = 0; panel < kHeadDim / 64; ++panel)
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3, %4}], [%5];\n"
+        ::"r"(smem_base + panel * kRows * 128), "l"(desc), "r"(panel * 64), "r"(head), "r"(row0),
+        "r"(bar)
+        : "memory");
+}

@@ -7,13 +7,17 @@ import struct
 
 from cupy.cuda import driver
 
+from . import _tma
+
 SCHEDULE_THREADS = 1024  # cuda_src/scheduler.cuh: kScheduleThreads
 SCHEDULE_HEADER = 4  # cuda_src/scheduler.cuh: kScheduleHeader
 # Every kernel's parameters, packed as the kernel lays them out (each at its natural alignment;
 # these formats need no padding between fields).
 # cuda_src/fwd_sm90.cu: struct Params, passed by value as one __grid_constant__ argument: 8 pointers,
-# 9 int64 strides, 3 int32, 2 float32, 2 int32, padded to 8-byte alignment.
-_SM90_PARAMS = struct.Struct("<8Q9q3i2f2i4x")
+# 9 int64 strides, 3 int32, 2 float32, 3 int32 (the last is use_tma), padding to the 64-byte
+# alignment of the two 128-byte tensor maps of k and v.
+_SM90_PARAMS = struct.Struct("<8Q9q3i2f3i24x128s128s")
+_NO_MAP = bytes(_tma.MAP_BYTES)
 # cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 8 pointers, 9 int64 strides, 2 int32, 2 float32,
 # 2 int32.
 _SM80_PARAMS = struct.Struct("<8Q9q2i2f2i")
@@ -36,6 +40,18 @@ def _launch(function, grid: int, block: int, params: bytes, stream_ptr: int,
                                   _PARAM_BUFFER_SIZE, ctypes.addressof(size), _PARAM_END)
     driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr, 0,
                         ctypes.addressof(extra))
+
+
+def _launch_struct(function, grid: int, block: int, params: bytes, stream_ptr: int,
+                   shared_mem: int) -> None:
+    """cuLaunchKernel for a kernel whose one argument is a by-value struct, through kernelParams:
+    the driver places the argument where the kernel's parameter table says. A struct with
+    64-byte aligned members (tensor maps) may not sit at the start of the parameter space, which
+    the packed-buffer form of _launch would assume."""
+    buf = ctypes.create_string_buffer(params, len(params))
+    args = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
+    driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr,
+                        ctypes.addressof(args), 0)
 
 
 def _launch_schedule(function, stream_ptr: int, cu_rows, cu_cols, batch: int, block_rows: int,
@@ -61,8 +77,8 @@ def workspace_size(total_q: int, batch: int, spec) -> int:
 
 def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, cu_k, workspace,
                    q_strides, k_strides, v_strides, o_strides, lse_head_stride: int,
-                   total_q: int, batch: int, heads: int, heads_per_kv: int, head_dim: int,
-                   scale: float, scale_log2: float, window, num_sms: int):
+                   total_q: int, total_k: int, batch: int, heads: int, heads_per_kv: int,
+                   head_dim: int, scale: float, scale_log2: float, window, num_sms: int):
     """Launches the tile scheduler and the forward kernel on ``stream_ptr``. Pointers are ints."""
     tiles = spec.tiles
     bound = tile_bound(total_q, batch, tiles.block_m)
@@ -75,10 +91,16 @@ def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, c
               q_strides[0], q_strides[1], k_strides[0], k_strides[1],
               v_strides[0], v_strides[1], o_strides[0], o_strides[1], lse_head_stride)
     if spec.persistent:
+        heads_kv = heads // heads_per_kv
+        k_map, v_map = (_tma.tile_map(ptr, spec.dtype, total_k, heads_kv, head_dim, strides[0],
+                                      strides[1], tiles.block_n)
+                        for ptr, strides in ((k, k_strides), (v, v_strides)))
+        use_tma = k_map is not None and v_map is not None
         params = _SM90_PARAMS.pack(*fields, heads_per_kv, heads, head_dim, scale, scale_log2,
-                                   window[0], window[1])
-        _launch(kernels.main, min(ctas, num_sms), spec.threads, params, stream_ptr,
-                spec.smem_bytes)
+                                   window[0], window[1], int(use_tma),
+                                   k_map if use_tma else _NO_MAP, v_map if use_tma else _NO_MAP)
+        _launch_struct(kernels.main, min(ctas, num_sms), spec.threads, params, stream_ptr,
+                       spec.smem_bytes)
         return
     params = _SM80_PARAMS.pack(*fields, heads_per_kv, head_dim, scale, scale_log2, window[0],
                                window[1])

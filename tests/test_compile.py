@@ -300,12 +300,32 @@ def test_sm90_params_packing_matches_the_kernel_struct():
     packer = _launch._SM90_PARAMS
     source = (_build.SOURCE_DIR / "fwd_sm90.cu").read_text()
     assert f"sizeof(Params) == {packer.size}" in source
-    blob = packer.pack(*range(1, 18), 18, 19, 20, 0.5, 0.25, -1, 7)
+    k_map, v_map = bytes(range(128)), bytes(range(128, 256))
+    blob = packer.pack(*range(1, 18), 18, 19, 20, 0.5, 0.25, -1, 7, 1, k_map, v_map)
     assert struct.unpack_from("<Q", blob, 0)[0] == 1  # q
     assert struct.unpack_from("<q", blob, 64)[0] == 9  # q_row_stride, after 8 pointers
     assert struct.unpack_from("<3i", blob, 136) == (18, 19, 20)  # heads_per_kv, num_heads, head_dim
     assert struct.unpack_from("<2f", blob, 148) == (0.5, 0.25)  # scale, scale_log2
     assert struct.unpack_from("<2i", blob, 156) == (-1, 7)  # window
+    assert struct.unpack_from("<i", blob, 164)[0] == 1  # use_tma
+    # The maps are alignas(64): at 192 and 320, after the padding.
+    assert blob[192:320] == k_map and blob[320:448] == v_map
+
+
+def test_tensor_maps_only_for_addressable_tensors(monkeypatch):
+    """TMA needs a 16-byte aligned base and strides in whole 16-byte units; anything else (and a
+    machine without the driver entry point) gets no map, and the kernel copies with cp.async."""
+    from cupy_varlen import _tma
+
+    assert _tma.tma_addressable(1 << 20, 4 * 64, 64, 64)
+    assert not _tma.tma_addressable((1 << 20) + 2, 4 * 64, 64, 64)  # misaligned base
+    assert not _tma.tma_addressable(1 << 20, 4 * 64 + 4, 64, 64)  # row stride of 8 bytes more
+    assert not _tma.tma_addressable(1 << 20, 4 * 64, 60, 64)  # head stride
+    assert not _tma.tma_addressable(1 << 20, 1 << 40, 64, 64)  # stride past TMA's range
+    monkeypatch.setattr(_tma, "_encode_tiled", lambda: None)
+    _tma.tile_map.cache_clear()
+    assert _tma.tile_map(1 << 20, "bf16", 100, 4, 64, 256, 64, 128) is None
+    _tma.tile_map.cache_clear()
 
 
 def test_backward_params_packing_matches_the_kernel_struct():

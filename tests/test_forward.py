@@ -274,3 +274,27 @@ def test_nonfinite_values_stay_in_their_sequence(poison, value):
         rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
         assert torch.equal(out[rows], clean[rows]), f"sequence {b} changed"
         assert torch.equal(lse[:, rows], clean_lse[:, rows]), f"sequence {b}'s lse changed"
+
+
+@pytest.mark.parametrize("copies", ["tma", "cp.async only"])
+@pytest.mark.parametrize("head_dim,heads_kv", [(64, 4), (128, 2), (256, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_key_tiles_by_tma_and_by_cp_async(fwd_kernel, copies, head_dim, heads_kv, causal,
+                                               monkeypatch):
+    """The sm90 forward loads whole K/V tiles by TMA and a sequence's partial last tile by
+    cp.async; without a tensor map (no driver entry point, unaddressable tensor) every tile goes by
+    cp.async. Both paths, with GQA and lengths that are and are not tile multiples."""
+    from cupy_varlen import _tma
+
+    if fwd_kernel != "sm90":
+        pytest.skip("the copy paths belong to the sm90 kernel")
+    lens_q, lens_k = [256, 300, 1, 129, 512], [256, 300, 7, 128, 700]
+    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, heads=4, heads_kv=heads_kv,
+                                      head_dim=head_dim, seed=head_dim + heads_kv + causal)
+    if copies == "tma":
+        tile_map = _tma.tile_map(k.data_ptr(), "bf16", k.shape[0], heads_kv, head_dim,
+                                 k.stride(0), k.stride(1), 128)
+        assert tile_map is not None and len(tile_map) == _tma.MAP_BYTES  # the fast path is taken
+    else:
+        monkeypatch.setattr(_tma, "tile_map", lambda *args: None)
+    check_forward(q, k, v, cu_q, cu_k, causal=causal)
