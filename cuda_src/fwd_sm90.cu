@@ -63,11 +63,17 @@ constexpr int kTurnBarrier = 2;  // + consumer index
 // Ping-pong between the consumer warpgroups (FlashAttention-3): a warpgroup issues its GEMMs only
 // on its turn and hands the turn over right after issuing, so one warpgroup's softmax runs while
 // the other's GEMMs occupy the tensor cores, instead of both contending for the exp unit at once.
+// Not at head dim 64: there a softmax outlasts the other warpgroup's GEMMs (about 1.1k cycles
+// against 0.5k per 64 x 128 tile), so the turns only add waiting; with TMA loads the kernel ran
+// 8-10% faster without them (full attention; causal +1.5%; benchmarks/NOTES.md, 2026-11-25).
+constexpr bool kTensorCoreTurns = kHeadDim > 64;
 struct TensorCoreTurn {
   int wg;
-  CV_DEVICE void acquire() const { named_barrier_sync(kTurnBarrier + wg, 2 * kWarpgroupThreads); }
+  CV_DEVICE void acquire() const {
+    if (kTensorCoreTurns) named_barrier_sync(kTurnBarrier + wg, 2 * kWarpgroupThreads);
+  }
   CV_DEVICE void release() const {
-    named_barrier_arrive(kTurnBarrier + (wg ^ 1), 2 * kWarpgroupThreads);
+    if (kTensorCoreTurns) named_barrier_arrive(kTurnBarrier + (wg ^ 1), 2 * kWarpgroupThreads);
   }
 };
 
