@@ -187,28 +187,23 @@ CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, i
       // where cp.async costs every producer thread its address arithmetic. The tile that runs past
       // the sequence's end (the first one sent) keeps cp.async, which zero-fills those rows.
       const bool bulk = p.use_tma && n0 + kBlockN <= t.seq.k_len;
+      auto send = [&](u32 dst, const TensorMap& map, const u16* base, i64 row_stride,
+                      i64 head_stride, u32 full) {
+        if (bulk) {
+          load_bulk(dst, map, t.kv_head, (int)row, full, ptid);
+        } else {
+          load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
+              dst, base + row * row_stride + (i64)t.kv_head * head_stride, row_stride,
+              t.seq.k_len - n0, chunks_valid, ptid);
+          mbarrier_arrive_on_copies(full);
+        }
+      };
       mbarrier_wait(bar.k_empty(stage), free_parity);
-      if (bulk) {
-        load_bulk(smem + kKOffset + stage * KVTile::kBytes, p.tma_k, t.kv_head, (int)row,
-                  bar.k_full(stage), ptid);
-      } else {
-        load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
-            smem + kKOffset + stage * KVTile::kBytes,
-            p.k + row * p.k_row_stride + (i64)t.kv_head * p.k_head_stride, p.k_row_stride,
-            t.seq.k_len - n0, chunks_valid, ptid);
-        mbarrier_arrive_on_copies(bar.k_full(stage));
-      }
+      send(smem + kKOffset + stage * KVTile::kBytes, p.tma_k, p.k, p.k_row_stride, p.k_head_stride,
+           bar.k_full(stage));
       mbarrier_wait(bar.v_empty(stage), free_parity);
-      if (bulk) {
-        load_bulk(smem + kVOffset + stage * KVTile::kBytes, p.tma_v, t.kv_head, (int)row,
-                  bar.v_full(stage), ptid);
-      } else {
-        load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
-            smem + kVOffset + stage * KVTile::kBytes,
-            p.v + row * p.v_row_stride + (i64)t.kv_head * p.v_head_stride, p.v_row_stride,
-            t.seq.k_len - n0, chunks_valid, ptid);
-        mbarrier_arrive_on_copies(bar.v_full(stage));
-      }
+      send(smem + kVOffset + stage * KVTile::kBytes, p.tma_v, p.v, p.v_row_stride, p.v_head_stride,
+           bar.v_full(stage));
     }
     // Every producer thread follows thread 0's item sequence. The first barrier keeps thread 0
     // from overwriting the slot before every thread has read the previous value.
