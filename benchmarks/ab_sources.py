@@ -116,7 +116,7 @@ def main():
     from torch.nn.attention.varlen import varlen_attn as torch_varlen
 
     import cupy_varlen
-    from bench_varlen import grid_configs, make_inputs
+    from bench_varlen import grid_configs, make_inputs, time_rotated
     from cupy_varlen.reference import varlen_attn_reference
 
     from cupy_varlen import _spec
@@ -144,25 +144,8 @@ def main():
                 if var != "torch":
                     variants.use(var)
                 errors[var] = ((fn().double() - ref).norm() / ref.norm()).item()
-        times = {var: [] for var in fns}
-        order = list(fns)
-        for r in range(args.warmup + args.runs):
-            # Rotate who goes first: a call timed right after another library's differs by a few
-            # percent from one timed after a sibling (clocks), and no variant should always get it.
-            for var in order[r % len(order):] + order[:r % len(order)]:
-                fn = fns[var]
-                if var != "torch":
-                    variants.use(var)
-                fn()
-                torch.cuda.synchronize()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                if r >= args.warmup:
-                    times[var].append(start.elapsed_time(end))
+        times = time_rotated(fns, args.runs, args.warmup,
+                             before=lambda var: variants.use(var) if var != "torch" else None)
         tflops = {var: cfg.flops() / sorted(t)[len(t) // 2] / 1e9 for var, t in times.items()}
         print(f"{name:22s} " + "  ".join(f"{var} {tf:.0f}" for var, tf in tflops.items())
               + " TF/s | vs torch " + "  ".join(f"{var} {tflops[var] / tflops['torch']:.3f}"

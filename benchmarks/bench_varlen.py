@@ -255,6 +255,33 @@ def time_cuda(fn, runs, warmup):
     return summarize_ms([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+def time_rotated(fns, runs, warmup=0, before=None):
+    """Per name, the CUDA-event times (ms) of ``runs`` calls of ``fns[name]``, interleaved: round
+    r calls every function once, starting at a rotating position, each timed call preceded by an
+    untimed one and ``before(name)``. Clocks drift within seconds of load and the call timed first
+    in a round reads a few percent faster, so neither may favour one function (ab_sources.py,
+    seqlen_sweep.py). The first ``warmup`` rounds are not recorded."""
+    import torch
+
+    order = list(fns)
+    times = {name: [] for name in order}
+    for r in range(warmup + runs):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            if before is not None:
+                before(name)
+            fns[name]()
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name]()
+            end.record()
+            end.synchronize()
+            if r >= warmup:
+                times[name].append(start.elapsed_time(end))
+    return times
+
+
 def host_overhead_us(fn, calls):
     """Median wall time (µs) of the Python call alone: no synchronization inside the loop."""
     import torch

@@ -11,8 +11,9 @@ backends usable as a yardstick for what a Hopper kernel reaches at each head dim
   sdpa_cudnn    scaled_dot_product_attention under SDPBackend.CUDNN_ATTENTION on the dense batch;
   sdpa_flash    the same under SDPBackend.FLASH_ATTENTION (FlashAttention-2 again).
 
-Timing as in ab_sources.py: the methods run interleaved, call r of each back to back with the order
-rotated every round, one CUDA event pair per call after an untimed call; medians of --runs calls.
+Timing by bench_varlen.time_rotated, as in ab_sources.py: the methods run interleaved, call r of
+each back to back with the order rotated every round, one CUDA event pair per call after an untimed
+call; medians of --runs calls.
 TFLOP/s count only the pairs the mask allows (bench_varlen.useful_flops).
 """
 
@@ -61,24 +62,6 @@ def methods_for(q, k, v, cu, length, batch, causal):
     }
 
 
-def time_interleaved(fns, runs):
-    import torch
-
-    order = list(fns)
-    times = {name: [] for name in order}
-    for r in range(runs):
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            fns[name]()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fns[name]()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
@@ -91,7 +74,7 @@ def main():
 
     import torch
 
-    from bench_varlen import environment_info, useful_flops, write_json
+    from bench_varlen import environment_info, time_rotated, useful_flops, write_json
 
     rows = []
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, {args.tokens} "
@@ -116,7 +99,8 @@ def main():
                     except Exception as exc:  # noqa: BLE001 - a backend this torch lacks
                         notes[name] = f"unavailable: {str(exc).splitlines()[0][:120]}"
                         del fns[name]
-                medians = time_interleaved(fns, args.runs)
+                medians = {name: statistics.median(t)
+                           for name, t in time_rotated(fns, args.runs).items()}
                 flops = useful_flops(cu_list, cu_list, args.heads, dim, causal)
                 tflops = {name: flops / ms / 1e9 for name, ms in medians.items()}
                 row = {"head_dim": dim, "causal": causal, "length": length, "batch": batch,
