@@ -13,8 +13,10 @@
 //    shared memory), mask, online softmax in registers, O += P V (wgmma, P from registers),
 //    software-pipelined so that each softmax overlaps the previous tile's P V (see consume()). K
 //    and V slots are released separately, each as soon as its GEMM has finished reading it.
-// The work item index travels from the producer to the consumers through shared memory with the Q
-// barrier. O and lse are written from registers, predicated on the row belonging to the sequence.
+// The producer decodes each work item (a chain of dependent global loads: the schedule, then
+// cu_seqlens) while the consumers still work on the previous one, and hands it to them decoded,
+// through shared memory with the Q barrier. O and lse are written from registers, predicated on
+// the row belonging to the sequence.
 //
 // Specialization (-D from cupy_varlen/_spec.py): CV_HEAD_DIM (64, 128 or 256), CV_BLOCK_M (128),
 // CV_BLOCK_N, CV_STAGES, CV_WINDOWED, CV_DTYPE_BF16.
@@ -54,7 +56,12 @@ constexpr int kKOffset = kQOffset + QTile::kBytes;
 constexpr int kVOffset = kKOffset + kStages * KVTile::kBytes;
 constexpr int kBarOffset = kVOffset + kStages * KVTile::kBytes;
 constexpr int kNumBarriers = 2 + 4 * kStages;  // q_full, q_empty, k/v_full[], k/v_empty[]
-constexpr int kWorkSlotOffset = kBarOffset + 8 * kNumBarriers;
+constexpr int kWorkSlotOffset = kBarOffset + 8 * kNumBarriers;  // the decoded item (WorkTile)
+constexpr int kNextItemOffset = kWorkSlotOffset + 48;  // the producer's next item, for its threads
+// cupy_varlen/_spec.py, SM90_FWD_EXTRA_BYTES: 1024 of alignment slack, then this much.
+constexpr int kBookkeepingBytes = 512;
+static_assert(kNextItemOffset + 4 - kBarOffset <= kBookkeepingBytes,
+              "barriers and work slot exceed the shared memory the host reserves for them");
 
 // Named barriers (0 is __syncthreads'): the producer's item broadcast, and the consumers' turns.
 constexpr int kProducerBarrier = 1;
@@ -118,6 +125,39 @@ struct WorkTile {
   MaskBand band;
   KeyBlockRange range;
 };
+static_assert(sizeof(WorkTile) == 48, "WorkTile travels as three 16-byte shared words");
+
+// The consumers' copy of a decoded item; head -1 marks the end of the work.
+CV_DEVICE void publish_work(u32 slot, const WorkTile& t) {
+  uint4 words[3];
+  memcpy(words, &t, sizeof(t));
+#pragma unroll
+  for (int i = 0; i < 3; ++i) st_shared_u128(slot + 16 * i, words[i]);
+}
+
+CV_DEVICE WorkTile read_work(u32 slot) {
+  uint4 words[3];
+#pragma unroll
+  for (int i = 0; i < 3; ++i) words[i] = ld_shared_u128(slot + 16 * i);
+  WorkTile t;
+  memcpy(&t, words, sizeof(t));
+  return t;
+}
+
+// The parts of a work item that take arithmetic only. The consumers redo them from the published
+// item instead of reading them: without a window the band then stays a compile-time constant, and
+// the mask code in their loop shrinks to the sequence-end test (reading it measured 3% slower at
+// head dim 64, full attention).
+CV_DEVICE void derive_work(const Params& p, WorkTile& t) {
+#if CV_WINDOWED
+  const AttnWindow window = {p.window_left, p.window_right};
+#else
+  const AttnWindow window = {-1, -1};
+#endif
+  t.rows_valid = min(kBlockM, t.seq.q_len - t.m0);
+  t.band = make_band(t.seq.q_len, t.seq.k_len, window);
+  t.range = key_block_range(t.m0, t.m0 + t.rows_valid - 1, t.seq.k_len, t.band, kBlockN);
+}
 
 CV_DEVICE WorkTile load_work(const Params& p, int num_tiles, int item) {
   WorkTile t;
@@ -126,15 +166,8 @@ CV_DEVICE WorkTile load_work(const Params& p, int num_tiles, int item) {
   const TileWork w = tile_at_rank(p.workspace, rank);
   t.kv_head = t.head / p.heads_per_kv;
   t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, w.batch_idx);
-#if CV_WINDOWED
-  const AttnWindow window = {p.window_left, p.window_right};
-#else
-  const AttnWindow window = {-1, -1};
-#endif
   t.m0 = w.m_block * kBlockM;
-  t.rows_valid = min(kBlockM, t.seq.q_len - t.m0);
-  t.band = make_band(t.seq.q_len, t.seq.k_len, window);
-  t.range = key_block_range(t.m0, t.m0 + t.rows_valid - 1, t.seq.k_len, t.band, kBlockN);
+  derive_work(p, t);
   return t;
 }
 
@@ -154,20 +187,22 @@ CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, i
   const u32 work_slot = smem + kWorkSlotOffset;
   const int chunks_valid = p.head_dim / 8;
   int item = blockIdx.x;
+  WorkTile t;
+  t.head = -1;
+  if (item < total_items) t = load_work(p, num_tiles, item);
   int pipe = 0;
   for (int tile_iter = 0;; ++tile_iter) {
-    // The consumers are done with the previous Q tile (and so with the work slot).
+    // The consumers are done with the previous Q tile (and have long since read the work slot).
     mbarrier_wait(bar.q_empty(), (tile_iter & 1) ^ 1);
     if (ptid == 0) {
-      st_shared_s32(work_slot, item);
-      mbarrier_arrive(bar.q_full());  // releases the slot write; the count's one extra arrival
+      publish_work(work_slot, t);
+      mbarrier_arrive(bar.q_full());  // releases the slot writes; the count's one extra arrival
     }
     if (item >= total_items) {
       // Hand the end marker over without copies (the count expects one arrival per thread).
       mbarrier_arrive(bar.q_full());
       break;
     }
-    const WorkTile t = load_work(p, num_tiles, item);
     int next = 0;
     if (ptid == 0) next = next_work_item(p.workspace);  // latency hidden behind this tile's copies
 
@@ -208,9 +243,12 @@ CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, i
     // Every producer thread follows thread 0's item sequence. The first barrier keeps thread 0
     // from overwriting the slot before every thread has read the previous value.
     named_barrier_sync(kProducerBarrier, kWarpgroupThreads);
-    if (ptid == 0) st_shared_s32(work_slot + 4, next);
+    if (ptid == 0) st_shared_s32(smem + kNextItemOffset, next);
     named_barrier_sync(kProducerBarrier, kWarpgroupThreads);
-    item = ld_shared_s32(work_slot + 4);
+    item = ld_shared_s32(smem + kNextItemOffset);
+    // Decoded now, while the consumers work through the ring: its loads stay off their path.
+    t.head = -1;
+    if (item < total_items) t = load_work(p, num_tiles, item);
   }
   // No copy may still be landing when the CTA retires.
   asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -247,7 +285,7 @@ CV_DEVICE void softmax_tile(float (&s)[1][kNAtoms][4], const WorkTile& t,
 // blocks the warps for about the GEMMs' duration. Holding the wait below the softmax measured no
 // faster (benchmarks/NOTES.md, head dim 64 section); the other consumer's GEMMs are what fill the
 // tensor cores during a softmax.
-CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, int wg, int ctid) {
+CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int wg, int ctid) {
   const int lane = ctid & 31;
   const int warp_row0 = wg * kConsumerRows + (ctid >> 5) * 16;  // first row of this warp's 16
   const u32 q_rows = smem + kQOffset + wg * kConsumerRows * kPanelBytes;
@@ -256,9 +294,9 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int num_tiles, i
   int pipe = 0;
   for (int tile_iter = 0;; ++tile_iter) {
     mbarrier_wait(bar.q_full(), tile_iter & 1);
-    const int item = ld_shared_s32(smem + kWorkSlotOffset);
-    if (item >= num_tiles * p.num_heads) break;
-    const WorkTile t = load_work(p, num_tiles, item);
+    WorkTile t = read_work(smem + kWorkSlotOffset);
+    if (t.head < 0) break;
+    derive_work(p, t);
     const TileMaskTest<kBlockN> mask_test(t.m0, t.m0 + t.rows_valid - 1, t.seq.k_len, t.band);
     const int row0 = t.m0 + warp_row0;
     fence_proxy_async();  // Q's copies, observed through q_full, before wgmma reads them
@@ -373,6 +411,6 @@ varlen_fwd(const __grid_constant__ Params p) {
     produce(p, smem, bar, num_tiles, num_tiles * p.num_heads, tid);
   } else {
     warpgroup_reg_alloc<kConsumerRegs>();
-    consume(p, smem, bar, num_tiles, wg - 1, tid % kWarpgroupThreads);
+    consume(p, smem, bar, wg - 1, tid % kWarpgroupThreads);
   }
 }

@@ -316,9 +316,9 @@ def _varlen_attn_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
                        causal=False, scale=None, window_size=(-1, -1), return_lse=False, out=None,
                        check_inputs=False):
     """varlen_attn without autograd: validates, allocates and launches."""
+    adopt = _arrays.adopt
     q, k, v, cu_seqlens_q, cu_seqlens_k, out = (
-        _arrays.adopt(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k, out)
-    )
+        adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out))
     fw, (qi, ki, vi), (cu_q, cu_qi), (cu_k, cu_ki), causal = _check_attention_args(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
     return_lse = _check_bool("return_lse", return_lse)
@@ -341,22 +341,27 @@ def _varlen_attn_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     cu_q, cu_qi = _dense_offsets(fw, cu_q, cu_qi)
     cu_k, cu_ki = _dense_offsets(fw, cu_k, cu_ki)
 
-    result = out if out is not None else fw.empty((total_q, heads, head_dim), q)
+    if out is None:
+        result = fw.empty((total_q, heads, head_dim), q)
+        # Contiguous by construction: its info without asking the framework again.
+        oi = _arrays.ArrayInfo(qi.shape, (heads * head_dim, head_dim, 1), qi.dtype, device,
+                               fw.ptr(result))
+    else:
+        result = out
     lse = fw.empty((heads, total_q), q, "float32") if return_lse else None
     if total_q > 0 and batch > 0:
-        _run_forward(fw, q, k, v, qi, ki, vi, result, cu_q, cu_k, cu_qi, cu_ki, lse,
+        _run_forward(fw, q, k, v, qi, ki, vi, result, oi, cu_q, cu_k, cu_qi, cu_ki, lse,
                      batch=batch, device=device, scale=scale, window=(left, right))
     return (result, lse) if return_lse else result
 
 
-def _run_forward(fw, q, k, v, qi, ki, vi, out, cu_q, cu_k, cu_qi, cu_ki, lse, *, batch, device,
-                 scale, window):
+def _run_forward(fw, q, k, v, qi, ki, vi, out, oi, cu_q, cu_k, cu_qi, cu_ki, lse, *, batch,
+                 device, scale, window):
     # Misaligned inputs (an odd storage offset, strides that are not multiples of 8) take a copy:
     # slower, never wrong. A misaligned out is computed aside and copied in.
     q, qi = _aligned_input(fw, q, qi)
     k, ki = _aligned_input(fw, k, ki)
     v, vi = _aligned_input(fw, v, vi)
-    oi = fw.info(out)
     target = out
     if not _aligned(oi):
         out = fw.empty(qi.shape, q)

@@ -97,8 +97,9 @@ class TorchFramework(Framework):
         return x.data_ptr()
 
     def empty(self, shape, like, dtype=None):
-        dt = like.dtype if dtype is None else self._dtypes[dtype]
-        return torch.empty(shape, dtype=dt, device=like.device)
+        # new_empty: about 1 us less per call than torch.empty(..., device=like.device).
+        return like.new_empty(shape) if dtype is None else like.new_empty(
+            shape, dtype=self._dtypes[dtype])
 
     def stream_ptr(self, device):
         # The raw cudaStream_t straight from torch's C API (what Triton's launcher reads): building a

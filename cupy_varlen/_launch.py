@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import threading
 
 from cupy.cuda import driver
 
@@ -30,35 +31,50 @@ _MAX_GRID_X = 2**31 - 1
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0
 
 
-def _launch(function, grid: int, block: int, params: bytes, stream_ptr: int,
-            shared_mem: int = 0) -> None:
-    """One cuLaunchKernel with the packed parameter buffer: a single driver call per kernel, no
-    per-argument conversion (the backward's four launches were a third of its host time)."""
-    buf = ctypes.create_string_buffer(params, len(params))
-    size = ctypes.c_size_t(len(params))
-    extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(buf),
-                                  _PARAM_BUFFER_SIZE, ctypes.addressof(size), _PARAM_END)
-    driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr, 0,
-                        ctypes.addressof(extra))
+class _ParamBuffer(threading.local):
+    """One kernel signature's parameters, packed in place into ctypes memory that every launch from
+    this thread reuses (cuLaunchKernel copies the parameters before it returns). Building the bytes
+    and three ctypes objects per launch was about 2 us of a forward's ~45 us host path.
+
+    ``by_struct``: the kernel's one argument is a by-value struct, passed through kernelParams, so
+    the driver places it where the kernel's parameter table says (a struct with 64-byte aligned
+    members, the tensor maps, may not sit at the start of the parameter space, which the packed
+    ``extra`` form assumes). Otherwise the buffer goes as ``extra``: one driver call per kernel, no
+    per-argument conversion."""
+
+    def __init__(self, packer: struct.Struct, by_struct: bool = False):
+        self.packer = packer
+        self.buf = ctypes.create_string_buffer(packer.size)
+        if by_struct:
+            self._keep = (ctypes.c_void_p * 1)(ctypes.addressof(self.buf))
+            self.kernel_params, self.extra = ctypes.addressof(self._keep), 0
+        else:
+            self._size = ctypes.c_size_t(packer.size)
+            self._keep = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(self.buf),
+                                               _PARAM_BUFFER_SIZE, ctypes.addressof(self._size),
+                                               _PARAM_END)
+            self.kernel_params, self.extra = 0, ctypes.addressof(self._keep)
+
+    def pack(self, *fields) -> "_ParamBuffer":
+        self.packer.pack_into(self.buf, 0, *fields)
+        return self
+
+    def launch(self, function, grid: int, block: int, stream_ptr: int,
+               shared_mem: int = 0) -> None:
+        """Launches ``function`` with the parameters last packed (by this thread)."""
+        driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr,
+                            self.kernel_params, self.extra)
 
 
-def _launch_struct(function, grid: int, block: int, params: bytes, stream_ptr: int,
-                   shared_mem: int) -> None:
-    """cuLaunchKernel for a kernel whose one argument is a by-value struct, through kernelParams:
-    the driver places the argument where the kernel's parameter table says. A struct with
-    64-byte aligned members (tensor maps) may not sit at the start of the parameter space, which
-    the packed-buffer form of _launch would assume."""
-    buf = ctypes.create_string_buffer(params, len(params))
-    args = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
-    driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr,
-                        ctypes.addressof(args), 0)
+_SM90_ARGS = _ParamBuffer(_SM90_PARAMS, by_struct=True)
+_SM80_ARGS = _ParamBuffer(_SM80_PARAMS)
+_SCHEDULE_ARGS = _ParamBuffer(_SCHEDULE_PARAMS)
 
 
 def _launch_schedule(function, stream_ptr: int, cu_rows, cu_cols, batch: int, block_rows: int,
                      block_cols: int, left: int, right: int, bound: int, workspace) -> None:
-    _launch(function, 1, SCHEDULE_THREADS,
-            _SCHEDULE_PARAMS.pack(cu_rows, cu_cols, batch, block_rows, block_cols, left, right,
-                                  bound, workspace), stream_ptr)
+    _SCHEDULE_ARGS.pack(cu_rows, cu_cols, batch, block_rows, block_cols, left, right, bound,
+                        workspace).launch(function, 1, SCHEDULE_THREADS, stream_ptr)
 
 
 def tile_bound(total_q: int, batch: int, block_m: int) -> int:
@@ -96,20 +112,19 @@ def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, c
                                       strides[1], tiles.block_n)
                         for ptr, strides in ((k, k_strides), (v, v_strides)))
         use_tma = k_map is not None and v_map is not None
-        params = _SM90_PARAMS.pack(*fields, heads_per_kv, heads, head_dim, scale, scale_log2,
-                                   window[0], window[1], int(use_tma),
-                                   k_map if use_tma else _NO_MAP, v_map if use_tma else _NO_MAP)
-        _launch_struct(kernels.main, min(ctas, num_sms), spec.threads, params, stream_ptr,
-                       spec.smem_bytes)
+        _SM90_ARGS.pack(*fields, heads_per_kv, heads, head_dim, scale, scale_log2, window[0],
+                        window[1], int(use_tma), k_map if use_tma else _NO_MAP,
+                        v_map if use_tma else _NO_MAP).launch(
+            kernels.main, min(ctas, num_sms), spec.threads, stream_ptr, spec.smem_bytes)
         return
-    params = _SM80_PARAMS.pack(*fields, heads_per_kv, head_dim, scale, scale_log2, window[0],
-                               window[1])
-    _launch(kernels.main, ctas, spec.threads, params, stream_ptr, spec.smem_bytes)
+    _SM80_ARGS.pack(*fields, heads_per_kv, head_dim, scale, scale_log2, window[0],
+                    window[1]).launch(kernels.main, ctas, spec.threads, stream_ptr, spec.smem_bytes)
 
 
 # cuda_src/bwd_sm80.cu: struct BwdParams, by value: 16 pointers, 19 int64, 3 int32, 2 float32,
 # 2 int32, padded to 8-byte alignment.
 _BWD_PARAMS = struct.Struct("<16Q19q3i2f2i4x")
+_BWD_ARGS = _ParamBuffer(_BWD_PARAMS)
 _PREP_THREADS = 256  # cuda_src/bwd_sm80.cu: kPrepThreads (8 lanes per row and head)
 _CONVERT_THREADS = 256  # kConvertThreads (one thread per 8 elements)
 
@@ -148,7 +163,7 @@ def launch_backward(kernels, spec, stream_ptr: int, *, q, k, v, out, dout, dq, d
     if max(grid_kv, grid_q) > _MAX_GRID_X:
         raise ValueError("varlen_attn_backward: tiles x heads exceed one launch's grid")
     s = strides
-    params = _BWD_PARAMS.pack(
+    params = _BWD_ARGS.pack(
         q, k, v, out, dout, dq, dk, dv, lse, lse_log2, delta, dq_accum, cu_q, cu_k, ws_kv,
         ws_q if spec.deterministic else 0,
         *s["q"], *s["k"], *s["v"], *s["out"], *s["dout"], *s["dq"], *s["dk"], *s["dv"],
@@ -158,18 +173,18 @@ def launch_backward(kernels, spec, stream_ptr: int, *, q, k, v, out, dout, dq, d
     left, right = window
     rows = total_q * heads
     if rows:
-        _launch(kernels.preprocess, -(-rows * 8 // _PREP_THREADS), _PREP_THREADS, params,
-                stream_ptr)
+        params.launch(kernels.preprocess, -(-rows * 8 // _PREP_THREADS), _PREP_THREADS,
+                      stream_ptr)
     # Key tiles are scheduled as the forward schedules query tiles, with the roles swapped: the
     # transposed mask is the band with left and right exchanged.
     _launch_schedule(kernels.schedule, stream_ptr, cu_k, cu_q, batch, t.block_n, t.block_m,
                      right, left, bound_k, ws_kv)
-    _launch(kernels.main, grid_kv, spec.threads, params, stream_ptr, spec.smem_bytes)
+    params.launch(kernels.main, grid_kv, spec.threads, stream_ptr, spec.smem_bytes)
     if spec.deterministic:
         _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, batch, t.block_m,
                          t.dq_block_n, left, right, bound_q, ws_q)
-        _launch(kernels.dq, grid_q, spec.dq_threads, params, stream_ptr, spec.dq_smem_bytes)
+        params.launch(kernels.dq, grid_q, spec.dq_threads, stream_ptr, spec.dq_smem_bytes)
     elif rows:
         chunks = rows * (head_dim // 8)
-        _launch(kernels.dq_convert, -(-chunks // _CONVERT_THREADS), _CONVERT_THREADS, params,
-                stream_ptr)
+        params.launch(kernels.dq_convert, -(-chunks // _CONVERT_THREADS), _CONVERT_THREADS,
+                      stream_ptr)

@@ -51,6 +51,8 @@ BWD_SOURCES = {
 }
 SM90_THREADS = 384  # cuda_src/fwd_sm90.cu: a producer and two consumer warpgroups
 SM90_BARRIER_BYTES = 1024 + 256  # alignment slack for the 1024-byte swizzle atoms + barriers
+# The forward's: the barriers and the decoded work item (cuda_src/fwd_sm90.cu, kBookkeepingBytes).
+SM90_FWD_EXTRA_BYTES = 1024 + 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +190,7 @@ class FwdSpec:
         row_bytes = self.head_dim_tile * 2
         t = self.tiles
         tiles = row_bytes * (t.block_m + 2 * t.stages * t.block_n)
-        return tiles + (SM90_BARRIER_BYTES if self.kernel == "sm90" else 0)
+        return tiles + (SM90_FWD_EXTRA_BYTES if self.kernel == "sm90" else 0)
 
     @property
     def defines(self) -> dict:

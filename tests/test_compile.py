@@ -312,6 +312,44 @@ def test_sm90_params_packing_matches_the_kernel_struct():
     assert blob[192:320] == k_map and blob[320:448] == v_map
 
 
+def test_param_buffers_hold_the_packed_bytes_per_thread():
+    """Launch parameters are packed in place into per-thread ctypes memory that every launch
+    reuses: the bytes must be exactly the Struct's, the driver's pointers must lead to them (the
+    kernelParams array for by-value structs, the `extra` triple otherwise), and a pack on another
+    thread must not touch this thread's buffer."""
+    import ctypes
+    import threading
+
+    from cupy_varlen import _launch
+
+    fields = (11, 12, 4, 128, 64, -1, 0, 99, 13)
+    args = _launch._SCHEDULE_ARGS.pack(*fields)
+    assert args.buf.raw == _launch._SCHEDULE_PARAMS.pack(*fields)
+    extra = (ctypes.c_void_p * 5).from_address(args.extra)
+    assert (extra[0], extra[2], extra[4] or 0) == (1, 2, 0)  # pointer key, size key, end
+    assert extra[1] == ctypes.addressof(args.buf)
+    assert ctypes.c_size_t.from_address(extra[3]).value == _launch._SCHEDULE_PARAMS.size
+    assert args.kernel_params == 0
+
+    maps = bytes(range(128)), bytes(range(128, 256))
+    sm90 = _launch._SM90_ARGS.pack(*range(1, 18), 1, 16, 64, 0.5, 0.25, -1, 0, 1, *maps)
+    assert sm90.buf.raw == _launch._SM90_PARAMS.pack(*range(1, 18), 1, 16, 64, 0.5, 0.25, -1, 0,
+                                                     1, *maps)
+    assert sm90.extra == 0
+    assert (ctypes.c_void_p * 1).from_address(sm90.kernel_params)[0] == ctypes.addressof(sm90.buf)
+
+    other = {}
+
+    def pack_elsewhere():
+        other["buf"] = _launch._SCHEDULE_ARGS.pack(*(x + 1 for x in fields)).buf.raw
+
+    thread = threading.Thread(target=pack_elsewhere)
+    thread.start()
+    thread.join()
+    assert other["buf"] == _launch._SCHEDULE_PARAMS.pack(*(x + 1 for x in fields))
+    assert _launch._SCHEDULE_ARGS.buf.raw == _launch._SCHEDULE_PARAMS.pack(*fields)
+
+
 def test_tensor_maps_only_for_addressable_tensors(monkeypatch):
     """TMA needs a 16-byte aligned base and strides in whole 16-byte units; anything else (and a
     machine without the driver entry point) gets no map, and the kernel copies with cp.async."""
