@@ -1,5 +1,5 @@
 """Runs every kernel path (both forward families; the backward's atomic and deterministic dQ
-modes) under compute-sanitizer (memcheck, racecheck, synccheck) on small ragged batches and fails
+modes; the sm90 forward's long-sequence tiles too) under compute-sanitizer (memcheck, racecheck, synccheck) on small ragged batches and fails
 on any report.
 
     python benchmarks/sanitize.py                 # all tools, both kernel families where they run
@@ -27,7 +27,8 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("memcheck", "racecheck", "synccheck")
 # Forward kernel families, then the backward with atomic and with deterministic dQ (each run under
 # every dK/dV family that covers the head dim on this GPU).
-PATHS = ("sm80", "sm90", "bwd", "bwd-det")
+# sm90-long: the sm90 forward on its tiles for long sequences (three consumer warpgroups at D64).
+PATHS = ("sm80", "sm90", "sm90-long", "bwd", "bwd-det")
 # Head dims that reach every head-dim class of both families (sm90: tiles 64/128/256).
 HEAD_DIMS = (40, 64, 96, 128, 256)
 _CLEAN = {
@@ -47,7 +48,9 @@ def run_child(kernel: str, head_dim: int) -> None:
 
     path, _, family = kernel.partition(":")  # "bwd:sm90": the backward on the sm90 dK/dV kernel
     backward = path.startswith("bwd")
-    _spec.forward_kernel = "auto" if backward else path
+    _spec.forward_kernel = "auto" if backward else path.partition("-")[0]
+    if path == "sm90-long":
+        _spec.LONG_ROWS_MEAN = 0  # every batch takes the long-sequence tiles
     _spec.backward_kernel = family or "auto"
     lens_q, lens_k = [37, 0, 1, 130, 200], [50, 3, 0, 127, 300]
     cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32,
@@ -103,7 +106,11 @@ def main() -> int:
     failures = 0
     for head_dim in args.head_dims:
         tile = _spec.head_dim_tile(head_dim)
-        kernels = {_spec.kernel_for(arch, tile, c) for c in ("sm80", "sm90")} & set(args.paths)
+        kernels = {_spec.kernel_for(arch, tile, c) for c in ("sm80", "sm90")}
+        if "sm90" in kernels and (_spec.choose_fwd_spec("bf16", tile, False, arch, "sm90", True)
+                                  != _spec.choose_fwd_spec("bf16", tile, False, arch, "sm90")):
+            kernels.add("sm90-long")
+        kernels &= set(args.paths)
         families = {_spec.backward_kernel_for(arch, tile, c) for c in ("sm80", "sm90")}
         kernels |= {f"{path}:{family}" for path in ("bwd", "bwd-det") if path in args.paths
                     for family in families}

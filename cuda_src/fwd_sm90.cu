@@ -1,16 +1,16 @@
 // FlashAttention forward for packed variable-length batches on Hopper (sm_90a): wgmma tensor cores,
 // warp specialization and a persistent, longest-first tile scheduler.
 //
-// A CTA is three warpgroups and stays resident (one per SM), pulling work items (query tile of one
-// sequence, head) in the scheduler's LPT order until none are left:
+// A CTA is a producer and two or three consumer warpgroups and stays resident (one per SM), pulling
+// work items (query tile of one sequence, head) in the scheduler's LPT order until none are left:
 //  - warpgroup 0, the producer, gives up registers (setmaxnreg) and only copies: the Q tile, then
 //    the K and V tiles the mask lets the query tile see (last tile first), into a ring of kStages
 //    K/V slots. K/V tiles wholly inside their sequence go by TMA (cp.async.bulk.tensor, one thread,
 //    maps built on the host); Q and a tile that runs past the sequence's end go by cp.async,
 //    zero-filled past the end, so no other sequence's data ever enters a tile. Each copy batch
 //    completes an mbarrier when it lands (transaction bytes, or cp.async.mbarrier.arrive).
-//  - warpgroups 1 and 2, the consumers, take 64 query rows each: S = Q K^T (wgmma, both operands in
-//    shared memory), mask, online softmax in registers, O += P V (wgmma, P from registers),
+//  - the consumers, warpgroups 1 and up, take 64 query rows each: S = Q K^T (wgmma, both operands
+//    in shared memory), mask, online softmax in registers, O += P V (wgmma, P from registers),
 //    software-pipelined so that each softmax overlaps the previous tile's P V (see consume()). K
 //    and V slots are released separately, each as soon as its GEMM has finished reading it.
 // The producer decodes each work item (a chain of dependent global loads: the schedule, then
@@ -18,31 +18,40 @@
 // through shared memory with the Q barrier. O and lse are written from registers, predicated on
 // the row belonging to the sequence.
 //
-// Specialization (-D from cupy_varlen/_spec.py): CV_HEAD_DIM (64, 128 or 256), CV_BLOCK_M (128),
-// CV_BLOCK_N, CV_STAGES, CV_WINDOWED, CV_DTYPE_BF16.
+// Three consumers (block_m 192) serve long sequences at head dim 64, where the softmax bounds the
+// kernel and a third warpgroup keeps one more in flight; at 160 registers a thread that holds S, P
+// and O of 96-key tiles (m64n96 wgmma). The dispatch takes them by the batch's mean length
+// (cupy_varlen/_spec.py, _TILES_WGMMA_LONG).
+//
+// Specialization (-D from cupy_varlen/_spec.py): CV_HEAD_DIM (64, 128 or 256), CV_BLOCK_M (128 or
+// 192), CV_BLOCK_N, CV_STAGES, CV_WINDOWED, CV_DTYPE_BF16.
 
 constexpr int kHeadDim = CV_HEAD_DIM;
 constexpr int kBlockM = CV_BLOCK_M;
 constexpr int kBlockN = CV_BLOCK_N;
 constexpr int kStages = CV_STAGES;
-constexpr int kConsumers = 2;
+constexpr int kConsumerRows = 64;  // one wgmma M per consumer warpgroup
+constexpr int kConsumers = kBlockM / kConsumerRows;  // the spec's warps: 4 x (1 + kConsumers)
 constexpr int kWarpgroupThreads = 128;
 constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
-constexpr int kConsumerRows = kBlockM / kConsumers;  // one wgmma M of 64
 constexpr int kNAtoms = kBlockN / 8;
 constexpr int kDAtoms = kHeadDim / 8;
 constexpr int kPanelBytes = 128;  // one row of a 64-element panel
 // The producer's address arithmetic fits 24 registers up to head dim 128; head dim 256's copies
 // (32 lanes per row) need 40, which leaves the consumers 232 (S is half as wide there).
 constexpr int kProducerRegs = kHeadDim > 128 ? 40 : 24;
-constexpr int kConsumerRegs = kHeadDim > 128 ? 232 : 240;
-static_assert(kConsumerRows == 64, "each consumer warpgroup owns one 64-row wgmma tile");
-static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "operands are whole 128-byte panels");
+static_assert(kConsumers == 2 || kConsumers == 3, "two or three consumer warpgroups");
+static_assert(kBlockM == kConsumers * kConsumerRows, "each consumer owns one 64-row wgmma tile");
+static_assert(kHeadDim % 64 == 0 && kBlockN % 32 == 0, "operands are whole 128-byte panels");
 static_assert(kBlockN <= 128, "one S = Q K^T wgmma per k16 step");
-// setmaxnreg moves registers within what the CTA was launched with: __launch_bounds__(384, 1) gives
-// each thread 168 (65536 / 384, rounded down to a multiple of 8). Asking for more than the
-// producer released makes the consumers' setmaxnreg.inc wait forever.
+// setmaxnreg moves registers within what the CTA was launched with: __launch_bounds__(kThreads, 1)
+// gives each thread 65536 / kThreads, rounded down to a multiple of 8 (168 at 384 threads, 128 at
+// 512). Asking for more than the producer released makes the consumers' setmaxnreg.inc wait
+// forever. The consumers share the rest: 240 with two (232 at head dim 256), 160 with three.
 constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
+constexpr int kConsumerRegsLeft =
+    (kLaunchRegs * kThreads - kProducerRegs * kWarpgroupThreads) / (kConsumers * kWarpgroupThreads);
+constexpr int kConsumerRegs = (kConsumerRegsLeft < 240 ? kConsumerRegsLeft : 240) / 8 * 8;
 static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumers * kWarpgroupThreads <=
                   kLaunchRegs * kThreads, "register reallocation exceeds the CTA's registers");
 
@@ -80,7 +89,8 @@ struct TensorCoreTurn {
     if (kTensorCoreTurns) named_barrier_sync(kTurnBarrier + wg, 2 * kWarpgroupThreads);
   }
   CV_DEVICE void release() const {
-    if (kTensorCoreTurns) named_barrier_arrive(kTurnBarrier + (wg ^ 1), 2 * kWarpgroupThreads);
+    if (kTensorCoreTurns)
+      named_barrier_arrive(kTurnBarrier + (wg + 1) % kConsumers, 2 * kWarpgroupThreads);
   }
 };
 
@@ -290,7 +300,7 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int wg, int ctid
   const int warp_row0 = wg * kConsumerRows + (ctid >> 5) * 16;  // first row of this warp's 16
   const u32 q_rows = smem + kQOffset + wg * kConsumerRows * kPanelBytes;
   const TensorCoreTurn turn{wg};
-  if (wg == 1) turn.release();  // consumer 0 goes first
+  if (wg == kConsumers - 1) turn.release();  // consumer 0 goes first, then 1, ...
   int pipe = 0;
   for (int tile_iter = 0;; ++tile_iter) {
     mbarrier_wait(bar.q_full(), tile_iter & 1);

@@ -81,6 +81,11 @@ CV_DEVICE void fence_registers(u32 (&a)[kA][kB]) {
   c(d[i + 6]), c(d[i + 7])
 #define CV_ACC32(c) CV_D8(c, 0), CV_D8(c, 8), CV_D8(c, 16), CV_D8(c, 24)
 #define CV_ACC64(c) CV_ACC32(c), CV_D8(c, 32), CV_D8(c, 40), CV_D8(c, 48), CV_D8(c, 56)
+#define CV_ACC48(c) CV_ACC32(c), CV_D8(c, 32), CV_D8(c, 40)
+#define CV_ACC_REGS48 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "\
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "\
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}"
 #define CV_ACC_REGS32 \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "\
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
@@ -118,6 +123,23 @@ struct Wgmma<64> {
                  ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
                  : CV_ACC32("+f")
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  }
+};
+
+// m64n96: S of 96-key tiles (three consumer warpgroups at head dim 64, where 160 registers hold S,
+// P and O only at this width).
+template <>
+struct Wgmma<96> {
+  template <int kTransA = 0, int kTransB = 0>
+  static CV_DEVICE void ss(float (&d)[48], u64 desc_a, u64 desc_b, int accumulate) {
+    asm volatile(CV_WGMMA_HEAD("%50", "96") CV_ACC_REGS48 ", %48, %49, p, 1, 1, %51, %52;\n}\n"
+                 : CV_ACC48("+f")
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+  }
+  template <int kTransA = 0, int kTransB = 0>
+  static CV_DEVICE void ss_first(float (&d)[48], u64 desc_a, u64 desc_b) {
+    asm volatile(CV_WGMMA_HEAD("0", "96") CV_ACC_REGS48 ", %48, %49, p, 1, 1, %50, %51;\n}\n"
+                 : CV_ACC48("=f") : "l"(desc_a), "l"(desc_b), "n"(kTransA), "n"(kTransB));
   }
 };
 

@@ -89,8 +89,10 @@ def _num_sms(device: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _dispatch(dtype: str, head_dim: int, windowed: bool, device: int, choice: str):
-    spec = _spec.choose_fwd_spec(dtype, head_dim, windowed, _device_arch(device), choice)
+def _dispatch(dtype: str, head_dim: int, windowed: bool, device: int, choice: str,
+              long_rows: bool = False):
+    spec = _spec.choose_fwd_spec(dtype, head_dim, windowed, _device_arch(device), choice,
+                                 long_rows)
     return spec, _build.load_kernels(spec, device)
 
 
@@ -373,7 +375,7 @@ def _run_forward(fw, q, k, v, qi, ki, vi, out, oi, cu_q, cu_k, cu_qi, cu_ki, lse
     on_device = cupy.cuda.runtime.getDevice() == device
     with contextlib.nullcontext() if on_device else cupy.cuda.Device(device):
         spec, kernels = _dispatch(_arrays.DTYPE_NAMES[qi.dtype], head_dim, windowed, device,
-                                  _spec.forward_kernel)
+                                  _spec.forward_kernel, _spec.long_rows(total_q, batch))
         workspace = fw.empty((_launch.workspace_size(total_q, batch, spec),), cu_q, "int32")
         _launch.launch_forward(
             kernels, spec, fw.stream_ptr(device),

@@ -49,7 +49,7 @@ BWD_SOURCES = {
     "sm90": ("common.cuh", "tiles.cuh", "mma_sm80.cuh", "wgmma.cuh", "sync_sm90.cuh")
     + _SHARED_SOURCES + ("bwd_common.cu", "bwd_sm90.cu"),
 }
-SM90_THREADS = 384  # cuda_src/fwd_sm90.cu: a producer and two consumer warpgroups
+SM90_THREADS = 384  # cuda_src/fwd_sm90.cu: a producer and two consumer warpgroups (three: 512)
 SM90_BARRIER_BYTES = 1024 + 256  # alignment slack for the 1024-byte swizzle atoms + barriers
 # The forward's: the barriers and the decoded work item (cuda_src/fwd_sm90.cu, kBookkeepingBytes).
 SM90_FWD_EXTRA_BYTES = 1024 + 512
@@ -120,6 +120,22 @@ _TILES_WGMMA = {
     128: _T(128, 128, 12, 3, 1),
     256: _T(128, 64, 12, 2, 1),
 }
+# Batches of long sequences at head dim 64: three consumer warpgroups (192 query rows) keep a third
+# softmax in flight, which is what bounds D64; their 160 registers a thread hold S, P and O only at
+# 96 keys. On short sequences the 192-row tiles waste more rows past each sequence's end, so
+# dispatch takes them only where the batch's mean length (total_q / batch, known on the host without
+# reading cu_seqlens) reaches LONG_ROWS_MEAN. H100, uniform D64 batches (benchmarks/NOTES.md,
+# 2026-11-25): -12% at length 512, -7% at 1024, equal at 2048, +3% at 4096, +7% at 8192; +9% / +6%
+# on B32 x <=8k (mean 4348).
+_TILES_WGMMA_LONG = {
+    64: _T(192, 96, 16, 8, 1),
+}
+LONG_ROWS_MEAN = 2048
+
+
+def long_rows(total_q: int, batch: int) -> bool:
+    """Whether a batch's mean query length reaches LONG_ROWS_MEAN (choose_fwd_spec's long_rows)."""
+    return total_q >= LONG_ROWS_MEAN * batch
 # Tuning hook (benchmarks, tests): (arch or "sm90", head-dim tile) -> TileConfig replacing the
 # table's entry. Dispatch is memoized: call cupy_varlen._api._dispatch.cache_clear() after changing
 # it.
@@ -263,11 +279,13 @@ def kernel_for(arch: str, tile: int, choice: str = "auto", sm90_tiles=None) -> s
 
 
 def choose_fwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
-                    choice: str = "auto") -> FwdSpec:
+                    choice: str = "auto", long_rows: bool = False) -> FwdSpec:
+    """``long_rows``: the batch's mean query length reaches LONG_ROWS_MEAN (see _TILES_WGMMA_LONG)."""
     tile = head_dim_tile(head_dim)
     kernel = kernel_for(arch, tile, choice)
     if kernel == "sm90":
-        tiles = tile_overrides.get(("sm90", tile)) or _TILES_WGMMA[tile]
+        table = _TILES_WGMMA_LONG if long_rows and tile in _TILES_WGMMA_LONG else _TILES_WGMMA
+        tiles = tile_overrides.get(("sm90", tile)) or table[tile]
     else:
         tiles = tile_overrides.get((arch, tile)) or _TILE_TABLES[arch][tile]
     return FwdSpec(dtype, tile, tiles, windowed, arch, kernel)
@@ -290,8 +308,9 @@ def _distinct_specs(archs, make) -> list:
 
 def all_fwd_specs(archs=ARCHS):
     """Every specialization the dispatcher can return, for the given architectures."""
-    return _distinct_specs(archs, lambda arch, choice, dtype, tile, windowed: (
-        choose_fwd_spec(dtype, tile, windowed, arch, choice),))
+    return _distinct_specs(archs, lambda arch, choice, dtype, tile, windowed: tuple(
+        choose_fwd_spec(dtype, tile, windowed, arch, choice, long_rows)
+        for long_rows in (False, True)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,17 @@ def test_dispatch_picks_the_kernel_family():
             assert _spec.choose_fwd_spec("bf16", tile, False, arch, "sm90").kernel == "sm80"
     spec = _spec.choose_fwd_spec("bf16", 128, False, "sm_90a")
     assert spec.persistent and spec.threads == _spec.SM90_THREADS
+    # Long sequences at D64 take three consumer warpgroups; nothing else changes with long_rows.
+    long64 = _spec.choose_fwd_spec("bf16", 64, True, "sm_90a", long_rows=True)
+    assert (long64.tiles.block_m, long64.tiles.block_n, long64.threads) == (192, 96, 512)
+    assert _spec.choose_fwd_spec("bf16", 64, True, "sm_90a").tiles.block_m == 128
+    for tile in (128, 256):
+        assert (_spec.choose_fwd_spec("bf16", tile, False, "sm_90a", long_rows=True)
+                == _spec.choose_fwd_spec("bf16", tile, False, "sm_90a"))
+    assert _spec.choose_fwd_spec("bf16", 64, False, "sm_90a", "sm80", True).kernel == "sm80"
+    assert long64 in _spec.all_fwd_specs(("sm_90a",))
+    mean = _spec.LONG_ROWS_MEAN
+    assert _spec.long_rows(4 * mean, 4) and not _spec.long_rows(4 * mean - 1, 4)
     assert "CV_SUB_N" not in spec.defines and spec.sources[-1] == "fwd_sm90.cu"
     with pytest.raises(ValueError, match="auto, sm80 or sm90"):
         _spec.choose_fwd_spec("bf16", 128, False, "sm_90a", "fast")

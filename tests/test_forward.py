@@ -20,10 +20,16 @@ pytestmark = requires_gpu
 
 
 
-@pytest.fixture(autouse=True, params=["sm80", "sm90"])
+@pytest.fixture(autouse=True, params=["sm80", "sm90", "sm90-long"])
 def fwd_kernel(request, monkeypatch):
-    """Every test runs on both forward kernel families."""
-    return select_kernel_family(request.param, monkeypatch, "forward_kernel")
+    """Every test runs on both forward kernel families, and on the sm90 family's tiles for long
+    sequences (three consumer warpgroups at head dim 64; the dispatch's mean-length threshold set
+    to 0 so that every batch takes them)."""
+    if request.param == "sm90-long":
+        from cupy_varlen import _spec
+
+        monkeypatch.setattr(_spec, "LONG_ROWS_MEAN", 0)
+    return select_kernel_family(request.param.split("-")[0], monkeypatch, "forward_kernel")
 
 # Lengths that are not tile multiples, with empty and single-token sequences among them.
 RAGGED = [37, 0, 1, 128, 200, 64, 513]
@@ -274,6 +280,31 @@ def test_nonfinite_values_stay_in_their_sequence(poison, value):
         rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
         assert torch.equal(out[rows], clean[rows]), f"sequence {b} changed"
         assert torch.equal(lse[:, rows], clean_lse[:, rows]), f"sequence {b}'s lse changed"
+
+
+def test_long_batches_take_the_long_tiles(fwd_kernel, monkeypatch):
+    """Dispatch by mean length: at head dim 64 on Hopper a batch of long sequences runs the sm90
+    tiles for long sequences (192 query rows), a batch of short ones the usual 128; both correct."""
+    from cupy_varlen import _api, _build, _spec
+
+    if fwd_kernel != "sm90":
+        pytest.skip("the long-sequence tiles belong to the sm90 kernel")
+    if _spec.LONG_ROWS_MEAN == 0:
+        pytest.skip("this run forces the long-sequence tiles on every batch")
+    loaded = []
+    load_kernels = _build.load_kernels
+    monkeypatch.setattr(_build, "load_kernels",
+                        lambda spec, device: loaded.append(spec) or load_kernels(spec, device))
+    _api._dispatch.cache_clear()
+    mean = _spec.LONG_ROWS_MEAN
+    for lens, block_m in (([mean + 300, mean - 200, mean + 37], 192), ([mean - 1, 5], 128)):
+        q, k, v, cu_q, cu_k = make_packed(lens, heads=2, head_dim=64, seed=len(lens))
+        for causal in (False, True):
+            loaded.clear()
+            _api._dispatch.cache_clear()
+            check_forward(q, k, v, cu_q, cu_k, causal=causal)
+            assert [s.tiles.block_m for s in loaded if s.persistent] == [block_m], loaded
+    _api._dispatch.cache_clear()
 
 
 @pytest.mark.parametrize("copies", ["tma", "cp.async only"])
