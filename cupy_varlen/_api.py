@@ -89,6 +89,11 @@ def _num_sms(device: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _l2_bytes(device: int) -> int:
+    return cupy.cuda.Device(device).attributes["L2CacheSize"]
+
+
+@functools.lru_cache(maxsize=None)
 def _dispatch(dtype: str, head_dim: int, windowed: bool, device: int, choice: str,
               long_rows: bool = False):
     spec = _spec.choose_fwd_spec(dtype, head_dim, windowed, _device_arch(device), choice,
@@ -387,7 +392,7 @@ def _run_forward(fw, q, k, v, qi, ki, vi, out, oi, cu_q, cu_k, cu_qi, cu_ki, lse
             total_q=total_q, total_k=ki.shape[0], batch=batch, heads=heads,
             heads_per_kv=heads // ki.shape[1],
             head_dim=head_dim, scale=scale, scale_log2=scale * _LOG2E, window=window,
-            num_sms=_num_sms(device),
+            num_sms=_num_sms(device), l2_bytes=_l2_bytes(device),
         )
     if out is not target:
         fw.copy_into(target, out)

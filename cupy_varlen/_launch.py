@@ -15,9 +15,9 @@ SCHEDULE_HEADER = 4  # cuda_src/scheduler.cuh: kScheduleHeader
 # Every kernel's parameters, packed as the kernel lays them out (each at its natural alignment;
 # these formats need no padding between fields).
 # cuda_src/fwd_sm90.cu: struct Params, passed by value as one __grid_constant__ argument: 8 pointers,
-# 9 int64 strides, 3 int32, 2 float32, 3 int32 (the last is use_tma), padding to the 64-byte
-# alignment of the two 128-byte tensor maps of k and v.
-_SM90_PARAMS = struct.Struct("<8Q9q3i2f3i24x128s128s")
+# 9 int64 strides, 3 int32, 2 float32, 4 int32 (window, use_tma, lpt_across_heads), padding to the
+# 64-byte alignment of the two 128-byte tensor maps of k and v.
+_SM90_PARAMS = struct.Struct("<8Q9q3i2f4i20x128s128s")
 _NO_MAP = bytes(_tma.MAP_BYTES)
 # cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 8 pointers, 9 int64 strides, 2 int32, 2 float32,
 # 2 int32.
@@ -91,10 +91,18 @@ def workspace_size(total_q: int, batch: int, spec) -> int:
     return SCHEDULE_HEADER + 2 * tile_bound(total_q, batch, spec.tiles.block_m)
 
 
+def lpt_across_heads(total_k: int, heads_kv: int, head_dim: int, l2_bytes: int) -> bool:
+    """Whether the persistent forward takes its work items in one longest-first order over all heads
+    rather than head by head (cuda_src/fwd_sm90.cu, load_work): where K and V (16-bit) fit in half
+    of L2, the head-by-head order's L2 sharing is moot and its tail costs the most."""
+    return 2 * 2 * total_k * heads_kv * head_dim <= l2_bytes // 2
+
+
 def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, cu_k, workspace,
                    q_strides, k_strides, v_strides, o_strides, lse_head_stride: int,
                    total_q: int, total_k: int, batch: int, heads: int, heads_per_kv: int,
-                   head_dim: int, scale: float, scale_log2: float, window, num_sms: int):
+                   head_dim: int, scale: float, scale_log2: float, window, num_sms: int,
+                   l2_bytes: int):
     """Launches the tile scheduler and the forward kernel on ``stream_ptr``. Pointers are ints."""
     tiles = spec.tiles
     bound = tile_bound(total_q, batch, tiles.block_m)
@@ -112,8 +120,9 @@ def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, c
                                       strides[1], tiles.block_n)
                         for ptr, strides in ((k, k_strides), (v, v_strides)))
         use_tma = k_map is not None and v_map is not None
+        across = lpt_across_heads(total_k, heads_kv, head_dim, l2_bytes)
         _SM90_ARGS.pack(*fields, heads_per_kv, heads, head_dim, scale, scale_log2, window[0],
-                        window[1], int(use_tma), k_map if use_tma else _NO_MAP,
+                        window[1], int(use_tma), int(across), k_map if use_tma else _NO_MAP,
                         v_map if use_tma else _NO_MAP).launch(
             kernels.main, min(ctas, num_sms), spec.threads, stream_ptr, spec.smem_bytes)
         return

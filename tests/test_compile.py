@@ -312,13 +312,13 @@ def test_sm90_params_packing_matches_the_kernel_struct():
     source = (_build.SOURCE_DIR / "fwd_sm90.cu").read_text()
     assert f"sizeof(Params) == {packer.size}" in source
     k_map, v_map = bytes(range(128)), bytes(range(128, 256))
-    blob = packer.pack(*range(1, 18), 18, 19, 20, 0.5, 0.25, -1, 7, 1, k_map, v_map)
+    blob = packer.pack(*range(1, 18), 18, 19, 20, 0.5, 0.25, -1, 7, 1, 1, k_map, v_map)
     assert struct.unpack_from("<Q", blob, 0)[0] == 1  # q
     assert struct.unpack_from("<q", blob, 64)[0] == 9  # q_row_stride, after 8 pointers
     assert struct.unpack_from("<3i", blob, 136) == (18, 19, 20)  # heads_per_kv, num_heads, head_dim
     assert struct.unpack_from("<2f", blob, 148) == (0.5, 0.25)  # scale, scale_log2
     assert struct.unpack_from("<2i", blob, 156) == (-1, 7)  # window
-    assert struct.unpack_from("<i", blob, 164)[0] == 1  # use_tma
+    assert struct.unpack_from("<2i", blob, 164) == (1, 1)  # use_tma, lpt_across_heads
     # The maps are alignas(64): at 192 and 320, after the padding.
     assert blob[192:320] == k_map and blob[320:448] == v_map
 
@@ -343,9 +343,9 @@ def test_param_buffers_hold_the_packed_bytes_per_thread():
     assert args.kernel_params == 0
 
     maps = bytes(range(128)), bytes(range(128, 256))
-    sm90 = _launch._SM90_ARGS.pack(*range(1, 18), 1, 16, 64, 0.5, 0.25, -1, 0, 1, *maps)
+    sm90 = _launch._SM90_ARGS.pack(*range(1, 18), 1, 16, 64, 0.5, 0.25, -1, 0, 1, 0, *maps)
     assert sm90.buf.raw == _launch._SM90_PARAMS.pack(*range(1, 18), 1, 16, 64, 0.5, 0.25, -1, 0,
-                                                     1, *maps)
+                                                     1, 0, *maps)
     assert sm90.extra == 0
     assert (ctypes.c_void_p * 1).from_address(sm90.kernel_params)[0] == ctypes.addressof(sm90.buf)
 
@@ -359,6 +359,18 @@ def test_param_buffers_hold_the_packed_bytes_per_thread():
     thread.join()
     assert other["buf"] == _launch._SCHEDULE_PARAMS.pack(*(x + 1 for x in fields))
     assert _launch._SCHEDULE_ARGS.buf.raw == _launch._SCHEDULE_PARAMS.pack(*fields)
+
+
+def test_item_order_across_heads_only_where_k_and_v_fit_half_of_l2():
+    from cupy_varlen import _launch
+
+    l2 = 50 * 2**20  # H100
+    assert _launch.lpt_across_heads(5824, 16, 64, l2)  # the seed batch: 23.9 MB of K and V
+    assert not _launch.lpt_across_heads(139136, 32, 64, l2)  # B32 x 8k
+    assert not _launch.lpt_across_heads(8192 + 63 * 128, 16, 128, l2)  # skewed: 66 MB
+    half = l2 // 2 // (2 * 2 * 64)
+    assert _launch.lpt_across_heads(half, 1, 64, l2) and not _launch.lpt_across_heads(
+        half + 1, 1, 64, l2)
 
 
 def test_tensor_maps_only_for_addressable_tensors(monkeypatch):

@@ -307,6 +307,21 @@ def test_long_batches_take_the_long_tiles(fwd_kernel, monkeypatch):
     _api._dispatch.cache_clear()
 
 
+@pytest.mark.parametrize("across_heads", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_item_orders(fwd_kernel, across_heads, causal, monkeypatch):
+    """The persistent forward takes its items head by head, or in one longest-first order over all
+    heads where K and V fit in L2; both orders cover every (tile, head) once, with GQA groups."""
+    from cupy_varlen import _launch
+
+    if fwd_kernel != "sm90":
+        pytest.skip("the item order belongs to the persistent sm90 kernel")
+    monkeypatch.setattr(_launch, "lpt_across_heads", lambda *args: across_heads)
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=6, heads_kv=2, head_dim=64,
+                                      seed=3 + causal)
+    check_forward(q, k, v, cu_q, cu_k, causal=causal)
+
+
 @pytest.mark.parametrize("copies", ["tma", "cp.async only"])
 @pytest.mark.parametrize("head_dim,heads_kv", [(64, 4), (128, 2), (256, 1)])
 @pytest.mark.parametrize("causal", [False, True])
