@@ -207,10 +207,15 @@ CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, i
                        int ptid) {
   const u32 work_slot = smem + kWorkSlotOffset;
   const int chunks_valid = p.head_dim / 8;
+  // The decoded item, or the end marker (head -1) past the last one.
+  auto decode = [&](int item) {
+    WorkTile w;
+    w.head = -1;
+    if (item < total_items) w = load_work(p, num_tiles, item);
+    return w;
+  };
   int item = blockIdx.x;
-  WorkTile t;
-  t.head = -1;
-  if (item < total_items) t = load_work(p, num_tiles, item);
+  WorkTile t = decode(item);
   int pipe = 0;
   for (int tile_iter = 0;; ++tile_iter) {
     // The consumers are done with the previous Q tile (and have long since read the work slot).
@@ -268,8 +273,7 @@ CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, i
     named_barrier_sync(kProducerBarrier, kWarpgroupThreads);
     item = ld_shared_s32(smem + kNextItemOffset);
     // Decoded now, while the consumers work through the ring: its loads stay off their path.
-    t.head = -1;
-    if (item < total_items) t = load_work(p, num_tiles, item);
+    t = decode(item);
   }
   // No copy may still be landing when the CTA retires.
   asm volatile("cp.async.wait_all;\n" ::: "memory");

@@ -136,6 +136,8 @@ LONG_ROWS_MEAN = 2048
 def long_rows(total_q: int, batch: int) -> bool:
     """Whether a batch's mean query length reaches LONG_ROWS_MEAN (choose_fwd_spec's long_rows)."""
     return total_q >= LONG_ROWS_MEAN * batch
+
+
 # Tuning hook (benchmarks, tests): (arch or "sm90", head-dim tile) -> TileConfig replacing the
 # table's entry. Dispatch is memoized: call cupy_varlen._api._dispatch.cache_clear() after changing
 # it.
