@@ -1,12 +1,18 @@
 // FlashAttention-2 backward, the dK/dV kernel (and atomic dQ) on mma.sync tensor cores (sm_80+);
-// the algorithm, the parameters and the other kernels are in bwd_common.cu.
+// the algorithm, the parameters and the other kernels are in bwd_common.cuh.
 //
 // P^T and dS^T are staged in shared memory (16-bit) between the GEMM that makes them (warps over
 // keys x queries) and the GEMMs that consume them (warps over keys x head dim for dK/dV, queries x
 // head dim for dQ), so each phase has its own warp grid.
 //
-// Specialization (-D from cupy_varlen/_spec.py), beyond bwd_common.cu's: CV_WARPS, CV_STAGES (Q/dO
+// Specialization (-D from cupy_varlen/_spec.py), beyond bwd_common.cuh's: CV_WARPS, CV_STAGES (Q/dO
 // ring), CV_S_WARP_ROWS, CV_KV_WARP_ROWS, CV_DQ_WARP_ROWS.
+
+#include "bwd_common.cuh"
+#include "epilogue.cuh"
+#include "mask.cuh"
+#include "mma_sm80.cuh"
+#include "softmax.cuh"
 
 constexpr int kWarps = CV_WARPS;
 constexpr int kThreads = kWarps * 32;

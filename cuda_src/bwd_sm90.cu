@@ -1,6 +1,6 @@
 // FlashAttention backward on Hopper (sm_90a): the dK/dV kernel (and atomic dQ) on wgmma tensor
 // cores, warp-specialized; the algorithm, the parameters and the other kernels are in
-// bwd_common.cu.
+// bwd_common.cuh.
 //
 // One CTA per (key tile of kBlockN = 128 keys, K/V head), three warpgroups:
 //  - warpgroup 0, the producer, gives up registers and only copies: K and V once, then for every
@@ -18,7 +18,15 @@
 // The GEMM for dV is issued before dS is computed and the one for dK before dS is stored, so the
 // tensor cores run while the warpgroup does the softmax-gradient arithmetic.
 //
-// Specialization (-D from cupy_varlen/_spec.py), beyond bwd_common.cu's: CV_STAGES (the Q/dO ring).
+// Specialization (-D from cupy_varlen/_spec.py), beyond bwd_common.cuh's: CV_STAGES (the Q/dO ring).
+
+#include "bwd_common.cuh"
+#include "epilogue.cuh"
+#include "mask.cuh"
+#include "pipeline.cuh"
+#include "softmax.cuh"
+#include "sync_sm90.cuh"
+#include "wgmma.cuh"
 
 constexpr int kStages = CV_STAGES;
 constexpr int kConsumers = 2;
@@ -45,27 +53,56 @@ static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumerThrea
 
 typedef SmemTile<kBlockN, kBlockM> DsTile;  // dS^T: keys x queries
 
-// Shared memory, from a 1024-byte aligned base: K, V, the Q and dO rings, two dS^T buffers (a
-// consumer may store the next tile's while the other still reads this one), the statistics ring,
-// the barriers.
-constexpr int kKOffset = 0;
-constexpr int kVOffset = kKOffset + KTile::kBytes;
-constexpr int kQOffset = kVOffset + KTile::kBytes;
-constexpr int kDoOffset = kQOffset + kStages * QTile::kBytes;
-constexpr int kDsOffset = kDoOffset + kStages * QTile::kBytes;
-constexpr int kDsBuffers = CV_DQ_ATOMIC ? 2 : 0;
-constexpr int kStatOffset = kDsOffset + kDsBuffers * DsTile::kBytes;
-constexpr int kBarOffset = kStatOffset + kStages * kStatBytes;
+// Shared memory. Operand tiles sit on 1024-byte boundaries: the 128-byte swizzle that wgmma reads
+// is a function of the address. dK and dV are staged where K and V were.
+struct SharedStorage {
+  alignas(kSwizzleAtomBytes) unsigned char k[KTile::kBytes];
+  alignas(kSwizzleAtomBytes) unsigned char v[KTile::kBytes];
+  alignas(kSwizzleAtomBytes) unsigned char q[kStages][QTile::kBytes];
+  alignas(kSwizzleAtomBytes) unsigned char dout[kStages][QTile::kBytes];
+#if CV_DQ_ATOMIC
+  // dS^T, twice: a consumer may store the next tile's while the other still reads this one.
+  // Deterministic mode has none (its dQ kernel forms dS itself).
+  alignas(kSwizzleAtomBytes) unsigned char ds[2][DsTile::kBytes];
+#endif
+  alignas(16) unsigned char stats[kStages][kStatBytes];  // lse_log2 and delta per query tile
+  u64 kv_full;  // K and V landed
+  u64 q_full[kStages], q_empty[kStages];  // a query tile's Q, dO and statistics: landed / read
+};
+// The host reserves CV_SMEM_BYTES (cupy_varlen/_spec.py, BwdSpec.smem_bytes): the storage plus the
+// slack that aligns its base.
+static_assert(sizeof(SharedStorage) + kSwizzleAtomBytes <= CV_SMEM_BYTES,
+              "SharedStorage exceeds the shared memory the host reserves");
+
+// SharedStorage's members as shared-window addresses (see fwd_sm90.cu's Smem).
+struct Smem {
+  u32 base;
+  CV_DEVICE u32 k() const { return base + CV_OFFSET_OF(SharedStorage, k); }
+  CV_DEVICE u32 v() const { return base + CV_OFFSET_OF(SharedStorage, v); }
+  CV_DEVICE u32 q(int stage) const { return base + CV_OFFSET_OF_ELEMENT(SharedStorage, q, stage); }
+  CV_DEVICE u32 dout(int stage) const {
+    return base + CV_OFFSET_OF_ELEMENT(SharedStorage, dout, stage);
+  }
+#if CV_DQ_ATOMIC
+  CV_DEVICE u32 ds(int buffer) const {
+    return base + CV_OFFSET_OF_ELEMENT(SharedStorage, ds, buffer);
+  }
+#endif
+  CV_DEVICE u32 stats(int stage) const {
+    return base + CV_OFFSET_OF_ELEMENT(SharedStorage, stats, stage);
+  }
+  CV_DEVICE u32 kv_full() const { return base + CV_OFFSET_OF(SharedStorage, kv_full); }
+  CV_DEVICE u32 q_full(int stage) const {
+    return base + CV_OFFSET_OF_ELEMENT(SharedStorage, q_full, stage);
+  }
+  CV_DEVICE u32 q_empty(int stage) const {
+    return base + CV_OFFSET_OF_ELEMENT(SharedStorage, q_empty, stage);
+  }
+};
+typedef PipelineState<kStages> QPipe;
 
 // Named barriers (0 is __syncthreads'): the consumers' meeting points.
 constexpr int kConsumerBarrier = 1;
-
-struct BwdBarriers {
-  u32 base;
-  CV_DEVICE u32 kv_full() const { return base; }
-  CV_DEVICE u32 q_full(int s) const { return base + 8 + 8 * s; }
-  CV_DEVICE u32 q_empty(int s) const { return base + 8 + 8 * (kStages + s); }
-};
 
 // Everything about this CTA's key tile, derived identically by producer and consumers.
 struct KeyTileWork {
@@ -97,50 +134,51 @@ CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
   return true;
 }
 
-CV_DEVICE void produce(const BwdParams& p, const KeyTileWork& t, u32 smem, BwdBarriers bar,
-                       int ptid) {
+CV_DEVICE void produce(const BwdParams& p, const KeyTileWork& t, const Smem& smem, int ptid) {
   const int chunks_valid = p.head_dim / 8;
   const i64 key0 = t.seq.k_start + t.n0;
   load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
-      smem + kKOffset, p.k + key0 * p.k_row_stride + (i64)t.kv_head * p.k_head_stride,
+      smem.k(), p.k + key0 * p.k_row_stride + (i64)t.kv_head * p.k_head_stride,
       p.k_row_stride, t.keys_valid, chunks_valid, ptid);
   load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
-      smem + kVOffset, p.v + key0 * p.v_row_stride + (i64)t.kv_head * p.v_head_stride,
+      smem.v(), p.v + key0 * p.v_row_stride + (i64)t.kv_head * p.v_head_stride,
       p.v_row_stride, t.keys_valid, chunks_valid, ptid);
-  mbarrier_arrive_on_copies(bar.kv_full());
+  mbarrier_arrive_on_copies(smem.kv_full());
 
-  for (int it = 0; it < t.n_iters; ++it) {
-    const int stage = it % kStages;
-    mbarrier_wait(bar.q_empty(stage), ((it / kStages) & 1) ^ 1);
+  // One step per query tile: the step count is the ring position.
+  for (QPipe q_pipe; q_pipe.count < t.n_iters; q_pipe.advance()) {
+    const int it = q_pipe.count;
+    const int stage = q_pipe.index();
+    q_pipe.wait_empty(smem.q_empty(stage));
     const int head = t.head(p, it);
     const int m0 = t.m0(it);
     const int rows = t.seq.q_len - m0;
     const i64 row0 = t.seq.q_start + m0;
     load_tile_async<kBlockM, kHeadDim, kWarpgroupThreads>(
-        smem + kQOffset + stage * QTile::kBytes,
+        smem.q(stage),
         p.q + row0 * p.q_row_stride + (i64)head * p.q_head_stride, p.q_row_stride, rows,
         chunks_valid, ptid);
     load_tile_async<kBlockM, kHeadDim, kWarpgroupThreads>(
-        smem + kDoOffset + stage * QTile::kBytes,
+        smem.dout(stage),
         p.dout + row0 * p.do_row_stride + (i64)head * p.do_head_stride, p.do_row_stride, rows,
         chunks_valid, ptid);
     const i64 at = (i64)head * p.total_q + row0;
-    const u32 stats = smem + kStatOffset + stage * kStatBytes;
+    const u32 stats = smem.stats(stage);
     // Rows past the sequence read lse 0 and delta 0; the tail mask zeroes their P anyway.
     load_stats_async(stats, p.lse_log2 + at, rows, kBlockM, ptid);
     load_stats_async(stats + kBlockM * 4, p.delta + at, rows, kBlockM, ptid);
-    mbarrier_arrive_on_copies(bar.q_full(stage));
+    mbarrier_arrive_on_copies(smem.q_full(stage));
   }
   // No copy may still be landing when the CTA retires.
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, u32 smem, BwdBarriers bar,
-                       int wg, int ctid) {
+CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& smem, int wg,
+                       int ctid) {
   const int lane = ctid & 31;
   const int key_row0 = wg * kConsumerKeys + (ctid >> 5) * 16;  // this warp's first key in the tile
-  const u32 k_rows = smem + kKOffset + wg * kConsumerKeys * kPanelBytes;
-  const u32 v_rows = smem + kVOffset + wg * kConsumerKeys * kPanelBytes;
+  const u32 k_rows = smem.k() + wg * kConsumerKeys * kPanelBytes;
+  const u32 v_rows = smem.v() + wg * kConsumerKeys * kPanelBytes;
   const TileMaskTest<kBlockM> mask_test(t.n0, t.n0 + t.keys_valid - 1, t.seq.q_len, t.band_t);
 
   float acc_dv[1][kDAtoms][4], acc_dk[1][kDAtoms][4];
@@ -149,15 +187,17 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, u32 smem, BwdBa
   float(&dv_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(acc_dv);
   float(&dk_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(acc_dk);
   // Waited on even with no query tile to visit: the epilogue stages dK and dV where K and V landed.
-  mbarrier_wait(bar.kv_full(), 0);
+  mbarrier_wait(smem.kv_full(), 0);
 
-  for (int it = 0; it < t.n_iters; ++it) {
-    const int stage = it % kStages;
-    const u32 q_slot = smem + kQOffset + stage * QTile::kBytes;
-    const u32 do_slot = smem + kDoOffset + stage * QTile::kBytes;
-    const u32 stats = smem + kStatOffset + stage * kStatBytes;
+  // One step per query tile: the step count is the ring position.
+  for (QPipe q_pipe; q_pipe.count < t.n_iters; q_pipe.advance()) {
+    const int it = q_pipe.count;
+    const int stage = q_pipe.index();
+    const u32 q_slot = smem.q(stage);
+    const u32 do_slot = smem.dout(stage);
+    const u32 stats = smem.stats(stage);
     const int m0 = t.m0(it);
-    mbarrier_wait(bar.q_full(stage), (it / kStages) & 1);
+    q_pipe.wait_full(smem.q_full(stage));
     fence_proxy_async();  // the copies, observed through the barrier, before wgmma reads them
 
     float s[1][kQAtoms][4], dp[1][kQAtoms][4];
@@ -185,7 +225,7 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, u32 smem, BwdBa
     pack_a_fragments(dp, dsa);
     wgmma_rs_mnmajor<kHeadDim, kBlockM>(dk_flat, dsa, q_slot, kBlockM * kPanelBytes);
 #if CV_DQ_ATOMIC
-    const u32 ds_tile = smem + kDsOffset + (it & 1) * DsTile::kBytes;
+    const u32 ds_tile = smem.ds(it & 1);
     stage_fragments<DsTile>(dp, ds_tile, key_row0, 0, lane);
     fence_proxy_async();  // the generic-proxy stores before the other consumer's wgmma reads
     // Both halves of dS^T are in; this buffer's previous contents (two tiles ago) were read by
@@ -196,7 +236,7 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, u32 smem, BwdBa
     const int q_panel = kDqSplitRows ? wg : 0;
     const int d0 = kDqSplitRows ? 0 : wg * kDqN;
     wgmma_ss_mnmajor<kDqN, kBlockN>(dq_flat, ds_tile + q_panel * DsTile::kRowCount * kPanelBytes,
-                                    smem + kKOffset + d0 / 64 * KTile::kRowCount * kPanelBytes,
+                                    smem.k() + d0 / 64 * KTile::kRowCount * kPanelBytes,
                                     KTile::kRowCount * kPanelBytes);
 #endif
     wgmma_wait<0>();
@@ -204,7 +244,7 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, u32 smem, BwdBa
     fence_registers(acc_dk);
     fence_registers(pa);  // A operands: live until the GEMMs reading them are done
     fence_registers(dsa);
-    mbarrier_arrive(bar.q_empty(stage));  // Q, dO and the statistics are read for the last time
+    mbarrier_arrive(smem.q_empty(stage));  // Q, dO and the statistics are read for the last time
 #if CV_DQ_ATOMIC
     fence_registers(dq);
     const int head = t.head(p, it);
@@ -219,17 +259,17 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, u32 smem, BwdBa
   // dV and dK are staged where V and K were: K is read by both consumers' dQ GEMMs, so both must
   // be done with it first.
   named_barrier_sync(kConsumerBarrier, kConsumerThreads);
-  stage_fragments<KTile>(acc_dv, smem + kVOffset, key_row0, 0, lane);
-  stage_fragments<KTile>(acc_dk, smem + kKOffset, key_row0, 0, lane, p.scale);
+  stage_fragments<KTile>(acc_dv, smem.v(), key_row0, 0, lane);
+  stage_fragments<KTile>(acc_dk, smem.k(), key_row0, 0, lane, p.scale);
   named_barrier_sync(kConsumerBarrier, kConsumerThreads);
   const int chunks_valid = p.head_dim / 8;
   const int tid = wg * kWarpgroupThreads + ctid;
   write_staged_tile<KTile, kConsumerThreads>(
-      smem + kVOffset,
+      smem.v(),
       p.dv + (i64)(t.seq.k_start + t.n0) * p.dv_row_stride + (i64)t.kv_head * p.dv_head_stride,
       p.dv_row_stride, t.keys_valid, chunks_valid, tid);
   write_staged_tile<KTile, kConsumerThreads>(
-      smem + kKOffset,
+      smem.k(),
       p.dk + (i64)(t.seq.k_start + t.n0) * p.dk_row_stride + (i64)t.kv_head * p.dk_head_stride,
       p.dk_row_stride, t.keys_valid, chunks_valid, tid);
 }
@@ -237,26 +277,26 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, u32 smem, BwdBa
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 varlen_bwd_dkdv(const __grid_constant__ BwdParams p) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  // The swizzle pattern is a function of the address: panels must sit on 1024-byte boundaries.
-  const u32 smem = (smem_addr(smem_raw) + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1);
+  // The swizzle pattern is a function of the address: the storage's tiles need 1024-byte alignment,
+  // which the dynamic shared memory's base need not have.
+  const Smem smem{(smem_addr(smem_raw) + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1)};
   KeyTileWork t;
   if (!load_key_tile(p, t)) return;  // the same for every thread: before any barrier
-  const BwdBarriers bar{smem + kBarOffset};
   const int tid = threadIdx.x;
   if (tid == 0) {
-    mbarrier_init(bar.kv_full(), kWarpgroupThreads);
+    mbarrier_init(smem.kv_full(), kWarpgroupThreads);
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(bar.q_full(s), kWarpgroupThreads);
-      mbarrier_init(bar.q_empty(s), kConsumerThreads);
+      mbarrier_init(smem.q_full(s), kWarpgroupThreads);
+      mbarrier_init(smem.q_empty(s), kConsumerThreads);
     }
   }
   __syncthreads();
   const int wg = tid / kWarpgroupThreads;
   if (wg == 0) {
     warpgroup_reg_dealloc<kProducerRegs>();
-    produce(p, t, smem, bar, tid);
+    produce(p, t, smem, tid);
   } else {
     warpgroup_reg_alloc<kConsumerRegs>();
-    consume(p, t, smem, bar, wg - 1, tid % kWarpgroupThreads);
+    consume(p, t, smem, wg - 1, tid % kWarpgroupThreads);
   }
 }

@@ -65,6 +65,17 @@ CV_DEVICE int opaque(int x) {
 
 CV_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 
+// offsetof, which NVRTC lacks (no <cstddef>, no __builtin_offsetof), in its classic form: the
+// member's address in an object at address 0. The compiler folds it into a constant (plus the
+// index arithmetic of an array element), where a generic pointer's conversion to the shared window
+// would cost instructions per use.
+#define CV_OFFSET_OF(type, member) \
+  ((u32)(unsigned long long)&(reinterpret_cast<const type*>(0)->member))
+// The offset of element `index` of array member `member`, in 32-bit arithmetic (indexing the
+// array itself would multiply in 64 bits).
+#define CV_OFFSET_OF_ELEMENT(type, member, index) \
+  (CV_OFFSET_OF(type, member) + (u32)(index) * (u32)sizeof(reinterpret_cast<const type*>(0)->member[0]))
+
 CV_DEVICE u32 smem_addr(const void* ptr) {
   return static_cast<u32>(__cvta_generic_to_shared(ptr));
 }

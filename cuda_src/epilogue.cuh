@@ -4,6 +4,9 @@
 // sequence's live output, and past the last sequence lies memory that is not ours.
 #pragma once
 
+#include "common.cuh"
+#include "tiles.cuh"
+
 // Converts a warp's accumulator fragments (rows row0 + 16m + ..., columns 8 * (chunk0 + n) + ...)
 // times `mul` to 16-bit and writes them into a shared-memory tile laid out like the inputs.
 template <class Tile, int kMAtoms, int kNAtoms>

@@ -17,6 +17,15 @@
 // CV_BLOCK_N, CV_SUB_N, CV_WARPS, CV_STAGES, CV_WINDOWED, CV_MIN_BLOCKS, CV_QK_UNROLL,
 // CV_DTYPE_BF16.
 
+#include "common.cuh"
+#include "epilogue.cuh"
+#include "mask.cuh"
+#include "mma_sm80.cuh"
+#include "scheduler.cuh"
+#include "seqlen.cuh"
+#include "softmax.cuh"
+#include "tiles.cuh"
+
 constexpr int kHeadDim = CV_HEAD_DIM;
 constexpr int kBlockM = CV_BLOCK_M;
 constexpr int kBlockN = CV_BLOCK_N;

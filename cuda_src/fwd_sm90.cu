@@ -26,6 +26,17 @@
 // Specialization (-D from cupy_varlen/_spec.py): CV_HEAD_DIM (64, 128 or 256), CV_BLOCK_M (128 or
 // 192), CV_BLOCK_N, CV_STAGES, CV_WINDOWED, CV_DTYPE_BF16.
 
+#include "common.cuh"
+#include "epilogue.cuh"
+#include "mask.cuh"
+#include "pipeline.cuh"
+#include "scheduler.cuh"
+#include "seqlen.cuh"
+#include "softmax.cuh"
+#include "sync_sm90.cuh"
+#include "tiles.cuh"
+#include "wgmma.cuh"
+
 constexpr int kHeadDim = CV_HEAD_DIM;
 constexpr int kBlockM = CV_BLOCK_M;
 constexpr int kBlockN = CV_BLOCK_N;
@@ -58,20 +69,6 @@ static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumers * k
 typedef SmemTile<kBlockM, kHeadDim> QTile;
 typedef SmemTile<kBlockN, kHeadDim> KVTile;
 
-// Shared memory, from a 1024-byte aligned base: Q, the K ring, the V ring, then the barriers and
-// the work slot.
-constexpr int kQOffset = 0;
-constexpr int kKOffset = kQOffset + QTile::kBytes;
-constexpr int kVOffset = kKOffset + kStages * KVTile::kBytes;
-constexpr int kBarOffset = kVOffset + kStages * KVTile::kBytes;
-constexpr int kNumBarriers = 2 + 4 * kStages;  // q_full, q_empty, k/v_full[], k/v_empty[]
-constexpr int kWorkSlotOffset = kBarOffset + 8 * kNumBarriers;  // the decoded item (WorkTile)
-constexpr int kNextItemOffset = kWorkSlotOffset + 48;  // the producer's next item, for its threads
-// cupy_varlen/_spec.py, SM90_FWD_EXTRA_BYTES: 1024 of alignment slack, then this much.
-constexpr int kBookkeepingBytes = 512;
-static_assert(kNextItemOffset + 4 - kBarOffset <= kBookkeepingBytes,
-              "barriers and work slot exceed the shared memory the host reserves for them");
-
 // Named barriers (0 is __syncthreads'): the producer's item broadcast, and the consumers' turns.
 constexpr int kProducerBarrier = 1;
 constexpr int kTurnBarrier = 2;  // + consumer index
@@ -81,7 +78,7 @@ constexpr int kTurnBarrier = 2;  // + consumer index
 // the other's GEMMs occupy the tensor cores, instead of both contending for the exp unit at once.
 // Not at head dim 64: there a softmax outlasts the other warpgroup's GEMMs (about 1.1k cycles
 // against 0.5k per 64 x 128 tile), so the turns only add waiting; with TMA loads the kernel ran
-// 8-10% faster without them (full attention; causal +1.5%; benchmarks/NOTES.md, 2026-11-25).
+// 8-10% faster without them (full attention; causal +1.5%; docs/performance.md, 2026-11-25).
 constexpr bool kTensorCoreTurns = kHeadDim > 64;
 struct TensorCoreTurn {
   int wg;
@@ -92,16 +89,6 @@ struct TensorCoreTurn {
     if (kTensorCoreTurns)
       named_barrier_arrive(kTurnBarrier + (wg + 1) % kConsumers, 2 * kWarpgroupThreads);
   }
-};
-
-struct Barriers {
-  u32 base;
-  CV_DEVICE u32 q_full() const { return base; }
-  CV_DEVICE u32 q_empty() const { return base + 8; }
-  CV_DEVICE u32 k_full(int s) const { return base + 16 + 8 * s; }
-  CV_DEVICE u32 v_full(int s) const { return base + 16 + 8 * (kStages + s); }
-  CV_DEVICE u32 k_empty(int s) const { return base + 16 + 8 * (2 * kStages + s); }
-  CV_DEVICE u32 v_empty(int s) const { return base + 16 + 8 * (3 * kStages + s); }
 };
 
 struct Params {
@@ -138,6 +125,45 @@ struct WorkTile {
 };
 static_assert(sizeof(WorkTile) == 48, "WorkTile travels as three 16-byte shared words");
 
+// Shared memory. Operand tiles sit on 1024-byte boundaries: the 128-byte swizzle that TMA writes and
+// wgmma reads is a function of the address.
+struct SharedStorage {
+  alignas(kSwizzleAtomBytes) unsigned char q[QTile::kBytes];
+  alignas(kSwizzleAtomBytes) unsigned char k[kStages][KVTile::kBytes];
+  alignas(kSwizzleAtomBytes) unsigned char v[kStages][KVTile::kBytes];
+  u64 q_full, q_empty;  // Q and the work slot published / every consumer done with them
+  u64 k_full[kStages], v_full[kStages], k_empty[kStages], v_empty[kStages];
+  alignas(16) WorkTile work;  // the item the consumers take next, decoded by the producer
+  int next_item;              // the producer's next item, for all its threads
+};
+// The host reserves CV_SMEM_BYTES (cupy_varlen/_spec.py, FwdSpec.smem_bytes): the storage plus the
+// slack that aligns its base.
+static_assert(sizeof(SharedStorage) + kSwizzleAtomBytes <= CV_SMEM_BYTES,
+              "SharedStorage exceeds the shared memory the host reserves");
+
+// SharedStorage's members as shared-window addresses, which mbarriers, cp.async, TMA and wgmma
+// descriptors take: the storage's aligned base plus the member's offset, a compile-time constant
+// (going through generic pointers instead costs a special-register read per address in the loop).
+struct Smem {
+  u32 base;
+  CV_DEVICE u32 q() const { return base + CV_OFFSET_OF(SharedStorage, q); }
+  CV_DEVICE u32 k(int stage) const { return base + CV_OFFSET_OF_ELEMENT(SharedStorage, k, stage); }
+  CV_DEVICE u32 v(int stage) const { return base + CV_OFFSET_OF_ELEMENT(SharedStorage, v, stage); }
+  CV_DEVICE u32 q_full() const { return base + CV_OFFSET_OF(SharedStorage, q_full); }
+  CV_DEVICE u32 q_empty() const { return base + CV_OFFSET_OF(SharedStorage, q_empty); }
+  CV_DEVICE u32 k_full(int stage) const { return base + CV_OFFSET_OF_ELEMENT(SharedStorage, k_full, stage); }
+  CV_DEVICE u32 v_full(int stage) const { return base + CV_OFFSET_OF_ELEMENT(SharedStorage, v_full, stage); }
+  CV_DEVICE u32 k_empty(int stage) const {
+    return base + CV_OFFSET_OF_ELEMENT(SharedStorage, k_empty, stage);
+  }
+  CV_DEVICE u32 v_empty(int stage) const {
+    return base + CV_OFFSET_OF_ELEMENT(SharedStorage, v_empty, stage);
+  }
+  CV_DEVICE u32 work() const { return base + CV_OFFSET_OF(SharedStorage, work); }
+  CV_DEVICE u32 next_item() const { return base + CV_OFFSET_OF(SharedStorage, next_item); }
+};
+typedef PipelineState<kStages> KVPipe;
+
 // The consumers' copy of a decoded item; head -1 marks the end of the work.
 CV_DEVICE void publish_work(u32 slot, const WorkTile& t) {
   uint4 words[3];
@@ -170,21 +196,12 @@ CV_DEVICE void derive_work(const Params& p, WorkTile& t) {
   t.range = key_block_range(t.m0, t.m0 + t.rows_valid - 1, t.seq.k_len, t.band, kBlockN);
 }
 
-// Items are normally taken head by head, each head's tiles longest first (decode_item): the tiles
-// running at once then share their heads' K and V in L2. Where all of K and V fit in L2 anyway, the
-// host asks for one longest-first order over every head instead (rank-major, the heads of a K/V
-// group side by side): head by head, the last heads' longest tiles start near the end and set the
-// kernel's length (seed batch: SMs busy 91k cycles on average against 122k for the last).
-CV_DEVICE WorkTile load_work(const Params& p, int num_tiles, int item) {
+// The decoded item, or the end marker (head -1) past the last one.
+CV_DEVICE WorkTile load_work(const Params& p, const PersistentScheduler& scheduler, int item) {
   WorkTile t;
-  int rank;
-  if (p.lpt_across_heads) {
-    rank = item / p.num_heads;
-    t.head = item - rank * p.num_heads;
-  } else {
-    decode_item(p.workspace, p.heads_per_kv, num_tiles, item, rank, t.head);
-  }
-  const TileWork w = tile_at_rank(p.workspace, rank);
+  t.head = -1;
+  if (scheduler.done(item)) return t;
+  const TileWork w = scheduler.tile(item, t.head);
   t.kv_head = t.head / p.heads_per_kv;
   t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, w.batch_idx);
   t.m0 = w.m_block * kBlockM;
@@ -203,45 +220,38 @@ CV_DEVICE void load_bulk(u32 dst, const TensorMap& map, int head, int row, u32 f
   }
 }
 
-CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, int total_items,
-                       int ptid) {
-  const u32 work_slot = smem + kWorkSlotOffset;
+CV_DEVICE void produce(const Params& p, const Smem& smem, int ptid) {
+  const PersistentScheduler scheduler(p.workspace, p.num_heads, p.heads_per_kv,
+                                      p.lpt_across_heads);
   const int chunks_valid = p.head_dim / 8;
-  // The decoded item, or the end marker (head -1) past the last one.
-  auto decode = [&](int item) {
-    WorkTile w;
-    w.head = -1;
-    if (item < total_items) w = load_work(p, num_tiles, item);
-    return w;
-  };
-  int item = blockIdx.x;
-  WorkTile t = decode(item);
-  int pipe = 0;
-  for (int tile_iter = 0;; ++tile_iter) {
+  int item = scheduler.first_item();
+  WorkTile t = load_work(p, scheduler, item);
+  PipelineState<1> q_pipe;  // the Q tile and the work slot: one slot
+  KVPipe kv_pipe;
+  for (;; q_pipe.advance()) {
     // The consumers are done with the previous Q tile (and have long since read the work slot).
-    mbarrier_wait(bar.q_empty(), (tile_iter & 1) ^ 1);
+    q_pipe.wait_empty(smem.q_empty());
     if (ptid == 0) {
-      publish_work(work_slot, t);
-      mbarrier_arrive(bar.q_full());  // releases the slot writes; the count's one extra arrival
+      publish_work(smem.work(), t);
+      mbarrier_arrive(smem.q_full());  // releases the slot writes; the count's one extra arrival
     }
-    if (item >= total_items) {
+    if (scheduler.done(item)) {
       // Hand the end marker over without copies (the count expects one arrival per thread).
-      mbarrier_arrive(bar.q_full());
+      mbarrier_arrive(smem.q_full());
       break;
     }
     int next = 0;
-    if (ptid == 0) next = next_work_item(p.workspace);  // latency hidden behind this tile's copies
+    if (ptid == 0) next = scheduler.next_item();  // latency hidden behind this tile's copies
 
     load_tile_async<kBlockM, kHeadDim, kWarpgroupThreads>(
-        smem + kQOffset,
+        smem.q(),
         p.q + (i64)(t.seq.q_start + t.m0) * p.q_row_stride + (i64)t.head * p.q_head_stride,
         p.q_row_stride, t.rows_valid, chunks_valid, ptid);
-    mbarrier_arrive_on_copies(bar.q_full());
+    mbarrier_arrive_on_copies(smem.q_full());
 
     const int n_iters = t.range.count();
-    for (int it = 0; it < n_iters; ++it, ++pipe) {
-      const int stage = pipe % kStages;
-      const int free_parity = ((pipe / kStages) & 1) ^ 1;
+    for (int it = 0; it < n_iters; ++it, kv_pipe.advance()) {
+      const int stage = kv_pipe.index();
       const int n0 = (t.range.n_block_max - 1 - it) * kBlockN;
       const i64 row = t.seq.k_start + n0;
       // A tile wholly inside its sequence goes by TMA: one instruction per panel from one thread,
@@ -259,21 +269,19 @@ CV_DEVICE void produce(const Params& p, u32 smem, Barriers bar, int num_tiles, i
           mbarrier_arrive_on_copies(full);
         }
       };
-      mbarrier_wait(bar.k_empty(stage), free_parity);
-      send(smem + kKOffset + stage * KVTile::kBytes, p.tma_k, p.k, p.k_row_stride, p.k_head_stride,
-           bar.k_full(stage));
-      mbarrier_wait(bar.v_empty(stage), free_parity);
-      send(smem + kVOffset + stage * KVTile::kBytes, p.tma_v, p.v, p.v_row_stride, p.v_head_stride,
-           bar.v_full(stage));
+      kv_pipe.wait_empty(smem.k_empty(stage));
+      send(smem.k(stage), p.tma_k, p.k, p.k_row_stride, p.k_head_stride, smem.k_full(stage));
+      kv_pipe.wait_empty(smem.v_empty(stage));
+      send(smem.v(stage), p.tma_v, p.v, p.v_row_stride, p.v_head_stride, smem.v_full(stage));
     }
     // Every producer thread follows thread 0's item sequence. The first barrier keeps thread 0
     // from overwriting the slot before every thread has read the previous value.
     named_barrier_sync(kProducerBarrier, kWarpgroupThreads);
-    if (ptid == 0) st_shared_s32(smem + kNextItemOffset, next);
+    if (ptid == 0) st_shared_s32(smem.next_item(), next);
     named_barrier_sync(kProducerBarrier, kWarpgroupThreads);
-    item = ld_shared_s32(smem + kNextItemOffset);
+    item = ld_shared_s32(smem.next_item());
     // Decoded now, while the consumers work through the ring: its loads stay off their path.
-    t = decode(item);
+    t = load_work(p, scheduler, item);
   }
   // No copy may still be landing when the CTA retires.
   asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -308,18 +316,19 @@ CV_DEVICE void softmax_tile(float (&s)[1][kNAtoms][4], const WorkTile& t,
 // P(i+1) over P(i)'s registers (the GEMM reads them until it completes). In the SASS the overlap
 // does not happen: ptxas moves the second wait above the softmax, and issuing the wgmmas already
 // blocks the warps for about the GEMMs' duration. Holding the wait below the softmax measured no
-// faster (benchmarks/NOTES.md, head dim 64 section); the other consumer's GEMMs are what fill the
+// faster (docs/performance.md, head dim 64 section); the other consumer's GEMMs are what fill the
 // tensor cores during a softmax.
-CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int wg, int ctid) {
+CV_DEVICE void consume(const Params& p, const Smem& smem, int wg, int ctid) {
   const int lane = ctid & 31;
   const int warp_row0 = wg * kConsumerRows + (ctid >> 5) * 16;  // first row of this warp's 16
-  const u32 q_rows = smem + kQOffset + wg * kConsumerRows * kPanelBytes;
+  const u32 q_rows = smem.q() + wg * kConsumerRows * kPanelBytes;
   const TensorCoreTurn turn{wg};
   if (wg == kConsumers - 1) turn.release();  // consumer 0 goes first, then 1, ...
-  int pipe = 0;
-  for (int tile_iter = 0;; ++tile_iter) {
-    mbarrier_wait(bar.q_full(), tile_iter & 1);
-    WorkTile t = read_work(smem + kWorkSlotOffset);
+  PipelineState<1> q_pipe;
+  KVPipe kv_pipe;  // V(i), and K(i) before the steady state
+  for (;; q_pipe.advance()) {
+    q_pipe.wait_full(smem.q_full());
+    WorkTile t = read_work(smem.work());
     if (t.head < 0) break;
     derive_work(p, t);
     const TileMaskTest<kBlockN> mask_test(t.m0, t.m0 + t.rows_valid - 1, t.seq.k_len, t.band);
@@ -337,64 +346,61 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int wg, int ctid
     // Tiles that came by cp.async (generic proxy) need the proxy fence before wgmma reads them; the
     // producer's choice, repeated: K(i+1) of the steady state is always whole, V(i) may not be.
     auto by_cp_async = [&](int it) { return !p.use_tma || n0_of(it) + kBlockN > t.seq.k_len; };
-    auto k_tile = [&](int at) { return smem + kKOffset + (at % kStages) * KVTile::kBytes; };
 
     if (n_iters > 0) {
-      mbarrier_wait(bar.k_full(pipe % kStages), (pipe / kStages) & 1);
+      kv_pipe.wait_full(smem.k_full(kv_pipe.index()));
       if (by_cp_async(0)) fence_proxy_async();
       turn.acquire();
-      issue_scores(s, q_rows, k_tile(pipe));
+      issue_scores(s, q_rows, smem.k(kv_pipe.index()));
       turn.release();
       wgmma_wait<0>();
       fence_registers(s);
-      mbarrier_arrive(bar.k_empty(pipe % kStages));
-      if (n_iters == 1) mbarrier_arrive(bar.q_empty());
+      mbarrier_arrive(smem.k_empty(kv_pipe.index()));
+      if (n_iters == 1) mbarrier_arrive(smem.q_empty());
       softmax_tile(s, t, mask_test, n0_of(0), row0, lane, p.scale_log2, softmax, correction);
       pack_a_fragments(s, pa);  // O is still 0: no rescale
     } else {
-      mbarrier_arrive(bar.q_empty());
+      mbarrier_arrive(smem.q_empty());
     }
 
     // Steady state, every iteration but the last: the wgmma group bookkeeping (wait<1> retires
     // S(i+1) but not P(i) V(i)) has to be visible to ptxas without branches, or it serializes
     // every wgmma.
     int it = 0;
-    for (; it < n_iters - 1; ++it, ++pipe) {
-      const int stage = pipe % kStages;
-      const int next = pipe + 1;
-      mbarrier_wait(bar.k_full(next % kStages), (next / kStages) & 1);
-      mbarrier_wait(bar.v_full(stage), (pipe / kStages) & 1);
+    for (; it < n_iters - 1; ++it, kv_pipe.advance()) {
+      const KVPipe k_pipe = kv_pipe.advanced();  // K(i+1)
+      k_pipe.wait_full(smem.k_full(k_pipe.index()));
+      kv_pipe.wait_full(smem.v_full(kv_pipe.index()));
       if (by_cp_async(it)) fence_proxy_async();
       turn.acquire();
-      issue_scores(s, q_rows, k_tile(next));
-      issue_output(acc_o, pa, smem + kVOffset + stage * KVTile::kBytes);
+      issue_scores(s, q_rows, smem.k(k_pipe.index()));
+      issue_output(acc_o, pa, smem.v(kv_pipe.index()));
       turn.release();
 
       wgmma_wait<1>();  // S(i+1) is done; P(i) V(i) may still run
       fence_registers(s);
-      mbarrier_arrive(bar.k_empty(next % kStages));
-      if (it + 2 == n_iters) mbarrier_arrive(bar.q_empty());  // that was the last read of Q
+      mbarrier_arrive(smem.k_empty(k_pipe.index()));
+      if (it + 2 == n_iters) mbarrier_arrive(smem.q_empty());  // that was the last read of Q
       softmax_tile(s, t, mask_test, n0_of(it + 1), row0, lane, p.scale_log2, softmax, correction);
       wgmma_wait<0>();
       fence_registers(acc_o);
       fence_registers(pa);  // P(i) was live until here: its registers were the GEMM's operand
-      mbarrier_arrive(bar.v_empty(stage));
+      mbarrier_arrive(smem.v_empty(kv_pipe.index()));
       OnlineSoftmax<1>::rescale(acc_o, correction);
       // P(i+1) is packed only now, over P(i)'s registers, which the finished GEMM has released.
       pack_a_fragments(s, pa);
     }
     if (n_iters > 0) {  // the last P V
-      const int stage = pipe % kStages;
-      mbarrier_wait(bar.v_full(stage), (pipe / kStages) & 1);
+      kv_pipe.wait_full(smem.v_full(kv_pipe.index()));
       if (by_cp_async(it)) fence_proxy_async();
       turn.acquire();
-      issue_output(acc_o, pa, smem + kVOffset + stage * KVTile::kBytes);
+      issue_output(acc_o, pa, smem.v(kv_pipe.index()));
       turn.release();
       wgmma_wait<0>();
       fence_registers(acc_o);
       fence_registers(pa);
-      mbarrier_arrive(bar.v_empty(stage));
-      ++pipe;
+      mbarrier_arrive(smem.v_empty(kv_pipe.index()));
+      kv_pipe.advance();
     }
 
     float row_lse[1][2];
@@ -414,28 +420,27 @@ CV_DEVICE void consume(const Params& p, u32 smem, Barriers bar, int wg, int ctid
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 varlen_fwd(const __grid_constant__ Params p) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  // The swizzle pattern is a function of the address: panels must sit on 1024-byte boundaries.
-  const u32 smem = (smem_addr(smem_raw) + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1);
-  const Barriers bar{smem + kBarOffset};
+  // The swizzle pattern is a function of the address: the storage's tiles need 1024-byte alignment,
+  // which the dynamic shared memory's base need not have.
+  const Smem smem{(smem_addr(smem_raw) + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1)};
   const int tid = threadIdx.x;
   if (tid == 0) {
-    mbarrier_init(bar.q_full(), kWarpgroupThreads + 1);
-    mbarrier_init(bar.q_empty(), kConsumers * kWarpgroupThreads);
+    mbarrier_init(smem.q_full(), kWarpgroupThreads + 1);
+    mbarrier_init(smem.q_empty(), kConsumers * kWarpgroupThreads);
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(bar.k_full(s), kWarpgroupThreads);
-      mbarrier_init(bar.v_full(s), kWarpgroupThreads);
-      mbarrier_init(bar.k_empty(s), kConsumers * kWarpgroupThreads);
-      mbarrier_init(bar.v_empty(s), kConsumers * kWarpgroupThreads);
+      mbarrier_init(smem.k_full(s), kWarpgroupThreads);
+      mbarrier_init(smem.v_full(s), kWarpgroupThreads);
+      mbarrier_init(smem.k_empty(s), kConsumers * kWarpgroupThreads);
+      mbarrier_init(smem.v_empty(s), kConsumers * kWarpgroupThreads);
     }
   }
   __syncthreads();
-  const int num_tiles = __ldg(p.workspace);
   const int wg = tid / kWarpgroupThreads;
   if (wg == 0) {
     warpgroup_reg_dealloc<kProducerRegs>();
-    produce(p, smem, bar, num_tiles, num_tiles * p.num_heads, tid);
+    produce(p, smem, tid);
   } else {
     warpgroup_reg_alloc<kConsumerRegs>();
-    consume(p, smem, bar, wg - 1, tid % kWarpgroupThreads);
+    consume(p, smem, wg - 1, tid % kWarpgroupThreads);
   }
 }

@@ -9,6 +9,8 @@
 // against lane constants, not a per-row 64-bit bound.
 #pragma once
 
+#include "common.cuh"
+
 struct AttnWindow {
   int left;   // -1: unbounded
   int right;  // -1: unbounded

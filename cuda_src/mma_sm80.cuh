@@ -8,6 +8,9 @@
 // feeds O += P V straight from registers.
 #pragma once
 
+#include "common.cuh"
+#include "tiles.cuh"
+
 CV_DEVICE void ldmatrix_x4(u32 (&r)[4], u32 addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

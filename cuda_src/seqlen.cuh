@@ -1,6 +1,8 @@
 // Where a sequence starts and how long it is, from the cumulative offsets.
 #pragma once
 
+#include "common.cuh"
+
 struct SeqInfo {
   int q_start, q_len;
   int k_start, k_len;

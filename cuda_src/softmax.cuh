@@ -6,6 +6,8 @@
 // scale > 0, so multiplying by it preserves the order of scores and -inf stays -inf.
 #pragma once
 
+#include "common.cuh"
+
 template <int kMAtoms>
 struct OnlineSoftmax {
   // [m][half]: rows group and group + 8 of row block m.
@@ -59,7 +61,7 @@ struct OnlineSoftmax {
   // the multiplies once the running max settles, but it practically never fires: ptxas fuses the
   // correction's exponent into an FMA whose rounding residue keeps the factor off 1 (ncu: the
   // multiplies ran in 99.7% of iterations), and an exact 1 for an unmoved max did not pay either
-  // (benchmarks/NOTES.md, head dim 64 section). The branch stays because without it (or with the
+  // (docs/performance.md, head dim 64 section). The branch stays because without it (or with the
   // exact 1) ptxas spills 68-72 bytes in the sm80 head-dim-128 tile.
   template <int kDAtoms>
   static CV_DEVICE void rescale(float (&acc_o)[kMAtoms][kDAtoms][4],

@@ -8,6 +8,8 @@
 // waiting on "slot free" barriers with parity 1 and pass at once.
 #pragma once
 
+#include "common.cuh"
+
 CV_DEVICE void mbarrier_init(u32 bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }

@@ -8,6 +8,8 @@
 // nor the cp.async writes (8 consecutive chunks of one row per quarter-warp) conflict.
 #pragma once
 
+#include "common.cuh"
+
 template <int kRows, int kHeadDim>
 struct SmemTile {
   static_assert(kHeadDim % 32 == 0, "head-dim tile must be a multiple of 32");

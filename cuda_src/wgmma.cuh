@@ -18,6 +18,8 @@
 // probabilities go from the score accumulator into P V without shuffles.
 #pragma once
 
+#include "common.cuh"
+
 #if CV_DTYPE_BF16
 #define CV_WGMMA_T "bf16"
 #else

@@ -1,8 +1,10 @@
 """Source assembly, NVRTC compilation, the compile cache and kernel handles.
 
-The whole translation unit is assembled here from ``cuda_src/`` in a fixed order, so the cache key
-(a hash of every source byte, the options and the NVRTC version) covers everything that goes into the
-cubin; no header is found through ``-I``. Compilation goes straight through CuPy's NVRTC binding
+The whole translation unit is assembled here from ``cuda_src/``: starting at the spec's kernel file,
+every ``#include "name"`` line is replaced by that file (once per translation unit, as ``#pragma
+once`` would), so the cache key (a hash of every source byte, the options and the NVRTC version)
+covers everything that goes into the cubin and no header is found through ``-I``, whose files CuPy's
+and NVRTC's caches would not see change. Compilation goes straight through CuPy's NVRTC binding
 (``cupy.cuda.nvrtc``), which works without a GPU, so the CPU test suite compiles every
 specialization and reads the ptxas resource report.
 
@@ -24,7 +26,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["SOURCE_DIR", "assemble_source", "compile_spec", "CompiledSpec", "ResourceUsage"]
+__all__ = ["SOURCE_DIR", "assemble_files", "assemble_source", "source_files", "compile_spec", "CompiledSpec",
+           "ResourceUsage"]
 
 
 def _find_source_dir() -> Path:
@@ -45,14 +48,60 @@ def _read_source(name: str) -> str:
     return (SOURCE_DIR / name).read_text()
 
 
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*(["<])([^">]+)[">][^\n]*$', re.MULTILINE)
+_PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$", re.MULTILINE)
+
+
+class SourceError(RuntimeError):
+    """A cuda_src file that cannot be assembled: a missing file, an include cycle, or an include
+    of a system header (NVRTC runs without the toolkit's headers)."""
+
+
+def _resolve(name: str, emitted: list, chain: tuple) -> list:
+    """The text of ``name`` with its includes expanded, as a list of parts; ``emitted`` collects the
+    files already in the translation unit, in the order they entered it."""
+    if name in chain:
+        raise SourceError(f"include cycle: {' -> '.join(chain + (name,))}")
+    if name in emitted:
+        return []
+    try:
+        text = _PRAGMA_ONCE.sub("", _read_source(name))
+    except OSError as e:
+        including = f" (included by {chain[-1]})" if chain else ""
+        raise SourceError(f"cupy_varlen: CUDA source {name!r} not found{including}") from e
+    emitted.append(name)
+    parts, pos, line = [f'#line 1 "{name}"\n'], 0, 1
+    for m in _INCLUDE.finditer(text):
+        if m.group(1) == "<":
+            raise SourceError(f"{name}: system include <{m.group(2)}> (NVRTC has no toolkit "
+                              "headers; put what is needed in cuda_src/)")
+        line += text.count("\n", pos, m.end())
+        parts.append(text[pos:m.start()])
+        parts.extend(_resolve(m.group(2), emitted, chain + (name,)))
+        # Back in this file after the included one: messages keep naming the right line.
+        parts.append(f'\n#line {line + 1} "{name}"')
+        pos = m.end()
+    parts.append(text[pos:])
+    return parts
+
+
+def assemble_files(*names: str) -> str:
+    """The named cuda_src files in order, each with its includes expanded and every file once, with
+    #line markers so compiler messages name the original file and line."""
+    emitted = []
+    return "".join(part for name in names for part in _resolve(name, emitted, ()))
+
+
 def assemble_source(spec) -> str:
-    """The complete translation unit for ``spec``: its sources concatenated in order, with #line
-    markers so compiler messages name the original file and line."""
-    parts = []
-    for name in spec.sources:
-        text = _read_source(name).replace("#pragma once", "")
-        parts.append(f'#line 1 "{name}"\n{text}')
-    return "\n".join(parts)
+    """The complete translation unit for ``spec``: its kernel file with every include expanded."""
+    return assemble_files(spec.source)
+
+
+def source_files(spec) -> tuple:
+    """The cuda_src files in ``spec``'s translation unit, in the order they enter it."""
+    emitted = []
+    _resolve(spec.source, emitted, ())
+    return tuple(emitted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +302,7 @@ def load_kernels(spec, device_id: int) -> LoadedKernels:
     from cupy.cuda import driver, function
 
     # Keyed by the compiled source, not by the spec alone: a spec names a specialization, and the
-    # same spec over other source text (benchmarks/ab_sources.py swaps sources in one process)
+    # same spec over other source text (benchmarks/lab/ab_sources.py swaps sources in one process)
     # must load its own module.
     compiled = compile_spec(spec)
     loaded = _loaded.get((compiled.key, device_id))

@@ -33,26 +33,17 @@ ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
 # Dynamic shared memory one block may opt into, per architecture (bytes).
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90a": 227 * 1024}
 
-# Forward kernel sources per family, in include order. Each file is one concern; see cuda_src/.
-_SHARED_SOURCES = ("softmax.cuh", "mask.cuh", "seqlen.cuh", "scheduler.cuh", "epilogue.cuh")
-FWD_SOURCES = {
-    "sm80": ("common.cuh", "tiles.cuh", "mma_sm80.cuh") + _SHARED_SOURCES + ("fwd_sm80.cu",),
-    "sm90": ("common.cuh", "tiles.cuh", "wgmma.cuh", "sync_sm90.cuh") + _SHARED_SOURCES
-    + ("fwd_sm90.cu",),
-}
-KERNELS = tuple(FWD_SOURCES)
-# Backward dK/dV families; both also carry bwd_common.cu's kernels (preprocess, dQ of either mode,
-# the latter on mma.sync).
-BWD_SOURCES = {
-    "sm80": ("common.cuh", "tiles.cuh", "mma_sm80.cuh") + _SHARED_SOURCES
-    + ("bwd_common.cu", "bwd_sm80.cu"),
-    "sm90": ("common.cuh", "tiles.cuh", "mma_sm80.cuh", "wgmma.cuh", "sync_sm90.cuh")
-    + _SHARED_SOURCES + ("bwd_common.cu", "bwd_sm90.cu"),
-}
+# The kernel file of each family; _build expands its #include lines into the translation unit.
+FWD_SOURCE = {"sm80": "fwd_sm80.cu", "sm90": "fwd_sm90.cu"}
+KERNELS = tuple(FWD_SOURCE)
+# Backward dK/dV families; both include bwd_common.cuh's kernels (preprocess, dQ of either mode, the
+# latter on mma.sync).
+BWD_SOURCE = {"sm80": "bwd_sm80.cu", "sm90": "bwd_sm90.cu"}
 SM90_THREADS = 384  # cuda_src/fwd_sm90.cu: a producer and two consumer warpgroups (three: 512)
-SM90_BARRIER_BYTES = 1024 + 256  # alignment slack for the 1024-byte swizzle atoms + barriers
-# The forward's: the barriers and the decoded work item (cuda_src/fwd_sm90.cu, kBookkeepingBytes).
-SM90_FWD_EXTRA_BYTES = 1024 + 512
+# What the sm90 kernels' SharedStorage adds to their operand tiles: its barriers and bookkeeping,
+# which it rounds up to its 1024-byte alignment (the swizzle atom), and as much again of slack that
+# aligns its base within the dynamic shared memory. The kernels static_assert that it fits.
+SM90_BOOKKEEPING_BYTES = 2 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +61,7 @@ class TileConfig:
         return self.sub_n or self.block_n
 
 
-# (head-dim tile) -> tile shape, per architecture, as found by benchmarks/tune_tiles.py: the
+# (head-dim tile) -> tile shape, per architecture, as found by benchmarks/lab/tune_tiles.py: the
 # largest tiles and deepest K/V ring that fit the shared memory of the CTAs per SM they are sized
 # for and compile with no register spills for every dtype and mask kind (the CPU tests re-check).
 # Four warps own 32 query rows each where registers allow: a B fragment read from shared memory
@@ -124,7 +115,7 @@ _TILES_WGMMA = {
 # softmax in flight, which is what bounds D64; their 160 registers a thread hold S, P and O only at
 # 96 keys. On short sequences the 192-row tiles waste more rows past each sequence's end, so
 # dispatch takes them only where the batch's mean length (total_q / batch, known on the host without
-# reading cu_seqlens) reaches LONG_ROWS_MEAN. H100, uniform D64 batches (benchmarks/NOTES.md,
+# reading cu_seqlens) reaches LONG_ROWS_MEAN. H100, uniform D64 batches (docs/performance.md,
 # 2026-11-25): -12% at length 512, -7% at 1024, equal at 2048, +3% at 4096, +7% at 8192; +9% / +6%
 # on B32 x <=8k (mean 4348).
 _TILES_WGMMA_LONG = {
@@ -149,44 +140,81 @@ forward_kernel = os.environ.get("CUPY_VARLEN_FWD_KERNEL", "auto")
 backward_kernel = os.environ.get("CUPY_VARLEN_BWD_KERNEL", "auto")
 
 
-def _check_spec_fields(spec, sm90_name: str, sm90_tiles) -> None:
-    """Kernel family, dtype, head-dim tile and architecture, common to every spec; ``sm90_tiles``
-    holds the head-dim tiles the spec kind's sm90 family covers."""
-    if spec.kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {spec.kernel!r}")
-    if spec.kernel == "sm90" and (spec.arch != "sm_90a" or spec.head_dim_tile not in sm90_tiles):
-        raise ValueError(f"{sm90_name} needs sm_90a and a head-dim tile in {tuple(sm90_tiles)}, "
-                         f"got {spec.arch} d{spec.head_dim_tile}")
-    if spec.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {spec.dtype!r}")
-    if spec.head_dim_tile not in HEAD_DIM_TILES:
-        raise ValueError(f"head_dim_tile must be one of {HEAD_DIM_TILES}")
-    if spec.arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {spec.arch!r}")
-
-
 @dataclasses.dataclass(frozen=True)
-class FwdSpec:
-    """One forward-kernel specialization."""
+class _KernelSpec:
+    """What every kernel specialization has: element type, head-dim tile, tile shape, mask kind and
+    target architecture (the kernel family is the subclasses' last field). The fields become the
+    kernel's ``-D`` macros and, with the assembled source, its cache key."""
 
     dtype: str  # "bf16" | "fp16"
     head_dim_tile: int  # head dim rounded up to a multiple of 32
-    tiles: TileConfig
+    tiles: object  # TileConfig or BwdTileConfig
     windowed: bool  # causal or sliding window: per-element masking beyond the sequence tail
     arch: str  # one of ARCHS
+
+    # The head-dim tiles the sm90 family of this kind covers, and its name in messages.
+    _sm90_tiles = {}
+    _sm90_name = ""
+
+    def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.kernel == "sm90" and (self.arch != "sm_90a"
+                                      or self.head_dim_tile not in self._sm90_tiles):
+            raise ValueError(f"{self._sm90_name} needs sm_90a and a head-dim tile in "
+                             f"{tuple(self._sm90_tiles)}, got {self.arch} d{self.head_dim_tile}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.head_dim_tile not in HEAD_DIM_TILES:
+            raise ValueError(f"head_dim_tile must be one of {HEAD_DIM_TILES}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+
+    @property
+    def threads(self) -> int:
+        return self.tiles.warps * 32
+
+    def _common_defines(self) -> dict:
+        t = self.tiles
+        return {
+            "CV_DTYPE_BF16": int(self.dtype == "bf16"),
+            "CV_HEAD_DIM": self.head_dim_tile,
+            "CV_BLOCK_M": t.block_m,
+            "CV_BLOCK_N": t.block_n,
+            "CV_STAGES": t.stages,
+            "CV_WINDOWED": int(self.windowed),
+        }
+
+    @property
+    def options(self) -> tuple:
+        """NVRTC options. ``--ptxas-options=-v`` puts registers and spills in the program log."""
+        return (
+            f"-arch={self.arch}",
+            "-std=c++17",
+            "--ptxas-options=-v",
+            "-lineinfo",
+        ) + tuple(f"-D{k}={v}" for k, v in sorted(self.defines.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdSpec(_KernelSpec):
+    """One forward-kernel specialization."""
+
     kernel: str = "sm80"  # one of KERNELS
 
     kernel_name = "varlen_fwd"
     schedule_kernel_name = "varlen_tile_schedule"
+    _sm90_tiles = _TILES_WGMMA
+    _sm90_name = "the sm90 kernel"
 
     def __post_init__(self):
-        _check_spec_fields(self, "the sm90 kernel", _TILES_WGMMA)
+        super().__post_init__()
         if self.smem_bytes > SMEM_LIMIT[self.arch]:
             raise ValueError(f"{self} needs {self.smem_bytes} B of shared memory")
 
     @property
-    def sources(self) -> tuple:
-        return FWD_SOURCES[self.kernel]
+    def source(self) -> str:
+        return FWD_SOURCE[self.kernel]
 
     @property
     def entry_points(self) -> dict:
@@ -200,42 +228,24 @@ class FwdSpec:
         return self.kernel == "sm90"
 
     @property
-    def threads(self) -> int:
-        return self.tiles.warps * 32
-
-    @property
     def smem_bytes(self) -> int:
+        """Dynamic shared memory: the Q tile and the K/V ring, plus for sm90 the 1024-byte
+        alignment slack and the barriers and work slot (the kernel static_asserts that its
+        SharedStorage fits, given CV_SMEM_BYTES)."""
         row_bytes = self.head_dim_tile * 2
         t = self.tiles
         tiles = row_bytes * (t.block_m + 2 * t.stages * t.block_n)
-        return tiles + (SM90_FWD_EXTRA_BYTES if self.kernel == "sm90" else 0)
+        return tiles + (SM90_BOOKKEEPING_BYTES if self.kernel == "sm90" else 0)
 
     @property
     def defines(self) -> dict:
         t = self.tiles
-        common = {
-            "CV_DTYPE_BF16": int(self.dtype == "bf16"),
-            "CV_HEAD_DIM": self.head_dim_tile,
-            "CV_BLOCK_M": t.block_m,
-            "CV_BLOCK_N": t.block_n,
-            "CV_STAGES": t.stages,
-            "CV_WINDOWED": int(self.windowed),
-        }
+        common = self._common_defines()
         if self.kernel == "sm90":
-            return common
+            return dict(common, CV_SMEM_BYTES=self.smem_bytes)
         return dict(common, CV_SUB_N=t.keys_per_subtile, CV_WARPS=t.warps,
                     CV_MIN_BLOCKS=t.min_blocks,
                     CV_QK_UNROLL=t.qk_unroll or self.head_dim_tile // 16)
-
-    @property
-    def options(self) -> tuple:
-        """NVRTC options. ``--ptxas-options=-v`` puts registers and spills in the program log."""
-        return (
-            f"-arch={self.arch}",
-            "-std=c++17",
-            "--ptxas-options=-v",
-            "-lineinfo",
-        ) + tuple(f"-D{k}={v}" for k, v in sorted(self.defines.items()))
 
     def __str__(self) -> str:
         t = self.tiles
@@ -384,38 +394,31 @@ bwd_tile_overrides: dict = {}
 
 
 @dataclasses.dataclass(frozen=True)
-class BwdSpec:
+class BwdSpec(_KernelSpec):
     """One backward specialization: one module holding the preprocess, dK/dV, and either the atomic
     dQ conversion or (deterministic) the dQ kernel, plus the tile scheduler."""
 
-    dtype: str
-    head_dim_tile: int
-    tiles: BwdTileConfig
-    windowed: bool
-    arch: str
     deterministic: bool
     kernel: str = "sm80"  # the dK/dV family, one of KERNELS
 
     kernel_name = "varlen_bwd_dkdv"
     schedule_kernel_name = "varlen_tile_schedule"
+    _sm90_tiles = _BWD_TILES_WGMMA
+    _sm90_name = "the sm90 backward"
 
     def __post_init__(self):
-        _check_spec_fields(self, "the sm90 backward", _BWD_TILES_WGMMA)
+        super().__post_init__()
         for name, size in (("dkdv", self.smem_bytes), ("dq", self.dq_smem_bytes)):
             if size > SMEM_LIMIT[self.arch]:
                 raise ValueError(f"{self} needs {size} B of shared memory in its {name} kernel")
-
-    @property
-    def threads(self) -> int:
-        return self.tiles.warps * 32
 
     @property
     def dq_threads(self) -> int:
         return self.tiles.block_m // 16 * 32
 
     @property
-    def sources(self) -> tuple:
-        return BWD_SOURCES[self.kernel]
+    def source(self) -> str:
+        return BWD_SOURCE[self.kernel]
 
     @property
     def smem_bytes(self) -> int:
@@ -425,7 +428,7 @@ class BwdSpec:
         common = 2 * t.block_n * row + t.stages * (2 * t.block_m * row + 2 * t.block_m * 4)
         if self.kernel == "sm90":
             ds = 0 if self.deterministic else 2 * t.block_n * t.block_m * 2
-            return common + ds + SM90_BARRIER_BYTES
+            return common + ds + SM90_BOOKKEEPING_BYTES
         return common + 2 * 2 * t.block_n * t.block_m
 
     @property
@@ -448,23 +451,12 @@ class BwdSpec:
     @property
     def defines(self) -> dict:
         t = self.tiles
-        common = {
-            "CV_DTYPE_BF16": int(self.dtype == "bf16"),
-            "CV_HEAD_DIM": self.head_dim_tile,
-            "CV_BLOCK_M": t.block_m,
-            "CV_BLOCK_N": t.block_n,
-            "CV_STAGES": t.stages,
-            "CV_WINDOWED": int(self.windowed),
-            "CV_DQ_ATOMIC": int(not self.deterministic),
-            "CV_DQ_BLOCK_N": t.dq_block_n,
-            "CV_DQ_STAGES": t.dq_stages,
-        }
+        common = dict(self._common_defines(), CV_DQ_ATOMIC=int(not self.deterministic),
+                      CV_DQ_BLOCK_N=t.dq_block_n, CV_DQ_STAGES=t.dq_stages)
         if self.kernel == "sm90":
-            return common
+            return dict(common, CV_SMEM_BYTES=self.smem_bytes)
         return dict(common, CV_WARPS=t.warps, CV_S_WARP_ROWS=t.s_warp_rows,
                     CV_KV_WARP_ROWS=t.kv_warp_rows, CV_DQ_WARP_ROWS=t.dq_warp_rows)
-
-    options = FwdSpec.options
 
     def __str__(self) -> str:
         t = self.tiles

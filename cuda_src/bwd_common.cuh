@@ -21,6 +21,16 @@
 // Specialization (-D from cupy_varlen/_spec.py): CV_DTYPE_BF16, CV_HEAD_DIM, CV_BLOCK_M (queries per
 // step), CV_BLOCK_N (keys per CTA), CV_WINDOWED, CV_DQ_ATOMIC, CV_DQ_BLOCK_N, CV_DQ_STAGES, and the
 // dK/dV family's own.
+#pragma once
+
+#include "common.cuh"
+#include "epilogue.cuh"
+#include "mask.cuh"
+#include "mma_sm80.cuh"
+#include "scheduler.cuh"
+#include "seqlen.cuh"
+#include "softmax.cuh"
+#include "tiles.cuh"
 
 constexpr int kHeadDim = CV_HEAD_DIM;
 constexpr int kBlockM = CV_BLOCK_M;
