@@ -1,79 +1,51 @@
-"""Public forward entry point: argument validation, dispatch and the framework bridge."""
+"""The public entry points: routing, allocation and the kernel launches.
+
+Arguments are checked by _checks; torch tensors that autograd records or torch compiles go to the
+torch integration (_torch), which is imported the first time a torch tensor shows up, so that
+``import cupy_varlen`` does not import torch.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import numbers
 
 import cupy
-import numpy as np
 
-from . import _arrays, _build, _launch, _spec
-
-try:  # the autograd / torch.compile integration; absent without torch
-    from . import _torch
-except ImportError:  # pragma: no cover - exercised only where torch is absent
-    _torch = None
+from . import _arrays, _build, _checks, _launch, _spec
+from ._checks import VARLEN_ATTN, VARLEN_ATTN_BACKWARD
 
 _LOG2E = 1.4426950408889634
-_INT32_MAX = 2**31 - 1
-_MAX_GRID_Y = 65535
+
+# cupy_varlen._torch, once a torch tensor has been seen (importing it imports torch and creates the
+# custom ops).
+_torch = None
 
 
-def _fail(exc, name, msg):
-    raise exc(f"varlen_attn: {name} {msg}")
+def _load_torch_integration():
+    global _torch, _needs_autograd
+    from . import _torch as module
+
+    _torch = module
+    _needs_autograd = module.needs_autograd
+    return module
 
 
-def _check_int(name, value, minimum=0):
-    if type(value) is int:  # the common case, without the ABC check below (microseconds per call)
-        if value < minimum:
-            _fail(ValueError, name, f"must be >= {minimum}, got {value}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        _fail(TypeError, name, f"must be a Python int, got {type(value).__name__}")
-    if value < minimum:
-        _fail(ValueError, name, f"must be >= {minimum}, got {value}")
-    return int(value)
+def _needs_autograd_until_torch(q, k, v) -> bool:
+    """What :func:`_needs_autograd` is until the first torch tensor: CuPy and DLPack arrays leave
+    torch alone; a torch q brings in the torch integration, which answers from then on."""
+    if not _arrays.is_torch(q):
+        return False
+    return _load_torch_integration().needs_autograd(q, k, v)
 
 
-def _check_bool(name, value):
-    if value is True or value is False:
-        return value
-    if not isinstance(value, (bool, np.bool_)):
-        _fail(TypeError, name, f"must be a bool, got {type(value).__name__}")
-    return bool(value)
+# Whether a call takes the torch integration (_torch.needs_autograd once it is loaded).
+_needs_autograd = _needs_autograd_until_torch
 
 
-def _check_scale(scale, head_dim):
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        _fail(TypeError, "scale", f"must be a float or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0.0):
-        _fail(ValueError, "scale", f"must be a finite positive number, got {scale}")
-    return scale
-
-
-def _check_window(window_size, causal):
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        _fail(TypeError, "window_size", f"must be a pair (left, right), got {window_size!r}")
-    left = _check_int("window_size[0]", window_size[0], minimum=-1)
-    right = _check_int("window_size[1]", window_size[1], minimum=-1)
-    if causal:
-        if right > 0:
-            _fail(ValueError, "window_size",
-                  f"right = {right} contradicts causal=True (which means right = 0)")
-        right = 0
-    return left, right
-
-
-def _effective_window(window_size, causal, reach):
+def _kernel_window(left, right, reach):
     """(left, right) as the kernels take it. A window reaching past every token is no window: the
     unmasked kernel serves it, and the band arithmetic never sees values near the int32 limit."""
-    left, right = _check_window(window_size, causal)
     return (-1 if left >= reach else left), (-1 if right >= reach else right)
 
 
@@ -122,123 +94,6 @@ def _dense_offsets(fw, cu, info):
         cu = fw.copy(cu)
         info = fw.info(cu)
     return cu, info
-
-
-def _check_qkv(fw, q, k, v, describe=None):
-    """Type, shape, dtype and layout of q, k, v; returns their infos. ``describe`` (default
-    ``fw.info``) turns an array into an ArrayInfo: ``fw.meta`` checks fake tensors while tracing."""
-    describe = fw.info if describe is None else describe
-    infos = []
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if _arrays.framework_of(x) is not fw:
-            _fail(TypeError, name, f"must be a {fw.name} array like q, got {type(x).__name__}")
-        info = describe(x)
-        if len(info.shape) != 3:
-            _fail(ValueError, name,
-                  f"must be 3-D (total_tokens, num_heads, head_dim), got shape {info.shape}")
-        if info.dtype not in _arrays.DTYPE_NAMES:
-            _fail(TypeError, name, f"must be float16 or bfloat16, got {info.dtype}")
-        if info.shape[2] > 1 and info.strides[2] != 1:
-            _fail(ValueError, name,
-                  f"must be contiguous in its last dimension (stride 1), got strides {info.strides}")
-        infos.append(info)
-    qi, ki, vi = infos
-    for name, info in (("k", ki), ("v", vi)):
-        if info.dtype != qi.dtype:
-            _fail(TypeError, name, f"dtype {info.dtype} differs from q's {qi.dtype}")
-    total_q, heads, head_dim = qi.shape
-    total_k, heads_kv, head_dim_k = ki.shape
-    if vi.shape != ki.shape:
-        _fail(ValueError, "v", f"shape {vi.shape} must equal k's shape {ki.shape}")
-    if head_dim_k != head_dim:
-        _fail(ValueError, "k", f"head dim {head_dim_k} differs from q's head dim {head_dim}")
-    if head_dim % 8 != 0 or not 8 <= head_dim <= _spec.MAX_HEAD_DIM:
-        _fail(ValueError, "q",
-              f"head dim must be a multiple of 8 in [8, {_spec.MAX_HEAD_DIM}], got {head_dim}")
-    if heads < 1 or heads_kv < 1:
-        _fail(ValueError, "q", f"needs at least one head (q has {heads}, k has {heads_kv})")
-    if heads % heads_kv != 0:
-        _fail(ValueError, "k",
-              f"num_heads {heads_kv} must divide q's num_heads {heads} (GQA/MQA groups)")
-    if heads > _MAX_GRID_Y:
-        _fail(ValueError, "q", f"num_heads {heads} exceeds {_MAX_GRID_Y}")
-    if max(total_q, total_k) > _INT32_MAX:
-        _fail(ValueError, "q", "total tokens must fit the int32 cu_seqlens (< 2**31)")
-    return qi, ki, vi
-
-
-def _check_like(fw, name, x, like_name, like, describe=None):
-    """An array that must match ``like`` (an input's info) in type, shape and dtype, with a
-    contiguous last dimension: out, dout, and the gradients."""
-    if _arrays.framework_of(x) is not fw:
-        _fail(TypeError, name, f"must be a {fw.name} array like q, got {type(x).__name__}")
-    info = (fw.info if describe is None else describe)(x)
-    if info.shape != like.shape:
-        _fail(ValueError, name, f"shape {info.shape} must equal {like_name}'s shape {like.shape}")
-    if info.dtype != like.dtype:
-        _fail(TypeError, name, f"dtype {info.dtype} must equal {like_name}'s dtype {like.dtype}")
-    if like.shape[2] > 1 and info.strides[2] != 1:
-        _fail(ValueError, name,
-              f"must be contiguous in its last dimension, got strides {info.strides}")
-    return info
-
-
-def _check_devices(named_infos):
-    """Last of the checks, so that every other one also runs (and is tested) on CPU arrays."""
-    (first_name, first), *rest = named_infos
-    if first.device < 0:
-        _fail(ValueError, first_name, "must be on a CUDA device, got host memory")
-    for name, info in rest:
-        if info is not None and info.device != first.device:
-            where = "host memory" if info.device < 0 else f"cuda:{info.device}"
-            _fail(ValueError, name, f"is in {where} but {first_name} is on cuda:{first.device}")
-
-
-def _check_cu_seqlens(fw, cu_q, cu_k, describe=None):
-    describe = fw.info if describe is None else describe
-    results = []
-    for name, x in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        if _arrays.framework_of(x) is not fw:
-            _fail(TypeError, name, f"must be a {fw.name} array like q, got {type(x).__name__}")
-        info = describe(x)
-        if info.dtype != "int32":
-            _fail(TypeError, name, f"must be int32, got {info.dtype}")
-        if len(info.shape) != 1 or info.shape[0] < 1:
-            _fail(ValueError, name, f"must be 1-D of length batch + 1, got shape {info.shape}")
-        results.append((x, info))
-    if results[0][1].shape != results[1][1].shape:
-        _fail(ValueError, "cu_seqlens_k",
-              f"length {results[1][1].shape[0]} differs from cu_seqlens_q's "
-              f"{results[0][1].shape[0]}")
-    return results
-
-
-def _check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
-    """The checks the forward and the backward share: (framework, (q, k, v) infos,
-    (cu_q, info), (cu_k, info), causal)."""
-    fw = _arrays.framework_of(q)
-    if fw is None:
-        _fail(TypeError, "q", f"must be a torch tensor or CuPy array, got {type(q).__name__}")
-    infos = _check_qkv(fw, q, k, v)
-    cu_q, cu_k = _check_cu_seqlens(fw, cu_seqlens_q, cu_seqlens_k)
-    _check_int("max_seqlen_q", max_seqlen_q)
-    _check_int("max_seqlen_k", max_seqlen_k)
-    return fw, infos, cu_q, cu_k, _check_bool("causal", causal)
-
-
-def _check_offsets(fw, name, cu, total, tensor_name, max_name, max_seqlen):
-    """check_inputs=True: the values of one cu_seqlens array (one device round trip)."""
-    first, last, min_len, max_len = fw.offsets_summary(cu)
-    if first != 0:
-        _fail(ValueError, name, f"must start at 0, got {first}")
-    if min_len < 0:
-        _fail(ValueError, name, f"must be non-decreasing (a sequence has length {min_len})")
-    if last != total:
-        _fail(ValueError, name,
-              f"must end at {tensor_name}'s total tokens {total}, got {last}")
-    if max_len > max_seqlen:
-        _fail(ValueError, max_name,
-              f"is {max_seqlen} but {name} has a sequence of {max_len} tokens")
 
 
 def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
@@ -303,51 +158,65 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     Example::
 
         >>> import torch, cupy_varlen
-        >>> lens = torch.tensor([0, 300, 1024, 1324 + 77], dtype=torch.int32, device="cuda")
-        >>> q, k, v = (torch.randn(1401, 8, 64, device="cuda", dtype=torch.bfloat16)
-        ...            for _ in range(3))
-        >>> out = cupy_varlen.varlen_attn(q, k, v, lens, lens, 1024, 1024, causal=True)
+        >>> lens = [300, 1024, 77]
+        >>> cu = torch.tensor([0, 300, 1324, 1401], dtype=torch.int32, device="cuda")
+        >>> q = torch.randn(1401, 16, 128, device="cuda", dtype=torch.bfloat16)
+        >>> k = torch.randn(1401, 4, 128, device="cuda", dtype=torch.bfloat16)   # GQA
+        >>> v = torch.randn_like(k)
+        >>> out = cupy_varlen.varlen_attn(q, k, v, cu, cu, 1024, 1024, causal=True)
     """
-    if _torch is not None and _torch.needs_autograd(q, k, v):
+    # _varlen_attn's body, inlined: one Python call less on every call.
+    if _needs_autograd(q, k, v):
         return _torch.varlen_attn_autograd(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-            scale=scale, window_size=window_size, return_lse=return_lse, out=out,
-            deterministic=deterministic, check_inputs=check_inputs)
-    _check_bool("deterministic", deterministic)
-    return _varlen_attn_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              causal=causal, scale=scale, window_size=window_size,
-                              return_lse=return_lse, out=out, check_inputs=check_inputs)
+            VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+            scale, window_size, return_lse, out, deterministic, check_inputs)
+    return _varlen_attn_eager(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, causal, scale, window_size, return_lse, out,
+                              deterministic, check_inputs)
 
 
-def _varlen_attn_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                       causal=False, scale=None, window_size=(-1, -1), return_lse=False, out=None,
-                       check_inputs=False):
-    """varlen_attn without autograd: validates, allocates and launches."""
+def _varlen_attn(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                 scale, window_size, return_lse, out, deterministic, check_inputs):
+    """:func:`varlen_attn` for callers with other argument names (compat): errors speak
+    ``names``."""
+    if _needs_autograd(q, k, v):
+        return _torch.varlen_attn_autograd(
+            names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+            scale, window_size, return_lse, out, deterministic, check_inputs)
+    return _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, causal, scale, window_size, return_lse, out,
+                              deterministic, check_inputs)
+
+
+def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       causal, scale, window_size, return_lse, out, deterministic, check_inputs):
+    """varlen_attn without autograd: checks every argument, allocates and launches. Also the
+    custom op's implementation, where it is the check that guards the kernels against a direct
+    ``torch.ops`` call."""
     adopt = _arrays.adopt
     q, k, v, cu_seqlens_q, cu_seqlens_k, out = (
         adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out))
-    fw, (qi, ki, vi), (cu_q, cu_qi), (cu_k, cu_ki), causal = _check_attention_args(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    return_lse = _check_bool("return_lse", return_lse)
-    check_inputs = _check_bool("check_inputs", check_inputs)
-    total_q, heads, head_dim = qi.shape
-    total_k, heads_kv, _ = ki.shape
-    scale = _check_scale(scale, head_dim)
-    left, right = _effective_window(window_size, causal, total_q + total_k)
-    batch = cu_qi.shape[0] - 1
+    fw = _checks.framework(names, q)
+    (qi, ki, vi, cu_qi, cu_ki, oi, _causal, scale, left, right, return_lse, _deterministic,
+     check_inputs) = _checks.check_forward_args(
+        fw, names, fw.info, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal, scale, window_size, return_lse, out, deterministic, check_inputs)
+    batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi, cu_ki,
+                                 oi, max_seqlen_q, max_seqlen_k, check_inputs)
+    return _attention_forward(fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, qi, ki, vi, cu_qi,
+                              cu_ki, oi, batch, scale, left, right, return_lse)
 
-    oi = None if out is None else _check_like(fw, "out", out, "q", qi)
-    if batch == 0 and (total_q or total_k):
-        _fail(ValueError, "cu_seqlens_q", "has no sequences (length 1) but q or k has tokens")
-    _check_devices([("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
-                    ("cu_seqlens_k", cu_ki), ("out", None if out is None else oi)])
+
+def _attention_forward(fw, q, k, v, cu_q, cu_k, out, qi, ki, vi, cu_qi, cu_ki, oi, batch, scale,
+                       left, right, return_lse):
+    """The forward on checked arguments (their infos, scale resolved, causal folded into the
+    window): allocates out (unless given) and lse (with ``return_lse``) and launches. Checks
+    nothing: every caller has (eager: :func:`_varlen_attn_eager`; autograd:
+    ``_torch.varlen_attn_autograd``)."""
+    total_q, heads, head_dim = qi.shape
     device = qi.device
-    if check_inputs:
-        _check_offsets(fw, "cu_seqlens_q", cu_q, total_q, "q", "max_seqlen_q", max_seqlen_q)
-        _check_offsets(fw, "cu_seqlens_k", cu_k, total_k, "k", "max_seqlen_k", max_seqlen_k)
     cu_q, cu_qi = _dense_offsets(fw, cu_q, cu_qi)
     cu_k, cu_ki = _dense_offsets(fw, cu_k, cu_ki)
-
     if out is None:
         result = fw.empty((total_q, heads, head_dim), q)
         # Contiguous by construction: its info without asking the framework again.
@@ -357,13 +226,14 @@ def _varlen_attn_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
         result = out
     lse = fw.empty((heads, total_q), q, "float32") if return_lse else None
     if total_q > 0 and batch > 0:
-        _run_forward(fw, q, k, v, qi, ki, vi, result, oi, cu_q, cu_k, cu_qi, cu_ki, lse,
-                     batch=batch, device=device, scale=scale, window=(left, right))
+        _launch_forward_kernels(fw, q, k, v, qi, ki, vi, result, oi, cu_q, cu_k, cu_qi, cu_ki,
+                                lse, batch=batch, device=device, scale=scale,
+                                window=_kernel_window(left, right, total_q + ki.shape[0]))
     return (result, lse) if return_lse else result
 
 
-def _run_forward(fw, q, k, v, qi, ki, vi, out, oi, cu_q, cu_k, cu_qi, cu_ki, lse, *, batch,
-                 device, scale, window):
+def _launch_forward_kernels(fw, q, k, v, qi, ki, vi, out, oi, cu_q, cu_k, cu_qi, cu_ki, lse, *,
+                            batch, device, scale, window):
     # Misaligned inputs (an odd storage offset, strides that are not multiples of 8) take a copy:
     # slower, never wrong. A misaligned out is computed aside and copied in.
     q, qi = _aligned_input(fw, q, qi)
@@ -443,46 +313,37 @@ def varlen_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
         _arrays.adopt(x) for x in (dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk,
                                    dv)
     )
-    fw, (qi, ki, vi), (cu_q, cu_qi), (cu_k, cu_ki), causal = _check_attention_args(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    deterministic = _check_bool("deterministic", deterministic)
-    total_q, heads, head_dim = qi.shape
-    total_k, heads_kv, _ = ki.shape
-    scale = _check_scale(scale, head_dim)
-    window = _effective_window(window_size, causal, total_q + total_k)
-    doi = _check_like(fw, "dout", dout, "q", qi)
-    oi = _check_like(fw, "out", out, "q", qi)
-    if _arrays.framework_of(lse) is not fw:
-        _fail(TypeError, "lse", f"must be a {fw.name} array like q, got {type(lse).__name__}")
-    li = fw.info(lse)
-    if li.dtype != "float32":
-        _fail(TypeError, "lse", f"must be float32 (varlen_attn's return_lse output), got {li.dtype}")
-    if li.shape != (heads, total_q):
-        _fail(ValueError, "lse", f"shape {li.shape} must be (num_heads, total_q) = "
-              f"{(heads, total_q)}")
-    grads = []
-    for name, x, like_name, like in (("dq", dq, "q", qi), ("dk", dk, "k", ki),
-                                     ("dv", dv, "v", vi)):
-        grads.append(None if x is None else _check_like(fw, name, x, like_name, like))
-    batch = cu_qi.shape[0] - 1
-    if batch == 0 and (total_q or total_k):
-        _fail(ValueError, "cu_seqlens_q", "has no sequences (length 1) but q or k has tokens")
-    _check_devices([("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
-                    ("cu_seqlens_k", cu_ki), ("dout", doi), ("out", oi), ("lse", li),
-                    ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])])
+    names = VARLEN_ATTN_BACKWARD
+    fw = _checks.framework(names, q)
+    (doi, qi, ki, vi, oi, li, cu_qi, cu_ki, scale, left, right, deterministic,
+     batch) = _checks.check_backward_args(
+        fw, names, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, causal, scale, window_size, deterministic, dq, dk, dv)
+    return _attention_backward(fw, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk,
+                               dv, doi, qi, ki, vi, oi, li, cu_qi, cu_ki, batch, scale, left,
+                               right, deterministic)
+
+
+def _attention_backward(fw, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, doi, qi, ki, vi, oi,
+                        li, cu_qi, cu_ki, batch, scale, left, right, deterministic):
+    """The backward on checked arguments (see :func:`_attention_forward`): allocates the gradients
+    not given and launches. Checks nothing: every caller has (:func:`varlen_attn_backward`, or
+    the forward of the autograd call whose backward this is)."""
+    total_q, total_k = qi.shape[0], ki.shape[0]
     cu_q, cu_qi = _dense_offsets(fw, cu_q, cu_qi)
     cu_k, cu_ki = _dense_offsets(fw, cu_k, cu_ki)
     results = [x if x is not None else fw.empty(info.shape, like_x)
                for x, info, like_x in ((dq, qi, q), (dk, ki, k), (dv, vi, v))]
     if batch > 0 and (total_q or total_k):
-        _run_backward(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results, cu_q, cu_k,
-                      cu_qi, cu_ki, batch=batch, scale=scale, window=window,
-                      deterministic=deterministic)
+        _launch_backward_kernels(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results,
+                                 cu_q, cu_k, cu_qi, cu_ki, batch=batch, scale=scale,
+                                 window=_kernel_window(left, right, total_q + total_k),
+                                 deterministic=deterministic)
     return tuple(results)
 
 
-def _run_backward(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results, cu_q, cu_k,
-                  cu_qi, cu_ki, *, batch, scale, window, deterministic):
+def _launch_backward_kernels(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results, cu_q,
+                             cu_k, cu_qi, cu_ki, *, batch, scale, window, deterministic):
     dout, doi = _aligned_input(fw, dout, doi)
     q, qi = _aligned_input(fw, q, qi)
     k, ki = _aligned_input(fw, k, ki)

@@ -6,14 +6,16 @@ torch tensor is read through ``data_ptr()`` and ``stride()``, a CuPy array throu
 allocator, so CUDA graphs and memory accounting work) and kernels go on its current stream. Any
 other object with ``__dlpack__`` is taken in through ``cupy.from_dlpack`` (zero-copy) and answered
 with CuPy arrays.
+
+torch is never imported here: CuPy-only users must not pay for it (seconds of import time). Until
+something else has imported torch no object can be a torch tensor, so :func:`framework_of` needs
+no torch to answer; the torch side (:class:`TorchFramework`) is built the first time a tensor
+shows up.
 """
 
 from __future__ import annotations
 
-try:  # torch is optional: CuPy-only use must work without it
-    import torch
-except ImportError:  # pragma: no cover - exercised only where torch is absent
-    torch = None
+import sys
 
 import cupy
 
@@ -69,7 +71,8 @@ class Framework:
 class TorchFramework(Framework):
     name = "torch"
 
-    def __init__(self):
+    def __init__(self, torch):
+        self._torch = torch
         self._dtypes = {
             "bfloat16": torch.bfloat16,
             "float16": torch.float16,
@@ -77,6 +80,9 @@ class TorchFramework(Framework):
             "int32": torch.int32,
         }
         self._names = {v: k for k, v in self._dtypes.items()}
+        # The raw cudaStream_t straight from torch's C API (what Triton's launcher reads): building
+        # a torch.cuda.Stream object per call costs several microseconds.
+        self._raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
     def info(self, x) -> ArrayInfo:
         return self.meta(x, x.data_ptr())
@@ -102,19 +108,18 @@ class TorchFramework(Framework):
             shape, dtype=self._dtypes[dtype])
 
     def stream_ptr(self, device):
-        # The raw cudaStream_t straight from torch's C API (what Triton's launcher reads): building a
-        # torch.cuda.Stream object per call costs several microseconds.
-        if _raw_stream is not None:
-            return _raw_stream(device)
-        return torch.cuda.current_stream(device).cuda_stream
+        if self._raw_stream is not None:
+            return self._raw_stream(device)
+        return self._torch.cuda.current_stream(device).cuda_stream
 
     def copy(self, x):
-        return x.clone(memory_format=torch.contiguous_format)
+        return x.clone(memory_format=self._torch.contiguous_format)
 
     def copy_into(self, dst, src):
         dst.copy_(src)
 
     def offsets_summary(self, cu):
+        torch = self._torch
         steps = cu[1:] - cu[:-1]
         if steps.numel() == 0:
             steps = torch.zeros(1, dtype=cu.dtype, device=cu.device)
@@ -157,24 +162,65 @@ class CupyFramework(Framework):
             return tuple(int(x) for x in cupy.stack([cu[0], cu[-1], steps.min(), steps.max()]).get())
 
 
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) if torch is not None else None
-_TORCH = TorchFramework() if torch is not None else None
 _CUPY = CupyFramework()
+_NDARRAY = cupy.ndarray
+# Set together by _torch_seen() once torch has been imported (by anyone) and a call brings a
+# tensor or asks for the torch side: until then no type is `_TENSOR`, so the identity check in
+# framework_of fails without touching torch.
+_TENSOR = None
+_TORCH = None
+
+
+def _torch_seen():
+    """Builds the torch side if torch has been imported; False while it has not."""
+    global _TENSOR, _TORCH
+    if _TORCH is not None:
+        return True
+    torch = sys.modules.get("torch")
+    # getattr: torch may be half-way through its own import (sys.modules holds it from the start).
+    if torch is None or getattr(torch, "Tensor", None) is None:
+        return False
+    _TORCH = TorchFramework(torch)
+    _TENSOR = torch.Tensor
+    return True
+
+
+def torch_framework() -> TorchFramework:
+    """The torch Framework, for code that already holds torch tensors (the custom ops)."""
+    if _TORCH is None and not _torch_seen():
+        raise RuntimeError("cupy_varlen: torch has not been imported")
+    return _TORCH
+
+
+def is_torch(x) -> bool:
+    """Whether ``x`` is a torch tensor (a subclass too), without importing torch."""
+    if type(x) is _TENSOR:
+        return True
+    return _torch_seen() and isinstance(x, _TENSOR)
 
 
 def framework_of(x):
-    """The framework whose arrays ``x`` is, or None (after DLPack import, see :func:`adopt`)."""
-    if _TORCH is not None and (type(x) is torch.Tensor or isinstance(x, torch.Tensor)):
+    """The framework whose arrays ``x`` is, or None (after DLPack import, see :func:`adopt`).
+
+    The common cases are one or two identity checks: this runs several times per call."""
+    t = type(x)
+    if t is _TENSOR:
         return _TORCH
-    if isinstance(x, cupy.ndarray):
+    if t is _NDARRAY:
         return _CUPY
+    if isinstance(x, _NDARRAY):
+        return _CUPY
+    # Tensor subclasses (nn.Parameter, fake tensors), and the first tensor of the process.
+    if _torch_seen() and isinstance(x, _TENSOR):
+        return _TORCH
     return None
 
 
 def adopt(x):
     """Brings a foreign device array in as CuPy through DLPack (zero-copy); torch and CuPy arrays,
     and anything that is not a device array, pass as they are (validation names them)."""
-    if x is None or (_TORCH is not None and type(x) is torch.Tensor):
+    t = type(x)
+    if x is None or t is _TENSOR or t is _NDARRAY:
         return x
     if framework_of(x) is None and hasattr(x, "__dlpack__"):
         try:

@@ -130,12 +130,12 @@ def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, c
                     window[1]).launch(kernels.main, ctas, spec.threads, stream_ptr, spec.smem_bytes)
 
 
-# cuda_src/bwd_sm80.cu: struct BwdParams, by value: 16 pointers, 19 int64, 3 int32, 2 float32,
-# 2 int32, padded to 8-byte alignment.
+# cuda_src/bwd_common.cuh: struct BwdParams (both backward families), by value: 16 pointers,
+# 19 int64, 3 int32, 2 float32, 2 int32, padded to 8-byte alignment.
 _BWD_PARAMS = struct.Struct("<16Q19q3i2f2i4x")
 _BWD_ARGS = _ParamBuffer(_BWD_PARAMS)
-_PREP_THREADS = 256  # cuda_src/bwd_sm80.cu: kPrepThreads (8 lanes per row and head)
-_CONVERT_THREADS = 256  # kConvertThreads (one thread per 8 elements)
+_PREP_THREADS = 256  # cuda_src/bwd_common.cuh: kPrepThreads (8 lanes per row and head)
+_CONVERT_THREADS = 256  # cuda_src/bwd_common.cuh: kConvertThreads (one thread per 8 elements)
 
 
 def backward_workspace_sizes(total_q: int, total_k: int, heads: int, head_dim: int, batch: int,

@@ -5,6 +5,9 @@ ops ``cupy_varlen::varlen_attn`` and ``cupy_varlen::varlen_attn_backward``. That
 (``register_autograd``), tracing (``register_fake``: shapes only, no data read, so Dynamo, AOT
 autograd and CUDA-graph trees treat a call as one node) and functionalization in one place.
 
+This module imports torch, so cupy_varlen imports it only when a torch tensor first reaches a call
+(``_api._load_torch_integration``); the ops and their FlopCounterMode formulas are created then.
+
 :func:`cupy_varlen.varlen_attn` routes here only when it has to (see :func:`needs_autograd`): the
 custom-op machinery costs host time, and inference calls do not need it. For the same reason plain
 eager autograd (plain tensors, nothing tracing, intercepting or profiling) takes
@@ -26,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _arrays
-from . import _api  # circular (_api imports this module): only touched inside functions
+from . import _api, _arrays, _checks
+from ._checks import VARLEN_ATTN
 
 __all__ = ["needs_autograd", "varlen_attn_autograd"]
 
@@ -38,22 +41,24 @@ _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _profiling = torch._C._autograd._profiler_enabled
+_FW = _arrays.torch_framework()
 
 
 def needs_autograd(q, k, v) -> bool:
     """Whether a call must take :func:`varlen_attn_autograd` rather than the plain eager path.
 
-    It must when autograd will record it (grad mode on and an input requires grad) and while torch
-    compiles or exports (Dynamo cannot trace the eager path: it reads ``data_ptr()``). This runs on
-    every call, the inference path included, so the common case is three identity checks and a
-    flag or two.
+    It must when autograd will record it (grad mode on and an input requires grad), while torch
+    compiles or exports (Dynamo cannot trace the eager path: it reads ``data_ptr()``), and under a
+    dispatch mode (FlopCounterMode, a user's TorchDispatchMode), which sees only what goes through
+    the dispatcher: the op, even for an inference call. This runs on every call, the inference path
+    included, so the common case is three identity checks and a few C flag reads.
     """
     if type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor:
         # Grad mode first: under no_grad / inference_mode that skips three requires_grad reads
         # (about 100 ns each on a slow host).
         if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return True
-        return _is_compiling()
+        return _is_compiling() or _dispatch_modes() != 0
     # Tensor subclasses (nn.Parameter; fake or functional tensors while tracing) take the op, which
     # knows how to handle them. Anything else (CuPy arrays, mixed array types) takes the eager
     # path, whose validation names the offending argument.
@@ -81,11 +86,15 @@ def _varlen_attn_op(
     deterministic: bool = False,
     check_inputs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # The op is callable directly (torch.ops.cupy_varlen.varlen_attn) and from compiled graphs,
+    # whose arguments were checked on fake tensors at trace time at most: the eager
+    # implementation checks them all again before any kernel reads memory. Its messages use
+    # varlen_attn's argument names (the schema does not carry the caller); the autograd entry
+    # point has run the checks with the caller's names wherever the tensors were real.
     # deterministic is a forward argument only so that setup_context can hand it to the backward.
     return _api._varlen_attn_eager(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-        scale=scale, window_size=(window_left, window_right), return_lse=True,
-        check_inputs=check_inputs)
+        VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+        scale, (window_left, window_right), True, None, deterministic, check_inputs)
 
 
 @_varlen_attn_op.register_fake
@@ -97,17 +106,13 @@ def _varlen_attn_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return out, lse
 
 
-def _run_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  causal, scale, window_left, window_right, deterministic):
-    # Autograd hands over whatever layout the consumer produced: an expanded scalar gradient
-    # (strides 0) from .sum(), a transposed one from a permute. The kernels read strided rows as
-    # they are; only a non-unit last stride needs a copy.
+def _dout_for_kernels(dout):
+    """Autograd hands over whatever layout the consumer produced: an expanded scalar gradient
+    (strides 0) from .sum(), a transposed one from a permute. The kernels read strided rows as
+    they are; only a non-unit last stride needs a copy."""
     if dout.dim() == 3 and dout.shape[2] > 1 and dout.stride(2) != 1:
-        dout = dout.contiguous()
-    return _api.varlen_attn_backward(
-        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        causal=causal, scale=scale, window_size=(window_left, window_right),
-        deterministic=deterministic)
+        return dout.contiguous()
+    return dout
 
 
 @torch.library.custom_op("cupy_varlen::varlen_attn_backward", mutates_args=())
@@ -128,8 +133,11 @@ def _varlen_attn_backward_op(
     window_right: int,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, causal, scale, window_left, window_right, deterministic)
+    # Checked in full, as the forward op is, by the public function.
+    return _api.varlen_attn_backward(
+        _dout_for_kernels(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, causal=causal, scale=scale, window_size=(window_left, window_right),
+        deterministic=deterministic)
 
 
 @_varlen_attn_backward_op.register_fake
@@ -139,13 +147,19 @@ def _varlen_attn_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse, scalars):
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.mark_non_differentiable(lse)  # see the module docstring
+    # The backward op's scalar arguments: max_seqlen_q/k, causal, scale, window_left/right,
+    # deterministic.
+    ctx.scalars = scalars
+
+
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right, deterministic,
      _check_inputs) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.mark_non_differentiable(lse)  # see the module docstring
-    ctx.scalars = (max_q, max_k, causal, scale, left, right, deterministic)
+    _save_for_backward(ctx, q, k, v, cu_q, cu_k, *output,
+                       (max_q, max_k, causal, scale, left, right, deterministic))
 
 
 def _backward(ctx, dout, _dlse):
@@ -161,22 +175,40 @@ _varlen_attn_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerVarlenAttn(torch.autograd.Function):
     """The op's autograd formula (same inputs, same saved state, same gradients) with the kernels
     called directly: the eager fast path, see the module docstring. Old-style (``forward(ctx, ...)``)
-    because the new style binds the arguments with ``inspect`` on every call."""
+    because the new style binds the arguments with ``inspect`` on every call.
+
+    Its arguments were checked by :func:`varlen_attn_autograd` on the real tensors, so neither
+    direction checks them again: ``infos`` carries what the checks learned."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        (q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right, _deterministic,
-         check_inputs) = inputs
-        output = _api._varlen_attn_eager(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal,
-                                         scale=scale, window_size=(left, right), return_lse=True,
-                                         check_inputs=check_inputs)
-        _setup_context(ctx, inputs, output)
-        return output
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right,
+                deterministic, infos):
+        qi, ki, vi, cu_qi, cu_ki, batch = infos
+        out, lse = _api._attention_forward(_FW, q, k, v, cu_q, cu_k, None, qi, ki, vi, cu_qi,
+                                           cu_ki, None, batch, scale, left, right, True)
+        _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse,
+                           (max_q, max_k, causal, scale, left, right, deterministic))
+        ctx.batch = batch
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = _run_backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.scalars)
+        if _dispatch_modes() or _profiling():
+            # Something watching (FlopCounterMode, the profiler) must see the backward op, also
+            # when the forward ran before it started to watch.
+            dq, dk, dv = _varlen_attn_backward_op(dout, q, k, v, out, lse, cu_q, cu_k,
+                                                  *ctx.scalars)
+        else:
+            _max_q, _max_k, _causal, scale, left, right, deterministic = ctx.scalars
+            dout = _dout_for_kernels(dout)
+            info = _FW.info
+            # The gradient autograd hands over has out's shape, dtype and device (the engine
+            # checks it against out's metadata); _dout_for_kernels fixed its layout.
+            dq, dk, dv = _api._attention_backward(
+                _FW, dout, q, k, v, out, lse, cu_q, cu_k, None, None, None, info(dout), info(q),
+                info(k), info(v), info(out), info(lse), info(cu_q), info(cu_k), ctx.batch, scale,
+                left, right, deterministic)
         return (dq, dk, dv) + (None,) * 10
 
 
@@ -184,64 +216,140 @@ class _EagerVarlenAttn(torch.autograd.Function):
 _EAGER_FAST_PATH = True
 
 
-def _direct(q, k, v) -> bool:
-    """Whether nothing needs to see the op: plain tensors, no compile/export, no functorch
-    transform, no dispatch mode (fake tensors, FlopCounterMode, ...), no profiler."""
-    return (_EAGER_FAST_PATH and type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
-            and not _is_compiling() and not _functorch_active() and not _dispatch_modes()
-            and not _profiling())
+# --------------------------------------------------------------------------------------------------
+# FlopCounterMode: the op counted as torch counts its own flash attention.
+
+
+def _sequence_lengths(offsets, max_len):
+    """The lengths a cu_seqlens array describes, or ``max_len`` for every sequence where its
+    values cannot be read (fake or meta tensors): torch's rule for its own varlen formulas
+    (``_offsets_to_lengths`` in torch/utils/flop_counter.py)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(offsets, (FakeTensor, FunctionalTensor)) or offsets.device.type == "meta":
+        return [max_len] * (offsets.shape[0] - 1)
+    return offsets.diff().tolist()
+
+
+def _attention_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     matmuls):
+    """Flops of ``matmuls`` (T_q x T_k x D)-sized GEMMs per sequence and query head, 2 flops per
+    multiply-add, over the full Lq x Lk rectangle of each sequence.
+
+    torch's convention for ``aten._flash_attention_forward`` / ``_backward`` (and its own
+    varlen_attn), which this matches exactly: the mask is not accounted for, so causal and
+    windowed calls count as full attention; GQA counts every query head (the kernel broadcasts
+    the K/V heads); the forward is 2 GEMMs (QK^T, PV), the backward 5 (QK^T recomputed, dP, dV,
+    dQ, dK). The softmax is not counted."""
+    heads, head_dim, head_dim_v = q.shape[1], q.shape[2], v.shape[2]
+    lengths_q = _sequence_lengths(cu_seqlens_q, max_seqlen_q)
+    lengths_k = _sequence_lengths(cu_seqlens_k, max_seqlen_k)
+    # Forward: QK^T (D) and PV (D_v); backward: QK^T (D), dP = dO V^T (D_v), dV = P^T dO (D_v),
+    # dQ = dS K (D), dK = dS^T Q (D).
+    depth = head_dim + head_dim_v if matmuls == 2 else 3 * head_dim + 2 * head_dim_v
+    return sum(2 * heads * lq * lk * depth for lq, lk in zip(lengths_q, lengths_k))
+
+
+def _forward_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args,
+                   out_val=None, **kwargs) -> int:
+    return _attention_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 2)
+
+
+def _backward_flops(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                    max_seqlen_k, *args, out_val=None, **kwargs) -> int:
+    return _attention_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 5)
+
+
+def _register_flop_formulas():
+    from torch.utils import flop_counter
+
+    formulas = {torch.ops.cupy_varlen.varlen_attn: _forward_flops,
+                torch.ops.cupy_varlen.varlen_attn_backward: _backward_flops}
+    for op, formula in formulas.items():
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op, get_raw=True)(formula)
+    return formulas
+
+
+_FLOP_FORMULAS = _register_flop_formulas()
+
+
+def _teach_active_flop_counters():
+    """Adds the formulas to every FlopCounterMode on the dispatch stack. A FlopCounterMode copies
+    the registry when it is built, and the ops (with their formulas) are created on the first
+    torch tensor, which may come after: ``with FlopCounterMode(): model(x)`` on a fresh process.
+    Runs under dispatch modes only. It reads FlopCounterMode internals (a mode's ``counter``
+    and its ``flop_registry``), and does nothing where they differ."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    for mode in _get_current_dispatch_mode_stack():
+        registry = getattr(getattr(mode, "counter", None), "flop_registry", None)
+        if isinstance(registry, dict):
+            for op, formula in _FLOP_FORMULAS.items():
+                registry.setdefault(op, formula)
 
 
 # --------------------------------------------------------------------------------------------------
 # The autograd entry point behind cupy_varlen.varlen_attn.
 
 
-def _check_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, out):
-    """The eager path's checks that need no data (``fw.meta`` instead of ``fw.info``), so that a
-    traced call on fake tensors fails at the call site with the same messages. At run time the eager
-    implementation repeats them and checks the rest (devices, alignment)."""
-    fw = _arrays.framework_of(q)
-    qi, _, _ = _api._check_qkv(fw, q, k, v, describe=fw.meta)
-    _api._check_cu_seqlens(fw, cu_seqlens_q, cu_seqlens_k, describe=fw.meta)
-    if out is not None:
-        _api._check_like(fw, "out", out, "q", qi, describe=fw.meta)
-
-
-def _check_max_seqlen(name, value):
+def _check_max_seqlen(names, name, value):
     # Under torch.compile a Python int that varies between calls becomes a SymInt: let it through
     # (the op's schema takes SymInt) instead of failing the int check.
     if isinstance(value, _SymInt):
         return value
-    return _api._check_int(name, value)
+    return _checks.check_int(names, name, value)
 
 
-def varlen_attn_autograd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                         causal=False, scale=None, window_size=(-1, -1), return_lse=False,
-                         out=None, deterministic=False, check_inputs=False):
-    """:func:`cupy_varlen.varlen_attn` for torch tensors that autograd records or torch compiles.
+def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal, scale, window_size, return_lse, out, deterministic,
+                         check_inputs):
+    """:func:`cupy_varlen.varlen_attn` for torch tensors that autograd records, torch compiles or
+    a dispatch mode watches. Same arguments (positional, with ``names`` for the messages) and
+    results.
 
-    Same arguments and results. Arguments are resolved here (scale defaults to 1/sqrt(D), causal
-    folds into the window) so the op sees constants; what needs no data is checked here too, with
-    the eager path's messages, so a traced call fails at the call site. ``deterministic`` is kept
-    for the backward (the forward is deterministic anyway).
+    Every argument is checked here, once, and resolved (scale defaults to 1/sqrt(D), causal folds
+    into the window) so the op sees constants. On plain tensors with nothing tracing, the checks
+    read the real tensors, device placement included, and the direct path launches without
+    checking again; under tracing they read shapes only (``fw.meta``: fake tensors have no data),
+    so a traced call fails at the call site, and the rest is checked by the op at run time.
+    ``deterministic`` is kept for the backward (the forward is deterministic anyway).
 
     ``out=``: the op cannot write into a caller's tensor (it would be a mutating op, which autograd
     does not differentiate), so the result is computed aside and copied in with ``out.copy_``; the
     gradient flows through the copy, and ``out`` is returned. That costs one extra pass over the
     output; pass ``out`` only where its storage matters.
     """
-    _check_meta(q, k, v, cu_seqlens_q, cu_seqlens_k, out)
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    causal = _api._check_bool("causal", causal)
-    return_lse = _api._check_bool("return_lse", return_lse)
-    deterministic = _api._check_bool("deterministic", deterministic)
-    check_inputs = _api._check_bool("check_inputs", check_inputs)
-    scale = _api._check_scale(scale, q.shape[2])
-    left, right = _api._check_window(window_size, causal)
-    fn = _EagerVarlenAttn.apply if _direct(q, k, v) else _varlen_attn_op
-    result, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                     scale, left, right, deterministic, check_inputs)
+    fw = _FW
+    # Real tensors, with data to read: not fake or functional, not functorch's wrappers.
+    compiling = _is_compiling()
+    real = (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor and not compiling
+            and not _functorch_active())
+    (qi, ki, vi, cu_qi, cu_ki, oi, causal, scale, left, right, return_lse, deterministic,
+     check_inputs) = _checks.check_forward_args(
+        fw, names, fw.info if real else fw.meta, q, k, v, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, causal, scale, window_size, return_lse, out, deterministic,
+        check_inputs, _check_max_seqlen)
+    # Nothing else needs to see the op: no dispatch mode (fake tensors, FlopCounterMode, ...), no
+    # profiler.
+    direct = real and _EAGER_FAST_PATH and not _dispatch_modes() and not _profiling()
+    if real:
+        # The op checks these again (it must, see _varlen_attn_op), but with varlen_attn's names;
+        # here they speak the caller's. The offsets' values (a device round trip) only once.
+        batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi,
+                                     cu_ki, oi, max_seqlen_q, max_seqlen_k,
+                                     check_inputs and direct)
+    if direct:
+        result, lse = _EagerVarlenAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, causal, scale, left, right,
+                                             deterministic, (qi, ki, vi, cu_qi, cu_ki, batch))
+    else:
+        if not compiling and _dispatch_modes():  # (Dynamo cannot trace the stack's length)
+            _teach_active_flop_counters()
+        result, lse = _varlen_attn_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, causal, scale, left, right, deterministic,
+                                      check_inputs)
     if out is not None:
         result = out.copy_(result)
     return (result, lse) if return_lse else result

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 
 from . import _api
+from ._checks import Names
 
 __all__ = ["varlen_attn", "varlen_attn_out", "AuxRequest"]
 
@@ -54,33 +55,44 @@ except ImportError:  # torch older than varlen_attn: same shape as torch's class
         lse: bool = False
 
 
-def _resolve(query, key, cu_seq_k, window_size, enable_gqa, seqused_k, block_table, num_splits):
+# Errors name torch's parameters, under the function the caller called.
+_TORCH_SPELLING = dict(q="query", k="key", v="value", cu_seqlens_q="cu_seq_q",
+                       cu_seqlens_k="cu_seq_k", max_seqlen_q="max_q", max_seqlen_k="max_k")
+_VARLEN_ATTN = Names("varlen_attn", **_TORCH_SPELLING)
+_VARLEN_ATTN_OUT = Names("varlen_attn_out", **_TORCH_SPELLING)
+
+
+def _resolve(names, query, key, cu_seq_k, window_size, enable_gqa, seqused_k, block_table,
+             num_splits):
     """torch's argument rules, mapped onto cupy_varlen.varlen_attn's keywords."""
+    function = names.function
     for name, value in (("seqused_k", seqused_k), ("block_table", block_table)):
         if value is not None:
             raise NotImplementedError(
-                f"varlen_attn: {name} (paged / partially filled KV cache) is not supported by "
-                "cupy_varlen; use torch.nn.attention.varlen.varlen_attn for it")
+                f"{function}: {name} (paged / partially filled KV cache) is not supported by "
+                f"cupy_varlen; use torch.nn.attention.varlen.{function} for it")
     if cu_seq_k is None:
         raise NotImplementedError(
-            "varlen_attn: cu_seq_k=None (only meaningful with seqused_k/block_table) is not "
+            f"{function}: cu_seq_k=None (only meaningful with seqused_k/block_table) is not "
             "supported by cupy_varlen")
     if num_splits is not None and num_splits != 1:
         raise NotImplementedError(
-            f"varlen_attn: num_splits={num_splits} is not supported: cupy_varlen never splits the "
+            f"{function}: num_splits={num_splits} is not supported: cupy_varlen never splits the "
             "keys of a row (num_splits=1 and None are accepted)")
-    # torch's own head-count check and messages: code that passes here passes there.
-    num_heads_q, num_heads_k = query.size(1), key.size(1)
-    if not enable_gqa and num_heads_q != num_heads_k:
-        raise ValueError(
-            f"Expect query and key/value to have the same number of heads but got "
-            f"Hq={num_heads_q} and Hkv={num_heads_k}. Try setting enable_gqa=True for GQA.")
-    if enable_gqa and num_heads_q % num_heads_k != 0:
-        raise ValueError(
-            f"Expect number of query heads to be a multiple of kv heads for GQA but got "
-            f"Hq={num_heads_q} and Hkv={num_heads_k}.")
+    # torch's own head-count check and messages: code that passes here passes there. Where query
+    # or key is not a 3-D tensor, the validation that follows names it.
+    if getattr(query, "ndim", None) == 3 and getattr(key, "ndim", None) == 3:
+        num_heads_q, num_heads_k = query.shape[1], key.shape[1]
+        if not enable_gqa and num_heads_q != num_heads_k:
+            raise ValueError(
+                f"Expect query and key/value to have the same number of heads but got "
+                f"Hq={num_heads_q} and Hkv={num_heads_k}. Try setting enable_gqa=True for GQA.")
+        if enable_gqa and num_heads_q % num_heads_k != 0:
+            raise ValueError(
+                f"Expect number of query heads to be a multiple of kv heads for GQA but got "
+                f"Hq={num_heads_q} and Hkv={num_heads_k}.")
     if window_size is None or len(window_size) != 2:
-        raise ValueError(f"window_size must have length 2, got {window_size!r}")
+        raise ValueError(f"{function}: window_size must have length 2, got {window_size!r}")
     # FlashAttention-2 reads any negative bound as unbounded; (-1, 0) is torch's causal spelling
     # and is exactly the bottom-right causal mask here too.
     left, right = (-1 if isinstance(w, numbers.Integral) and not isinstance(w, bool) and w < -1
@@ -99,11 +111,12 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     Returns the output ``(T_q, H, D)``, or ``(output, lse)`` with lse ``(H, T_q)`` float32 when
     ``return_aux`` is an :class:`AuxRequest` with ``lse=True``.
     """
-    window, deterministic = _resolve(query, key, cu_seq_k, window_size, enable_gqa, seqused_k,
-                                     block_table, num_splits)
+    names = _VARLEN_ATTN
+    window, deterministic = _resolve(names, query, key, cu_seq_k, window_size, enable_gqa,
+                                     seqused_k, block_table, num_splits)
     want_lse = return_aux is not None and bool(return_aux.lse)
-    return _api.varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
-                            window_size=window, return_lse=want_lse, deterministic=deterministic)
+    return _api._varlen_attn(names, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, False,
+                             scale, window, want_lse, None, deterministic, False)
 
 
 def varlen_attn_out(out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
@@ -111,9 +124,9 @@ def varlen_attn_out(out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
                     block_table=None, num_splits=None):
     """``torch.nn.attention.varlen.varlen_attn_out``: :func:`varlen_attn` written into ``out``
     (which may be a strided view here) and returned, with ``(out, lse)`` as for varlen_attn."""
-    window, deterministic = _resolve(query, key, cu_seq_k, window_size, enable_gqa, seqused_k,
-                                     block_table, num_splits)
+    names = _VARLEN_ATTN_OUT
+    window, deterministic = _resolve(names, query, key, cu_seq_k, window_size, enable_gqa,
+                                     seqused_k, block_table, num_splits)
     want_lse = return_aux is not None and bool(return_aux.lse)
-    return _api.varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
-                            window_size=window, return_lse=want_lse, out=out,
-                            deterministic=deterministic)
+    return _api._varlen_attn(names, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, False,
+                             scale, window, want_lse, out, deterministic, False)

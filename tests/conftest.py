@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +33,18 @@ def cuda_available() -> bool:
 
 
 requires_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str) -> str:
+    """Runs ``code`` in a fresh interpreter (this one, importing this cupy_varlen) outside the
+    repository; returns its stdout, failing the test with its stderr on a non-zero exit."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPOSITORY)] + sys.path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=REPOSITORY.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def is_hopper() -> bool:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cupy_varlen
+from cupy_varlen import _arrays, _checks
 
 
 def packed(total=10, heads=4, heads_kv=None, head_dim=64, dtype=torch.bfloat16):
@@ -24,8 +25,9 @@ def call(q, k, v, cu_q, cu_k, max_q=6, max_k=6, **kw):
 
 
 def expect(exc, *needles):
-    """Error of type exc whose message names every needle (the argument, what was expected)."""
-    return pytest.raises(exc, match=".*".join(needles))
+    """Error of type exc from varlen_attn whose message names every needle (the argument, what
+    was expected)."""
+    return pytest.raises(exc, match="^varlen_attn: .*" + ".*".join(needles))
 
 
 def test_valid_arguments_reach_the_device_check():
@@ -163,22 +165,19 @@ def _offsets(values):
     ([0, 5, 9], 9, 4, r"max_seqlen_q is 4 but cu_seqlens_q has a sequence of 5 tokens"),
 ])
 def test_check_inputs_rejects_bad_offsets(values, total, max_len, match):
-    from cupy_varlen import _api, _arrays
-
-    with pytest.raises(ValueError, match=match):
-        _api._check_offsets(_arrays._TORCH, "cu_seqlens_q", _offsets(values), total, "q",
-                            "max_seqlen_q", max_len)
+    with pytest.raises(ValueError, match="varlen_attn: " + match):
+        _checks.check_offsets(_arrays.torch_framework(), _checks.VARLEN_ATTN, "cu_seqlens_q",
+                              _offsets(values), total, "q", "max_seqlen_q", max_len)
 
 
 @pytest.mark.parametrize("values,total,max_len", [
     ([0, 5, 9], 9, 5), ([0, 0, 0], 0, 0), ([0], 0, 0), ([0, 3, 3, 10], 10, 1 << 20),
 ])
 def test_check_inputs_accepts_valid_offsets(values, total, max_len):
-    from cupy_varlen import _api, _arrays
-
-    _api._check_offsets(_arrays._TORCH, "cu_seqlens_k", _offsets(values), total, "k",
-                        "max_seqlen_k", max_len)
-    assert _arrays._TORCH.offsets_summary(_offsets(values)[::1]) == (
+    fw = _arrays.torch_framework()
+    _checks.check_offsets(fw, _checks.VARLEN_ATTN, "cu_seqlens_k", _offsets(values), total, "k",
+                          "max_seqlen_k", max_len)
+    assert fw.offsets_summary(_offsets(values)[::1]) == (
         values[0], values[-1], min(np.diff(values), default=0), max(np.diff(values), default=0))
 
 

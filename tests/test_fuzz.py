@@ -19,16 +19,15 @@ from __future__ import annotations
 import math
 import os
 
-import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+# A plain import: hypothesis is in the test extra, and an environment without it must fail at
+# collection rather than skip these tests unnoticed.
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from conftest import (check_backward, check_forward, cu_seqlens, is_hopper,  # noqa: E402
-                      requires_gpu)
-from cupy_varlen.reference import varlen_attn_reference  # noqa: E402
+from conftest import check_backward, check_forward, cu_seqlens, is_hopper, requires_gpu
+from cupy_varlen.reference import varlen_attn_reference
 
 _LONG = int(os.environ.get("CUPY_VARLEN_FUZZ_EXAMPLES", "0"))
 

@@ -10,17 +10,19 @@ GPU tests run the same paths on the real kernels, against eager runs and torch's
 
 from __future__ import annotations
 
+import collections
 import copy
 import inspect
 import math
+import re
 
 import pytest
 import torch
 
 import cupy_varlen
-from conftest import (ERROR_FLOOR, cu_seqlens, grad_bound, make_packed,
-                      reference_grads, rel_error, requires_gpu, torch_varlen_out)
-from cupy_varlen import _api, _torch, compat
+from conftest import (ERROR_FLOOR, cu_seqlens, grad_bound, make_packed, reference_grads,
+                      rel_error, requires_gpu, run_python, torch_varlen_out)
+from cupy_varlen import _api, _checks, _torch, compat
 from cupy_varlen.reference import allowed_keys_mask, varlen_attn_reference
 
 FWD_OP = torch.ops.cupy_varlen.varlen_attn.default
@@ -32,18 +34,14 @@ def expect(exc, *needles):
     return pytest.raises(exc, match=".*".join(needles))
 
 
+def expect_from(function, exc, name, *needles):
+    """Error of type exc raised for ``function`` about argument ``name``: the message starts
+    "<function>: <name>" (``name`` whole: "q" does not match "query") and names every needle."""
+    return pytest.raises(exc, match=f"^{function}: {re.escape(name)}(?!\\w).*" + ".*".join(needles))
+
+
 # --------------------------------------------------------------------------------------------------
 # The kernels replaced by the float64 reference (CPU tensors): isolates the torch plumbing.
-
-
-def _reference_forward(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None,
-                       window_size=(-1, -1), return_lse=False, out=None, check_inputs=False):
-    o, lse = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=causal, scale=scale,
-                                   window_size=window_size, return_lse=True)
-    o = o.to(q.dtype)
-    if out is not None:
-        o = out.copy_(o)
-    return (o, lse.to(torch.float32)) if return_lse else o
 
 
 def _analytic_grads(dout, q, k, v, cu_q, cu_k, causal, scale, window_size):
@@ -78,18 +76,31 @@ def _analytic_grads(dout, q, k, v, cu_q, cu_k, causal, scale, window_size):
 
 @pytest.fixture
 def reference_kernels(monkeypatch):
-    """Replaces _api's kernel entry points with the reference; records the backward's calls."""
+    """Replaces the two kernel launches with the reference, writing into the buffers the real
+    launch would (everything up to the launch runs: checks, allocation, routing), and lets CPU
+    tensors past the device check. Records each launch's arguments."""
     calls = []
 
-    def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None,
-                 window_size=(-1, -1), deterministic=False, dq=None, dk=None, dv=None):
-        calls.append(dict(dout=dout, deterministic=deterministic, scale=scale, causal=causal,
-                          window_size=window_size))
-        grads = _analytic_grads(dout, q, k, v, cu_q, cu_k, causal, scale, window_size)
-        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+    def forward(fw, q, k, v, qi, ki, vi, out, oi, cu_q, cu_k, cu_qi, cu_ki, lse, *, batch,
+                device, scale, window):
+        calls.append(dict(kind="forward", scale=scale, window=window))
+        o, lse_ref = varlen_attn_reference(q, k, v, cu_q, cu_k, scale=scale, window_size=window,
+                                           return_lse=True)
+        out.copy_(o)
+        if lse is not None:
+            lse.copy_(lse_ref)
 
-    monkeypatch.setattr(_api, "_varlen_attn_eager", _reference_forward)
-    monkeypatch.setattr(_api, "varlen_attn_backward", backward, raising=False)
+    def backward(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results, cu_q, cu_k,
+                 cu_qi, cu_ki, *, batch, scale, window, deterministic):
+        calls.append(dict(kind="backward", dout=dout, deterministic=deterministic, scale=scale,
+                          window=window))
+        grads = _analytic_grads(dout, q, k, v, cu_q, cu_k, False, scale, window)
+        for target, g in zip(results, grads):
+            target.copy_(g)
+
+    monkeypatch.setattr(_checks, "check_devices", lambda names, named_infos: None)
+    monkeypatch.setattr(_api, "_launch_forward_kernels", forward)
+    monkeypatch.setattr(_api, "_launch_backward_kernels", backward)
     return calls
 
 
@@ -190,10 +201,12 @@ def test_gradients_through_the_op(reference_kernels, autograd_path, kw):
     for g, r, x in zip(grads, ref, (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype
         assert rel_error(g, r) < 2e-3  # fp16 rounding of a float64 result
-    call = reference_kernels[-1]
-    assert call["scale"] == kw.get("scale", 0.25)  # 1/sqrt(16), resolved before the op
-    assert call["window_size"][1] == (0 if kw.get("causal") else kw.get("window_size",
-                                                                          (-1, -1))[1])
+    left, right = kw.get("window_size", (-1, -1))
+    window = (left, 0 if kw.get("causal") else right)
+    assert [c["kind"] for c in reference_kernels] == ["forward", "backward"]
+    for call in reference_kernels:
+        assert call["scale"] == kw.get("scale", 0.25)  # 1/sqrt(16), resolved before the op
+        assert call["window"] == window
 
 
 def test_backward_receives_deterministic_and_dout_layouts(reference_kernels, autograd_path):
@@ -359,7 +372,7 @@ def test_validation_messages_match_eager(case, exc, needles, requires_grad):
         for name in ("q", "k", "v"):
             if tensors[name].is_floating_point():
                 tensors[name] = tensors[name].detach().requires_grad_()
-    with expect(exc, *needles):
+    with expect_from("varlen_attn", exc, *needles):
         cupy_varlen.varlen_attn(tensors["q"], tensors["k"], tensors["v"], tensors["cu_q"],
                                 tensors["cu_k"], kw.pop("max_q"), kw.pop("max_k"), **kw)
 
@@ -380,7 +393,7 @@ def _call_bwd(args, **kw):
 
 
 def test_backward_valid_arguments_reach_the_device_check():
-    with expect(ValueError, "q", "CUDA device"):
+    with expect_from("varlen_attn_backward", ValueError, "q", "CUDA device"):
         _call_bwd(_bwd_args())
 
 
@@ -402,7 +415,7 @@ def test_backward_valid_arguments_reach_the_device_check():
 def test_backward_validation_names_the_argument(name, change, exc, needles):
     args = _bwd_args()
     args[name] = change(args[name])
-    with expect(exc, *needles):
+    with expect_from("varlen_attn_backward", exc, *needles):
         _call_bwd(args)
 
 
@@ -415,7 +428,7 @@ def test_backward_validation_names_the_argument(name, change, exc, needles):
     (dict(causal=1), TypeError, ("causal", "bool")),
 ])
 def test_backward_scalar_validation(kw, exc, needles):
-    with expect(exc, *needles):
+    with expect_from("varlen_attn_backward", exc, *needles):
         _call_bwd(_bwd_args(), **kw)
 
 
@@ -428,7 +441,7 @@ def test_backward_scalar_validation(kw, exc, needles):
 ])
 def test_backward_output_validation(name, change, exc, needles):
     args = _bwd_args()
-    with expect(exc, *needles):
+    with expect_from("varlen_attn_backward", exc, *needles):
         _call_bwd(args, **{name: change(args)})
 
 
@@ -463,43 +476,48 @@ def test_compat_signature_matches_torch(name):
 
 @pytest.fixture
 def captured(monkeypatch):
-    """compat's call into cupy_varlen.varlen_attn, recorded instead of run."""
+    """compat's call into cupy_varlen's varlen_attn, recorded (as {parameter: value} of
+    _api._varlen_attn) instead of run."""
     calls = []
+    signature = inspect.signature(_api._varlen_attn)
 
     def fake(*args, **kwargs):
-        calls.append((args, kwargs))
+        calls.append(dict(signature.bind(*args, **kwargs).arguments))
         return "result"
 
-    monkeypatch.setattr(_api, "varlen_attn", fake)
+    monkeypatch.setattr(_api, "_varlen_attn", fake)
     return calls
 
 
 def test_compat_maps_arguments(captured):
     q, k, v, cu_q, cu_k = cpu_packed(requires_grad=False)
     assert compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True) == "result"
-    args, kw = captured[-1]
-    assert args == (q, k, v, cu_q, cu_k, 16, 16)
-    assert kw == dict(scale=None, window_size=(-1, -1), return_lse=False, deterministic=False)
+    call = captured[-1]
+    assert call.pop("names").function == "varlen_attn"
+    assert call == dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=16,
+                        max_seqlen_k=16, causal=False, scale=None, window_size=(-1, -1),
+                        return_lse=False, out=None, deterministic=False, check_inputs=False)
     compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, scale=0.5,
                        window_size=(-7, 0), return_aux=compat.AuxRequest(lse=True), num_splits=1)
-    _, kw = captured[-1]
-    assert kw == dict(scale=0.5, window_size=(-1, 0), return_lse=True, deterministic=False)
+    call = captured[-1]
+    assert (call["scale"], call["window_size"], call["return_lse"]) == (0.5, (-1, 0), True)
     compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True,
                        return_aux=compat.AuxRequest(lse=False))
-    assert captured[-1][1]["return_lse"] is False
+    assert captured[-1]["return_lse"] is False
     out = torch.empty_like(q)
     compat.varlen_attn_out(out, q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, window_size=[5, 0])
-    _, kw = captured[-1]
-    assert kw["out"] is out and kw["window_size"] == (5, 0)
+    call = captured[-1]
+    assert call["out"] is out and call["window_size"] == (5, 0)
+    assert call["names"].function == "varlen_attn_out"
     prev = (torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         torch.use_deterministic_algorithms(True)
         compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True)
-        assert captured[-1][1]["deterministic"] is True
+        assert captured[-1]["deterministic"] is True
         torch.use_deterministic_algorithms(True, warn_only=True)  # torch's FA2 stays atomic then
         compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True)
-        assert captured[-1][1]["deterministic"] is False
+        assert captured[-1]["deterministic"] is False
     finally:
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
 
@@ -526,8 +544,262 @@ def test_compat_head_rules_are_torchs():
         compat.varlen_attn(q3, k, v, cu_q, cu_k, 16, 16, enable_gqa=True)
     with expect(ValueError, "window_size must have length 2"):
         compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, window_size=(1, 2, 3))
-    with expect(ValueError, "q", "CUDA device"):  # valid: reaches cupy_varlen's device check
+    # Valid: reaches cupy_varlen's device check, which speaks compat's names.
+    with expect_from("varlen_attn", ValueError, "query", "CUDA device"):
         compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, num_splits=1)
+
+
+@pytest.fixture(params=["eager", "direct", "op"])
+def call_path(request, monkeypatch):
+    """How a call runs: eager (no grad), autograd's direct path, autograd through the op."""
+    monkeypatch.setattr(_torch, "_EAGER_FAST_PATH", request.param != "op")
+    return request.param
+
+
+def _compat_call(function, path, change):
+    """compat.<function> on valid CPU arguments after ``change`` ({parameter: new value, or a
+    function of the valid value}); inputs require grad on the autograd paths."""
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=False)
+    args = dict(query=q, key=k, value=v, cu_seq_q=cu_q, cu_seq_k=cu_k, max_q=16, max_k=16)
+    if function == "varlen_attn_out":
+        args = dict(out=torch.empty_like(q), **args)
+    for name, new in change.items():
+        args[name] = new(args[name]) if callable(new) else new
+    if path != "eager":
+        for name in ("query", "key", "value"):
+            if args[name].is_floating_point():
+                args[name] = args[name].detach().requires_grad_()
+    return getattr(compat, function)(*args.values(), enable_gqa=True)
+
+
+COMPAT_ERRORS = [
+    (dict(query=lambda x: x.float()), TypeError, "query", "must be float16 or bfloat16"),
+    (dict(key=lambda x: x.to(torch.bfloat16)), TypeError, "key", "differs from query's"),
+    (dict(value=lambda x: x[:-1]), ValueError, "value", "must equal key's shape"),
+    (dict(query=lambda x: x.flatten(1)), ValueError, "query", "must be 3-D"),
+    (dict(query=lambda x: x[..., :8]), ValueError, "key", "differs from query's head dim"),
+    (dict(cu_seq_q=lambda x: x.long()), TypeError, "cu_seq_q", "must be int32"),
+    (dict(cu_seq_k=lambda x: x[:-1]), ValueError, "cu_seq_k", "differs from cu_seq_q's"),
+    (dict(cu_seq_k=lambda x: x.tolist()), TypeError, "cu_seq_k", "torch array like query"),
+    (dict(cu_seq_q=lambda x: x[:1], cu_seq_k=lambda x: x[:1]), ValueError, "cu_seq_q",
+     "has no sequences (length 1) but query or key has tokens"),
+    (dict(max_q=6.0), TypeError, "max_q", "must be a Python int"),
+    (dict(max_k=-1), ValueError, "max_k", "must be >= 0"),
+    (dict(), ValueError, "query", "must be on a CUDA device"),  # everything else valid
+]
+
+
+@pytest.mark.parametrize("function", ["varlen_attn", "varlen_attn_out"])
+@pytest.mark.parametrize("change,exc,shown,needle", COMPAT_ERRORS)
+def test_compat_errors_speak_compat_names(function, call_path, change, exc, shown, needle):
+    """A compat caller reads its own parameter names and function, never cupy_varlen's, on every
+    path (the device check, the last one, included)."""
+    with pytest.raises(exc) as info:
+        _compat_call(function, call_path, change)
+    message = str(info.value)
+    assert message.startswith(f"{function}: {shown} ") and needle in message, message
+    assert "cu_seqlens" not in message and "max_seqlen" not in message, message
+    assert not re.search(r"(?<!\w)[qkv](?!\w)", message), message  # q, k, v, q's, ...
+
+
+@pytest.mark.parametrize("change,exc,needle", [
+    (dict(out=lambda x: x[:-1]), ValueError, "must equal query's shape"),
+    (dict(out=lambda x: x.to(torch.bfloat16)), TypeError, "must equal query's dtype"),
+])
+def test_compat_out_errors(call_path, change, exc, needle):
+    with expect_from("varlen_attn_out", exc, "out", re.escape(needle)):
+        _compat_call("varlen_attn_out", call_path, change)
+
+
+@pytest.mark.parametrize("function", ["varlen_attn", "varlen_attn_out"])
+@pytest.mark.parametrize("kw,needle", [
+    (dict(num_splits=2), "num_splits=2"), (dict(seqused_k=torch.ones(4)), "seqused_k"),
+    (dict(window_size=(1, 2, 3)), "window_size must have length 2"),
+])
+def test_compat_own_rules_name_the_function(function, kw, needle):
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=False)
+    leading = (torch.empty_like(q),) if function == "varlen_attn_out" else ()
+    with pytest.raises((NotImplementedError, ValueError), match=f"^{function}: {needle}"):
+        getattr(compat, function)(*leading, q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Each argument checked once per call.
+
+_COUNTED_CHECKS = ("check_qkv", "check_cu_seqlens", "check_scale", "check_window", "check_like",
+                   "check_batch", "check_devices")
+
+
+@pytest.fixture
+def check_counts(reference_kernels, monkeypatch):
+    """How often each check ran, by name (the device check is the fixture's no-op)."""
+    counts = collections.Counter()
+    for name in _COUNTED_CHECKS:
+        def counting(*args, _name=name, _check=getattr(_checks, name), **kwargs):
+            counts[_name] += 1
+            return _check(*args, **kwargs)
+
+        monkeypatch.setattr(_checks, name, counting)
+    return counts
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_each_argument_is_checked_once(check_counts, requires_grad):
+    """Eager calls and the direct autograd path check each argument once; the direct backward
+    checks nothing again (its arguments are the forward's, dout comes from autograd)."""
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=requires_grad)
+    out = torch.empty_like(q)
+    result = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, causal=True,
+                                     window_size=(4, -1), out=out)
+    assert result is out
+    assert check_counts == {name: 1 for name in _COUNTED_CHECKS}
+    if requires_grad:  # (once: the op path would check twice, see the next test)
+        check_counts.clear()
+        torch.autograd.grad(result, (q, k, v), torch.ones_like(result))
+        assert not check_counts
+
+
+def test_the_op_checks_again(check_counts, monkeypatch):
+    """Through the op the autograd entry checks with the caller's names and the op's
+    implementation checks everything again before the kernels (a direct torch.ops call, or a
+    compiled graph, has nothing else in front of it); its backward checks once."""
+    monkeypatch.setattr(_torch, "_EAGER_FAST_PATH", False)
+    q, k, v, cu_q, cu_k = cpu_packed()
+    out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16)
+    assert "cupy_varlen_varlen_attn" in type(out.grad_fn).__name__
+    assert check_counts == {name: 2 for name in _COUNTED_CHECKS if name != "check_like"}
+    check_counts.clear()
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert check_counts == {"check_qkv": 1, "check_cu_seqlens": 1, "check_scale": 1,
+                            "check_window": 1, "check_like": 2, "check_batch": 1,
+                            "check_devices": 1}  # check_like: dout and out
+
+
+def test_direct_torch_ops_call_is_checked():
+    """The op's implementation guards the kernels itself."""
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=False)
+    with expect_from("varlen_attn", ValueError, "v", "shape"):
+        FWD_OP(q, k, v[:-1], cu_q, cu_k, 16, 16, False, 0.25, -1, -1, False, False)
+    with expect_from("varlen_attn_backward", ValueError, "dout", "shape"):
+        BWD_OP(q[:-1], q, k, v, q, torch.zeros(4, q.shape[0]), cu_q, cu_k, 16, 16, False, 0.25,
+               -1, -1, False)
+
+
+# --------------------------------------------------------------------------------------------------
+# FlopCounterMode counts the ops as torch counts its own flash attention.
+
+# cpu_packed(): lengths (5, 0, 9, 16) x (7, 3, 0, 16), 4 query heads, head dim 16.
+_SCORE_ENTRIES = 4 * (5 * 7 + 0 * 3 + 9 * 0 + 16 * 16)  # query heads x sum of Lq * Lk
+_FWD_FLOPS = 2 * _SCORE_ENTRIES * (16 + 16)  # QK^T and PV
+_BWD_FLOPS = 2 * _SCORE_ENTRIES * (3 * 16 + 2 * 16)  # QK^T again, dP, dV, dQ, dK
+
+
+def _flop_formula(op):
+    from torch.utils.flop_counter import flop_registry
+
+    return flop_registry[op]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("q_lens,k_lens,heads,heads_kv,head_dim", [
+    ([5, 0, 9, 16], [7, 3, 0, 16], 4, 2, 16), ([300, 1024, 77], [300, 1024, 77], 16, 4, 128),
+    ([1], [4096], 8, 8, 64), ([0, 0], [3, 0], 2, 1, 8),
+])
+def test_flop_formulas_are_torchs(device, q_lens, k_lens, heads, heads_kv, head_dim):
+    """Our registered formulas against torch's for aten._flash_attention_forward / _backward on
+    the same arguments: real offsets (sum over sequences) and meta ones (max_seqlen for every
+    sequence, torch's rule where the values cannot be read). torch counts GQA as attention over
+    the query heads (K/V broadcast); its formula is given K/V with the query's head count, which
+    older torch versions require."""
+    q = torch.empty(sum(q_lens), heads, head_dim, device=device)
+    k = torch.empty(sum(k_lens), heads_kv, head_dim, device=device)
+    v = torch.empty_like(k)
+    k_full = torch.empty(sum(k_lens), heads, head_dim, device=device)
+    lse = torch.empty(heads, q.shape[0], device=device)
+    cu_q, cu_k = cu_seqlens(q_lens, device), cu_seqlens(k_lens, device)
+    max_q, max_k = max(q_lens) + 3, max(k_lens) + 5  # loose: shows in the meta count
+    ours = _flop_formula(torch.ops.cupy_varlen.varlen_attn)(
+        q, k, v, cu_q, cu_k, max_q, max_k, True, 0.1, -1, 0, False, False, out_val=None)
+    theirs = _flop_formula(torch.ops.aten._flash_attention_forward)(
+        q, k_full, k_full, cu_q, cu_k, max_q, max_k, 0.0, True, False, out_val=None)
+    ours_bwd = _flop_formula(torch.ops.cupy_varlen.varlen_attn_backward)(
+        q, q, k, v, q, lse, cu_q, cu_k, max_q, max_k, True, 0.1, -1, 0, False, out_val=None)
+    theirs_bwd = _flop_formula(torch.ops.aten._flash_attention_backward)(
+        q, q, k_full, k_full, q, lse, cu_q, cu_k, max_q, max_k, 0.0, True, None, None,
+        out_val=None)
+    assert (ours, ours_bwd) == (theirs, theirs_bwd)
+    pairs = (zip(q_lens, k_lens) if device == "cpu"
+             else [(max_q, max_k)] * len(q_lens))
+    entries = heads * sum(lq * lk for lq, lk in pairs)
+    assert (ours, ours_bwd) == (4 * entries * head_dim, 10 * entries * head_dim)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_flop_counter_counts_every_call(reference_kernels, grad):
+    """Inference calls on plain tensors included: under the mode they take the op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=grad)
+    with FlopCounterMode(display=False) as counter:
+        out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, causal=True)
+        if grad:
+            out.backward(torch.ones_like(out))
+    expected = {torch.ops.cupy_varlen.varlen_attn: _FWD_FLOPS}
+    if grad:
+        expected[torch.ops.cupy_varlen.varlen_attn_backward] = _BWD_FLOPS
+    assert counter.get_flop_counts()["Global"] == expected
+    assert [c["kind"] for c in reference_kernels] == ["forward", "backward"][:1 + grad]
+
+
+def test_flop_counter_sees_a_backward_that_starts_under_it(reference_kernels):
+    """The direct path's forward ran unwatched; its backward, run under the mode, goes through
+    the backward op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v, cu_q, cu_k = cpu_packed()
+    out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16)
+    assert "_EagerVarlenAttn" in type(out.grad_fn).__name__
+    with FlopCounterMode(display=False) as counter:
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert counter.get_flop_counts()["Global"] == {
+        torch.ops.cupy_varlen.varlen_attn_backward: _BWD_FLOPS}
+    assert all(g.shape == x.shape for g, x in zip(grads, (q, k, v)))
+
+
+def test_flop_counter_on_fake_tensors():
+    """Shapes only (FakeTensorMode: no data, no GPU): every sequence counts as max_seqlen long,
+    as torch counts its own varlen attention on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FakeTensorMode():
+        q = torch.empty(37, 8, 64, dtype=torch.bfloat16, device="cuda")
+        k = torch.empty(41, 2, 64, dtype=torch.bfloat16, device="cuda")
+        cu = torch.empty(4, dtype=torch.int32, device="cuda")
+        with FlopCounterMode(display=False) as counter:
+            compat.varlen_attn(q, k, k, cu, cu, 20, 30, window_size=(-1, 0), enable_gqa=True)
+    assert counter.get_total_flops() == 3 * 4 * 8 * 20 * 30 * 64
+
+
+def test_flop_counter_built_before_the_ops_exist():
+    """A FlopCounterMode copies torch's formula registry when built; built before the first
+    torch tensor reached cupy_varlen (so before the ops existed), it still counts them, whether
+    the first call happens under it or it is entered later."""
+    out = run_python(
+        "import torch, cupy_varlen\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "from torch.utils.flop_counter import FlopCounterMode\n"
+        "first_call_inside = FlopCounterMode(display=False)\n"
+        "entered_later = FlopCounterMode(display=False)\n"
+        "with FakeTensorMode():\n"
+        "    q = torch.empty(37, 8, 64, dtype=torch.bfloat16, device='cuda')\n"
+        "    k = torch.empty(41, 2, 64, dtype=torch.bfloat16, device='cuda')\n"
+        "    cu = torch.empty(4, dtype=torch.int32, device='cuda')\n"
+        "    for counter in (first_call_inside, entered_later):\n"
+        "        with counter:\n"
+        "            cupy_varlen.varlen_attn(q, k, k, cu, cu, 20, 30, causal=True)\n"
+        "print(first_call_inside.get_total_flops(), entered_later.get_total_flops())\n")
+    assert out.split() == [str(3 * 4 * 8 * 20 * 30 * 64)] * 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -768,3 +1040,35 @@ def test_both_eager_paths_agree_cuda(monkeypatch):
         results.append((out, lse, *torch.autograd.grad(out, leaves, dout)))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@requires_gpu
+def test_flop_counter_matches_torch_varlen_cuda():
+    """FlopCounterMode over the same forward + backward through compat.varlen_attn and torch's
+    varlen_attn (the README's quick-start batch: GQA, causal) counts the same flops, also for an
+    inference call. torch is given K/V repeated to the query heads: the same attention, and what
+    its count of a GQA call is, where its flop formula takes GQA at all."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    varlen = _torch_varlen_module()
+    if varlen is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    params = inspect.signature(varlen.varlen_attn).parameters
+    if "window_size" not in params or "enable_gqa" not in params:
+        pytest.skip("this torch's varlen_attn lacks window_size or enable_gqa")
+    q, k, v, cu_q, cu_k = make_packed([300, 1024, 77], heads=16, heads_kv=4, head_dim=128,
+                                      seed=9)
+    kw = dict(window_size=(-1, 0), enable_gqa=True)
+    totals = {}
+    for name, fn in (("ours", compat.varlen_attn), ("torch", varlen.varlen_attn)):
+        if name == "torch":
+            k, v = (x.repeat_interleave(4, dim=1) for x in (k, v))
+        with torch.no_grad(), FlopCounterMode(display=False) as inference:
+            fn(q, k, v, cu_q, cu_k, 1024, 1024, **kw)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        with FlopCounterMode(display=False) as training:
+            out = fn(*leaves, cu_q, cu_k, 1024, 1024, **kw)
+            out.backward(torch.ones_like(out))
+        totals[name] = (inference.get_total_flops(), training.get_total_flops())
+    entries = 16 * (300 * 300 + 1024 * 1024 + 77 * 77)
+    assert totals["ours"] == totals["torch"] == (4 * entries * 128, 14 * entries * 128)

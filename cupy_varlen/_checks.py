@@ -1,0 +1,303 @@
+"""Argument validation for every entry point: the eager functions (_api), the torch integration
+(_torch) and torch's signatures (compat).
+
+A message reads ``"<function>: <argument> <what is wrong>"`` in the caller's own words: each check
+takes a :class:`Names`, which maps the canonical argument names used here (``q``,
+``cu_seqlens_q``, ``max_seqlen_q``, ...) to the names the called function shows, so that
+``compat.varlen_attn`` speaks of ``query`` and ``cu_seq_q``. Messages are built right where they
+are raised; nothing catches and rewrites them.
+
+Checks that need no data and no device come first (the torch integration runs them on fake tensors
+while tracing, through ``describe=fw.meta``); the device check comes last, so that every other check
+also runs, and is tested, on CPU arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import _spec
+from ._arrays import DTYPE_NAMES, framework_of
+
+INT32_MAX = 2**31 - 1
+MAX_GRID_Y = 65535
+
+
+class Names:
+    """How one function shows itself in error messages: its name (the prefix) and, for each
+    canonical argument name that it spells differently, its own spelling."""
+
+    __slots__ = ("function", "_shown")
+
+    def __init__(self, function: str, **shown: str):
+        self.function = function
+        self._shown = shown
+
+    def __call__(self, name: str) -> str:
+        return self._shown.get(name, name)
+
+
+VARLEN_ATTN = Names("varlen_attn")
+VARLEN_ATTN_BACKWARD = Names("varlen_attn_backward")
+
+
+def fail(exc, names: Names, name: str, msg: str):
+    raise exc(f"{names.function}: {names(name)} {msg}")
+
+
+def check_int(names, name, value, minimum=0):
+    if type(value) is int:  # the common case, without the ABC check below (microseconds per call)
+        if value < minimum:
+            fail(ValueError, names, name, f"must be >= {minimum}, got {value}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        fail(TypeError, names, name, f"must be a Python int, got {type(value).__name__}")
+    if value < minimum:
+        fail(ValueError, names, name, f"must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(names, name, value):
+    if value is True or value is False:
+        return value
+    if not isinstance(value, (bool, np.bool_)):
+        fail(TypeError, names, name, f"must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_scale(names, scale, head_dim):
+    """The softmax scale as a float; None means 1/sqrt(head_dim)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        fail(TypeError, names, "scale", f"must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0.0):
+        fail(ValueError, names, "scale", f"must be a finite positive number, got {scale}")
+    return scale
+
+
+def check_window(names, window_size, causal):
+    """(left, right) with causal folded in (right = 0)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        fail(TypeError, names, "window_size", f"must be a pair (left, right), got {window_size!r}")
+    left = check_int(names, "window_size[0]", window_size[0], minimum=-1)
+    right = check_int(names, "window_size[1]", window_size[1], minimum=-1)
+    if causal:
+        if right > 0:
+            fail(ValueError, names, "window_size",
+                 f"right = {right} contradicts causal=True (which means right = 0)")
+        right = 0
+    return left, right
+
+
+def _check_array_type(fw, names, name, x):
+    if framework_of(x) is not fw:
+        fail(TypeError, names, name,
+             f"must be a {fw.name} array like {names('q')}, got {type(x).__name__}")
+
+
+def framework(names, q):
+    """q's framework, which every other array argument must share."""
+    fw = framework_of(q)
+    if fw is None:
+        fail(TypeError, names, "q", f"must be a torch tensor or CuPy array, got {type(q).__name__}")
+    return fw
+
+
+def check_qkv(fw, names, q, k, v, describe):
+    """Type, shape, dtype and layout of q, k, v; returns their infos. ``describe`` turns an array
+    into an ArrayInfo: ``fw.info``, or ``fw.meta`` for fake tensors while tracing."""
+    infos = []
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_array_type(fw, names, name, x)
+        info = describe(x)
+        if len(info.shape) != 3:
+            fail(ValueError, names, name,
+                 f"must be 3-D (total_tokens, num_heads, head_dim), got shape {info.shape}")
+        if info.dtype not in DTYPE_NAMES:
+            fail(TypeError, names, name, f"must be float16 or bfloat16, got {info.dtype}")
+        if info.shape[2] > 1 and info.strides[2] != 1:
+            fail(ValueError, names, name,
+                 f"must be contiguous in its last dimension (stride 1), got strides {info.strides}")
+        infos.append(info)
+    qi, ki, vi = infos
+    q_name, k_name = names("q"), names("k")
+    for name, info in (("k", ki), ("v", vi)):
+        if info.dtype != qi.dtype:
+            fail(TypeError, names, name, f"dtype {info.dtype} differs from {q_name}'s {qi.dtype}")
+    total_q, heads, head_dim = qi.shape
+    total_k, heads_kv, head_dim_k = ki.shape
+    if vi.shape != ki.shape:
+        fail(ValueError, names, "v", f"shape {vi.shape} must equal {k_name}'s shape {ki.shape}")
+    if head_dim_k != head_dim:
+        fail(ValueError, names, "k",
+             f"head dim {head_dim_k} differs from {q_name}'s head dim {head_dim}")
+    if head_dim % 8 != 0 or not 8 <= head_dim <= _spec.MAX_HEAD_DIM:
+        fail(ValueError, names, "q",
+             f"head dim must be a multiple of 8 in [8, {_spec.MAX_HEAD_DIM}], got {head_dim}")
+    if heads < 1 or heads_kv < 1:
+        fail(ValueError, names, "q",
+             f"needs at least one head ({q_name} has {heads}, {k_name} has {heads_kv})")
+    if heads % heads_kv != 0:
+        fail(ValueError, names, "k",
+             f"num_heads {heads_kv} must divide {q_name}'s num_heads {heads} (GQA/MQA groups)")
+    if heads > MAX_GRID_Y:
+        fail(ValueError, names, "q", f"num_heads {heads} exceeds {MAX_GRID_Y}")
+    if max(total_q, total_k) > INT32_MAX:
+        fail(ValueError, names, "q", "total tokens must fit the int32 cu_seqlens (< 2**31)")
+    return qi, ki, vi
+
+
+def check_like(fw, names, name, x, like_name, like, describe):
+    """An array that must match ``like`` (an input's info) in type, shape and dtype, with a
+    contiguous last dimension: out, dout, and the gradients."""
+    _check_array_type(fw, names, name, x)
+    info = describe(x)
+    like_name = names(like_name)
+    if info.shape != like.shape:
+        fail(ValueError, names, name,
+             f"shape {info.shape} must equal {like_name}'s shape {like.shape}")
+    if info.dtype != like.dtype:
+        fail(TypeError, names, name,
+             f"dtype {info.dtype} must equal {like_name}'s dtype {like.dtype}")
+    if like.shape[2] > 1 and info.strides[2] != 1:
+        fail(ValueError, names, name,
+             f"must be contiguous in its last dimension, got strides {info.strides}")
+    return info
+
+
+def check_cu_seqlens(fw, names, cu_q, cu_k, describe):
+    """The two offsets arrays' type, dtype and shape; returns their infos."""
+    infos = []
+    for name, x in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        _check_array_type(fw, names, name, x)
+        info = describe(x)
+        if info.dtype != "int32":
+            fail(TypeError, names, name, f"must be int32, got {info.dtype}")
+        if len(info.shape) != 1 or info.shape[0] < 1:
+            fail(ValueError, names, name,
+                 f"must be 1-D of length batch + 1, got shape {info.shape}")
+        infos.append(info)
+    cu_qi, cu_ki = infos
+    if cu_qi.shape != cu_ki.shape:
+        fail(ValueError, names, "cu_seqlens_k",
+             f"length {cu_ki.shape[0]} differs from {names('cu_seqlens_q')}'s {cu_qi.shape[0]}")
+    return cu_qi, cu_ki
+
+
+def check_forward_args(fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                       max_seqlen_k, causal, scale, window_size, return_lse, out, deterministic,
+                       check_inputs, check_max_seqlen=check_int):
+    """Every argument of varlen_attn, as far as it can be checked without data or a device (see
+    :func:`check_launch` for the rest). ``check_max_seqlen`` lets the torch integration admit the
+    SymInts of a trace.
+
+    Returns ``(qi, ki, vi, cu_qi, cu_ki, oi, causal, scale, left, right, return_lse,
+    deterministic, check_inputs)``: the infos (oi None without ``out``), the flags as bools, scale
+    resolved, the window with causal folded in."""
+    qi, ki, vi = check_qkv(fw, names, q, k, v, describe)
+    cu_qi, cu_ki = check_cu_seqlens(fw, names, cu_seqlens_q, cu_seqlens_k, describe)
+    check_max_seqlen(names, "max_seqlen_q", max_seqlen_q)
+    check_max_seqlen(names, "max_seqlen_k", max_seqlen_k)
+    causal = check_bool(names, "causal", causal)
+    return_lse = check_bool(names, "return_lse", return_lse)
+    deterministic = check_bool(names, "deterministic", deterministic)
+    check_inputs = check_bool(names, "check_inputs", check_inputs)
+    scale = check_scale(names, scale, qi.shape[2])
+    left, right = check_window(names, window_size, causal)
+    oi = None if out is None else check_like(fw, names, "out", out, "q", qi, describe)
+    return (qi, ki, vi, cu_qi, cu_ki, oi, causal, scale, left, right, return_lse, deterministic,
+            check_inputs)
+
+
+def check_batch(names, cu_qi, total_q, total_k) -> int:
+    """The number of sequences, which must hold the tokens."""
+    batch = cu_qi.shape[0] - 1
+    if batch == 0 and (total_q or total_k):
+        fail(ValueError, names, "cu_seqlens_q",
+             f"has no sequences (length 1) but {names('q')} or {names('k')} has tokens")
+    return batch
+
+
+def check_devices(names, named_infos):
+    """All on the first one's CUDA device. Last of the checks, so that every other one also runs
+    (and is tested) on CPU arrays."""
+    (first_name, first), *rest = named_infos
+    if first.device < 0:
+        fail(ValueError, names, first_name, "must be on a CUDA device, got host memory")
+    for name, info in rest:
+        if info is not None and info.device != first.device:
+            where = "host memory" if info.device < 0 else f"cuda:{info.device}"
+            fail(ValueError, names, name,
+                 f"is in {where} but {names(first_name)} is on cuda:{first.device}")
+
+
+def check_offsets(fw, names, name, cu, total, tensor_name, max_name, max_seqlen):
+    """check_inputs=True: the values of one cu_seqlens array (one device round trip)."""
+    first, last, min_len, max_len = fw.offsets_summary(cu)
+    if first != 0:
+        fail(ValueError, names, name, f"must start at 0, got {first}")
+    if min_len < 0:
+        fail(ValueError, names, name, f"must be non-decreasing (a sequence has length {min_len})")
+    if last != total:
+        fail(ValueError, names, name,
+             f"must end at {names(tensor_name)}'s total tokens {total}, got {last}")
+    if max_len > max_seqlen:
+        fail(ValueError, names, max_name,
+             f"is {max_seqlen} but {names(name)} has a sequence of {max_len} tokens")
+
+
+def check_launch(fw, names, cu_q, cu_k, qi, ki, vi, cu_qi, cu_ki, oi, max_seqlen_q, max_seqlen_k,
+                 check_inputs) -> int:
+    """The forward's checks that need real arrays (after :func:`check_forward_args`): tokens
+    without sequences, device placement and, with ``check_inputs``, the offsets' values. Returns
+    the number of sequences."""
+    total_q, total_k = qi.shape[0], ki.shape[0]
+    batch = check_batch(names, cu_qi, total_q, total_k)
+    check_devices(names, (("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
+                          ("cu_seqlens_k", cu_ki), ("out", oi)))
+    if check_inputs:
+        check_offsets(fw, names, "cu_seqlens_q", cu_q, total_q, "q", "max_seqlen_q", max_seqlen_q)
+        check_offsets(fw, names, "cu_seqlens_k", cu_k, total_k, "k", "max_seqlen_k", max_seqlen_k)
+    return batch
+
+
+def check_backward_args(fw, names, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                        max_seqlen_q, max_seqlen_k, causal, scale, window_size, deterministic, dq,
+                        dk, dv):
+    """Every argument of varlen_attn_backward, the device placement last.
+
+    Returns ``(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, scale, left, right, deterministic, batch)``:
+    infos, scale resolved, the window with causal folded in, the number of sequences."""
+    describe = fw.info
+    qi, ki, vi = check_qkv(fw, names, q, k, v, describe)
+    cu_qi, cu_ki = check_cu_seqlens(fw, names, cu_seqlens_q, cu_seqlens_k, describe)
+    check_int(names, "max_seqlen_q", max_seqlen_q)
+    check_int(names, "max_seqlen_k", max_seqlen_k)
+    causal = check_bool(names, "causal", causal)
+    deterministic = check_bool(names, "deterministic", deterministic)
+    total_q, heads, head_dim = qi.shape
+    scale = check_scale(names, scale, head_dim)
+    left, right = check_window(names, window_size, causal)
+    doi = check_like(fw, names, "dout", dout, "q", qi, describe)
+    oi = check_like(fw, names, "out", out, "q", qi, describe)
+    _check_array_type(fw, names, "lse", lse)
+    li = describe(lse)
+    if li.dtype != "float32":
+        fail(TypeError, names, "lse",
+             f"must be float32 (varlen_attn's return_lse output), got {li.dtype}")
+    if li.shape != (heads, total_q):
+        fail(ValueError, names, "lse",
+             f"shape {li.shape} must be (num_heads, total_q) = {(heads, total_q)}")
+    grads = [None if x is None else check_like(fw, names, name, x, like_name, like, describe)
+             for name, x, like_name, like in (("dq", dq, "q", qi), ("dk", dk, "k", ki),
+                                              ("dv", dv, "v", vi))]
+    batch = check_batch(names, cu_qi, total_q, ki.shape[0])
+    check_devices(names, (("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
+                          ("cu_seqlens_k", cu_ki), ("dout", doi), ("out", oi), ("lse", li),
+                          ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])))
+    return doi, qi, ki, vi, oi, li, cu_qi, cu_ki, scale, left, right, deterministic, batch
