@@ -77,11 +77,11 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if (_REPO_ROOT / "cupy_varlen").is_dir() and str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-METHODS = ("cupy_varlen", "cupy_varlen_sm80", "cupy_varlen_det", "torch_varlen", "sdpa_flash",
-           "sdpa_cudnn", "flex")
+METHODS = ("cupy_varlen", "cupy_varlen_sm80", "cupy_varlen_det", "fa4", "torch_varlen",
+           "sdpa_flash", "sdpa_cudnn", "flex")
 OPT_IN_METHODS = ("cupy_varlen_sm80", "cupy_varlen_det")
 PASSES = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}  # FLOPs relative to the forward's
-HOST_METHODS = ("cupy_varlen", "torch_varlen")
+HOST_METHODS = ("cupy_varlen", "fa4", "torch_varlen")
 BASELINE = "torch_varlen"
 CHECK_MAX_TOKENS = 40_000
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -280,6 +280,40 @@ def time_rotated(fns, runs, warmup=0, before=None):
             if r >= warmup:
                 times[name].append(start.elapsed_time(end))
     return times
+
+
+def time_do_bench(fn, runs, warmup):
+    """triton.testing.do_bench's median (the L2 flushed before every call), as the peers' own
+    numbers are taken; each call is timed by its own event pair, so a host slower than the flush
+    shows in the time (the eager table). Falls back to time_cuda without triton."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return dict(time_cuda(fn, runs, warmup), timer="events")
+    # do_bench's warm-up and repeat arguments are milliseconds: estimate one call first.
+    one = time_cuda(fn, 3, max(1, warmup))["median_ms"]
+    ms = do_bench(fn, warmup=max(1.0, warmup * one), rep=max(5.0, runs * one),
+                  return_mode="median")
+    return {"median_ms": float(ms), "min_ms": None, "p90_ms": None, "timer": "do_bench"}
+
+
+def gpu_time_ms(fn, calls, host_us):
+    """GPU time per call with the host hidden: a sleep kernel queued first holds the stream while
+    the host queues ``calls`` calls back to back, so no call waits for the host (what CUDA graphs or
+    a busy training loop see). ``host_us`` sizes the sleep."""
+    import torch
+
+    torch.cuda.synchronize()
+    cycles_per_us = 2000  # a Hopper SM clock of about 2 GHz; more sleep only costs wall time
+    torch.cuda._sleep(int(cycles_per_us * (2 * calls * max(host_us, 20.0) + 1000)))
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 def host_overhead_us(fn, calls):
@@ -492,6 +526,32 @@ def prepare_torch_varlen(inp):
     return Prepared(fn, unpack=lambda out: out, note="; ".join(n for n in notes if n))
 
 
+def prepare_fa4(inp):
+    """FlashAttention-4 (``flash_attn.cute``, CuTe DSL, compiled at run time) where installed."""
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        raise Unavailable(f"flash_attn.cute not importable: {exc!r}") from exc
+    cfg = inp.cfg
+    left, right = cfg.window
+    window = (None if left < 0 else left, 0 if cfg.causal else (None if right < 0 else right))
+    q, k, v, cu_q, cu_k, mq, mk = inp.q, inp.k, inp.v, inp.cu_q, inp.cu_k, inp.max_q, inp.max_k
+
+    def fn():
+        return flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                      max_seqlen_q=mq, max_seqlen_k=mk, causal=cfg.causal,
+                                      window_size=window)
+
+    # Returns (out, lse); the first call compiles (seconds), outside the timing.
+    t0 = time.perf_counter()
+    fn()
+    import torch
+
+    torch.cuda.synchronize()
+    return Prepared(fn, unpack=lambda out: out[0], note="flash_attn.cute",
+                    first_call_s=time.perf_counter() - t0)
+
+
 def _padded_sdpa(inp):
     """Zero-padded (B, H, L, D) copies of q, k, v and the row index to unpad the output."""
     cfg = inp.cfg
@@ -683,6 +743,7 @@ PREPARE = {
     "cupy_varlen": lambda inp, args: prepare_cupy_varlen(inp),
     "cupy_varlen_sm80": lambda inp, args: prepare_cupy_varlen(inp, "sm80"),
     "cupy_varlen_det": lambda inp, args: prepare_cupy_varlen(inp, deterministic=True),
+    "fa4": lambda inp, args: prepare_fa4(inp),
     "torch_varlen": lambda inp, args: prepare_torch_varlen(inp),
     "sdpa_flash": lambda inp, args: prepare_sdpa_flash(inp),
     "sdpa_cudnn": lambda inp, args: prepare_sdpa_cudnn(inp),
@@ -769,10 +830,14 @@ def run_method(method, inp, args, flops, ref, compile_cache):
                 if key not in compile_cache:
                     compile_cache[key] = (measure_cupy_compile(prepared.fn), cfg.name)
                 row["compile_s"], row["compile_measured_in"] = compile_cache[key]
-            row.update(time_cuda(prepared.fn, args.runs, args.warmup))
+            timer = time_do_bench if args.timer == "do_bench" else time_cuda
+            row.update(timer(prepared.fn, args.runs, args.warmup))
             row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
             if method in HOST_METHODS and args.host_calls > 0:
                 row["host_us"] = host_overhead_us(prepared.fn, args.host_calls)
+            if args.gpu_calls > 0:
+                row["gpu_ms"] = gpu_time_ms(prepared.fn, args.gpu_calls, row["host_us"] or 100.0)
+                row["gpu_tflops"] = flops / (row["gpu_ms"] * 1e-3) / 1e12
             if ref is not None and prepared.unpack is not None:
                 if prepared.exact:
                     row["check_rel_err"] = rel_error(prepared.unpack(prepared.fn()), ref)
@@ -819,8 +884,10 @@ def run_config(cfg, args, compile_cache):
         print(f"  {method:<13} {status[:150]}  ({time.perf_counter() - t0:.1f} s)", flush=True)
         rows.append(row)
     base = next((r["tflops"] for r in rows if r["method"] == BASELINE and r["tflops"]), None)
+    fa4 = next((r["tflops"] for r in rows if r["method"] == "fa4" and r["tflops"]), None)
     for r in rows:
         r["ratio_vs_torch_varlen"] = r["tflops"] / base if base and r["tflops"] else None
+        r["ratio_vs_fa4"] = r["tflops"] / fa4 if fa4 and r["tflops"] else None
         r["config"] = cfg.name
     del inp, ref
     _free_cuda()
@@ -853,14 +920,15 @@ def _fmt(x, spec):
 
 
 def config_table(record, with_check=False):
-    headers = ["method", "median ms", "TFLOP/s", "vs torch", "host us"]
+    headers = ["method", "median ms", "TFLOP/s", "vs torch", "vs FA4", "host us", "GPU-only TF/s"]
     if with_check:
         headers.append("rel err")
     headers.append("note / error")
     rows = []
     for r in record["rows"]:
         row = [r["method"], _fmt(r["median_ms"], ".3f"), _fmt(r["tflops"], ".1f"),
-               _fmt(r.get("ratio_vs_torch_varlen"), ".2f"), _fmt(r.get("host_us"), ".1f")]
+               _fmt(r.get("ratio_vs_torch_varlen"), ".2f"), _fmt(r.get("ratio_vs_fa4"), ".2f"),
+               _fmt(r.get("host_us"), ".1f"), _fmt(r.get("gpu_tflops"), ".1f")]
         if with_check:
             row.append(_fmt(r.get("check_rel_err"), ".2e"))
         text = f"UNAVAILABLE: {r['error']}" if r["error"] else r.get("note", "")
@@ -869,27 +937,40 @@ def config_table(record, with_check=False):
     return format_table(headers, rows)
 
 
-def summary_table(records):
-    headers = ["config", "cupy TFLOP/s", "kernel", "torch TFLOP/s", "ratio", "sm80 ratio",
-               "det ratio", "compile s"]
+def summary_table(records, key="tflops"):
+    """TFLOP/s per config of ours, FA4 and torch's varlen_attn, and their ratios. ``key``:
+    "tflops" (as called eagerly, host included where it shows) or "gpu_tflops" (host hidden)."""
+    headers = ["config", "cupy_varlen", "kernel", "FA4", "torch", "vs FA4", "vs torch",
+               "det vs FA4", "sm80 vs torch", "compile s"]
     rows = []
     for rec in records:
         by = {r["method"]: r for r in rec["rows"]}
-        cv, tv = by.get("cupy_varlen", {}), by.get("torch_varlen", {})
+        cv = by.get("cupy_varlen", {})
 
-        def ratio(method):
-            mine = by.get(method, {})
-            return mine["tflops"] / tv["tflops"] if mine.get("tflops") and tv.get("tflops") \
-                else None
+        def tf(method):
+            return by.get(method, {}).get(key)
+
+        def ratio(method, other):
+            return tf(method) / tf(other) if tf(method) and tf(other) else None
 
         compile_s = cv.get("compile_s")
         mark = "" if cv.get("compile_measured_in") in (None, rec["config"]) else "*"
-        rows.append([rec["config"], _fmt(cv.get("tflops"), ".1f"),
-                     cv.get("note", "").replace(" kernel", ""), _fmt(tv.get("tflops"), ".1f"),
-                     _fmt(ratio("cupy_varlen"), ".2f"), _fmt(ratio("cupy_varlen_sm80"), ".2f"),
-                     _fmt(ratio("cupy_varlen_det"), ".2f"), _fmt(compile_s, ".2f") + mark])
+        rows.append([rec["config"], _fmt(tf("cupy_varlen"), ".1f"),
+                     cv.get("note", "").replace(" kernel", ""), _fmt(tf("fa4"), ".1f"),
+                     _fmt(tf("torch_varlen"), ".1f"), _fmt(ratio("cupy_varlen", "fa4"), ".2f"),
+                     _fmt(ratio("cupy_varlen", "torch_varlen"), ".2f"),
+                     _fmt(ratio("cupy_varlen_det", "fa4"), ".2f"),
+                     _fmt(ratio("cupy_varlen_sm80", "torch_varlen"), ".2f"),
+                     _fmt(compile_s, ".2f") + mark])
     return format_table(headers, rows) + \
         "\n(* compile time measured in an earlier config with the same dtype/head dim/mask)"
+
+
+def summary_report(records) -> str:
+    """The two summary tables: as called eagerly, and with the host hidden."""
+    return ("eager (each call timed as called; a host slower than the GPU shows):\n"
+            + summary_table(records) + "\n\nhost hidden (calls queued behind a sleep kernel):\n"
+            + summary_table(records, "gpu_tflops"))
 
 
 def environment_info():
@@ -1004,7 +1085,7 @@ def print_report(payload):
         if rec.get("check_skipped"):
             print(f"(check skipped: {rec['check_skipped']})")
     print("\n=== summary ===")
-    print(summary_table(payload["results"]), flush=True)
+    print(summary_report(payload["results"]), flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1024,7 +1105,13 @@ def parse_args(argv=None):
     ap.add_argument("--runs", type=int, default=100, help="timed calls per method (median)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls first (min 5 advised)")
     ap.add_argument("--host-calls", type=int, default=200,
-                    help="calls for the host overhead median (cupy_varlen, torch_varlen); 0: off")
+                    help="calls for the host overhead median (cupy_varlen, fa4, torch_varlen); "
+                         "0: off")
+    ap.add_argument("--timer", choices=("do_bench", "events"), default="do_bench",
+                    help="do_bench: triton's median with the L2 flushed before each call (how "
+                         "the peers' numbers are taken); events: per-call event pairs, L2 warm")
+    ap.add_argument("--gpu-calls", type=int, default=20,
+                    help="calls queued behind a sleep kernel for the host-hidden GPU time; 0: off")
     ap.add_argument("--methods", nargs="+", choices=METHODS,
                     default=[m for m in METHODS if m not in OPT_IN_METHODS])
     ap.add_argument("--pass", dest="pass_", choices=tuple(PASSES), default="fwd",
@@ -1102,8 +1189,10 @@ def main(argv=None):
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "pass": args.pass_,
         "flops_definition": f"{PASSES[args.pass_]} x 4 * sum_b allowed(query, key) pairs * H * D",
-        "timing": "median of per-call CUDA event pairs after warm-up; inputs reused (L2 not "
-                  "flushed); host_us = perf_counter around the call, no sync",
+        "timing": ("median of triton do_bench (L2 flushed before each call)" if args.timer ==
+                   "do_bench" else "median of per-call CUDA event pairs after warm-up; inputs "
+                   "reused (L2 not flushed)") + "; host_us = perf_counter around the call, no "
+                  "sync; gpu_ms = calls queued back to back behind a sleep kernel (host hidden)",
         "results": [],
     }
     print(f"device: {env['device']} (sm {env['compute_capability']}), torch {env['torch']}, "
@@ -1117,7 +1206,7 @@ def main(argv=None):
         for path in output_paths(out_path, "bench.json"):
             write_json(payload, path)
     print("\n=== summary ===")
-    print(summary_table(payload["results"]), flush=True)
+    print(summary_report(payload["results"]), flush=True)
     for path in output_paths(out_path, "bench.json"):
         print(f"results written to {path}", flush=True)
     if args.plot:

@@ -3,21 +3,22 @@ groups of 8 m64n128k16 wgmmas (shared-memory operands) and waits for each; warpg
 runs 8 independent FFMA -> ex2 chains. Each side is timed alone and both together; the work is
 balanced so that each alone takes about as long.
 
-    python benchmarks/wgmma_exp_overlap.py
+    python benchmarks/lab/wgmma_exp_overlap.py
 
 Why: at head dim 64 the forward's exps take as long as its GEMMs, so how far the two can run at
-once bounds the kernel (NOTES.md, head dim 64 section).
+once bounds the kernel (docs/performance.md, head dim 64 analysis).
 """
 
+import sys
 from pathlib import Path
 
 import cupy as cp
 import numpy as np
 
-CUDA_SRC = Path(__file__).resolve().parent.parent / "cuda_src"
-src = "#define CV_DTYPE_BF16 1\n" + "".join((CUDA_SRC / f).read_text()
-                                          for f in ("common.cuh", "tiles.cuh", "wgmma.cuh"))
-src = src.replace("#pragma once", "")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+from cupy_varlen._build import assemble_files  # noqa: E402
+
+src = "#define CV_DTYPE_BF16 1\n" + assemble_files("common.cuh", "tiles.cuh", "wgmma.cuh")
 src += r'''
 extern "C" __global__ void __launch_bounds__(384, 1) mix(int mode, int gemm_iters, int exp_iters, float* out) {
   extern __shared__ __align__(1024) unsigned char sm[];

@@ -1,12 +1,12 @@
 """Offline search for the sm80 forward kernel's tile table (cupy_varlen/_spec.py: _TILE_TABLES).
-(The sm90 kernel's few tiles, _TILES_WGMMA, were chosen by measurement: benchmarks/NOTES.md.)
+(The sm90 kernel's few tiles, _TILES_WGMMA, were chosen by measurement: docs/performance.md.)
 
 For every architecture and head-dim tile, walks an ordered list of candidate tile shapes (largest
 tiles and deepest pipelines first) and keeps the first that (a) fits the shared memory budget with
 the CTAs per SM it was sized for, and (b) compiles with no register spills for every dtype and mask
 kind, as ptxas reports it. Needs no GPU: NVRTC compiles for any target.
 
-    python benchmarks/tune_tiles.py [--archs sm_90a sm_80 ...] [--jobs 2]
+    python benchmarks/lab/tune_tiles.py [--archs sm_90a sm_80 ...] [--jobs 2]
 
 Prints the table as Python to paste into _spec.py. The CPU tests re-check the shipped table.
 """
@@ -18,8 +18,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-# Run from a source checkout without installing: the package sits one level up.
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+# Run from a source checkout without installing: the package sits two levels up.
+_REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 if (_REPO_ROOT / "cupy_varlen").is_dir() and str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
@@ -31,7 +31,7 @@ SMEM_PER_SM = {"sm_80": 164 * 1024, "sm_86": 100 * 1024, "sm_89": 100 * 1024, "s
 
 
 def candidates(tile: int):
-    """Tile shapes in order of preference (measured on the H100, benchmarks/NOTES.md), each with
+    """Tile shapes in order of preference (measured on the H100, docs/performance.md), each with
     the QK^T unroll factors to try. Fields: block_m, block_n, warps, stages, min_blocks, sub_n."""
     unrolls = (0, 2, 1, 3, 4)
     if tile <= 64:

@@ -1,6 +1,6 @@
 """Interleaved A/B timing of kernel variants against each other and torch, in one process.
 
-    python benchmarks/ab_sources.py VARIANT [VARIANT ...] [--configs NAME ...] [--runs N]
+    python benchmarks/lab/ab_sources.py VARIANT [VARIANT ...] [--configs NAME ...] [--runs N]
 
 A variant is one or more parts joined by '+':
   tree                       the working tree as it is;
@@ -29,9 +29,11 @@ import os
 import sys
 from pathlib import Path
 
+# Run from a source checkout: the package sits at the repository root (two levels up) and
+# bench_varlen.py in benchmarks/ (one level up).
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
 
 REFERENCE_MAX_TOKENS = 40_000
 DEFAULT_CONFIGS = ("b32_8k_d64_full", "b32_8k_d64_causal", "b32_8k_d128_full",

@@ -3,12 +3,12 @@ packed ex2.approx.f16x2 and ex2.approx.ftz.bf16x2 (sm_90), in instructions and e
 clock per SM; then the f32 rate reached by 1, 2, 4 and 8 warps per scheduler, alone and with an FFMA
 feeding and an FADD consuming every exp (the softmax's pattern).
 
-    python benchmarks/exp2_throughput.py
+    python benchmarks/lab/exp2_throughput.py
 
 The question it answers: would packed half-precision exponentials double the softmax's exp rate?
 (On the H100, 2026-11-24: no. All three give 16 exponentials per clock per SM; a packed
 instruction occupies the unit twice as long. And one warp per scheduler already reaches ~85% of
-that rate. See NOTES.md.) Eight independent chains per thread,
+that rate. See docs/performance.md.) Eight independent chains per thread,
 132 x 8 blocks of 1024 threads, timed with CUDA events; the SM clock is read from NVML through
 torch when available, else taken as the H100 SXM's 1.98 GHz boost clock.
 """

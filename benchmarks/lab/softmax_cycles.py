@@ -2,22 +2,25 @@
 warp in registers (a consumer warp's share at head dim 64), looped, timed with clock64, one CTA per
 SM with 1 or 2 warps per scheduler (one or two consumer warpgroups). Variants separate the parts.
 
-    python benchmarks/softmax_cycles.py
+    python benchmarks/lab/softmax_cycles.py
 
 Why: in the kernel the softmax of a tile takes ~1050 cycles per warp alone and ~1550 when both
-consumer warpgroups are in it (clock-stamp timeline, NOTES.md). This loop gives ~860 and ~1540 on
+consumer warpgroups are in it (clock-stamp timeline, docs/performance.md). This loop gives ~860 and ~1540 on
 the H100 without any GEMM, so changes to cuda_src/softmax.cuh can be timed in seconds. The exp
 unit's floor is 8 cycles per warp-wide ex2: 512 per tile, 1024 per two tiles on one scheduler.
 """
 
-import cupy as cp
-import numpy as np
+import sys
 from pathlib import Path
 
-CUDA_SRC = Path(__file__).resolve().parent.parent / "cuda_src"
-src = "#define CV_DTYPE_BF16 1\n"
-for f in ("common.cuh", "tiles.cuh", "wgmma.cuh", "softmax.cuh"):
-    src += (CUDA_SRC / f).read_text().replace("#pragma once", "") + "\n"
+import cupy as cp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+from cupy_varlen._build import assemble_files  # noqa: E402
+
+src = "#define CV_DTYPE_BF16 1\n" + assemble_files("common.cuh", "tiles.cuh", "wgmma.cuh",
+                                                  "softmax.cuh")
 src += r'''
 // variants of the per-tile work, all on s[1][16][4] -> pa[8][4]
 template <int V>
