@@ -66,10 +66,14 @@ struct BwdParams {
   int heads, heads_per_kv, head_dim;
   float scale, scale_log2;
   int window_left, window_right;
+  int use_dq_map;  // 1: dq_map is a valid map of dq_accum (cupy_varlen/_tma.py)
+  // dq_accum as (total_q, heads, head_dim) fp32, 64-row x 32-column boxes with the 128-byte
+  // swizzle: the sm90 dK/dV kernel adds its dQ partials through it with TMA reductions.
+  TensorMap dq_map;
 };
 // The host packs this byte for byte (cupy_varlen/_launch.py, _BWD_PARAMS: 16 pointers, 19 int64,
-// 3 int32, 2 float, 2 int32, padding).
-static_assert(sizeof(BwdParams) == 312, "BwdParams layout must match the host's packing");
+// 3 int32, 2 float, 3 int32, padding to the map's 64-byte alignment, the 128-byte map).
+static_assert(sizeof(BwdParams) == 448, "BwdParams layout must match the host's packing");
 
 CV_DEVICE AttnWindow bwd_window(const BwdParams& p) {
 #if CV_WINDOWED

@@ -64,6 +64,9 @@ struct SharedStorage {
   // dS^T, twice: a consumer may store the next tile's while the other still reads this one.
   // Deterministic mode has none (its dQ kernel forms dS itself).
   alignas(kSwizzleAtomBytes) unsigned char ds[2][DsTile::kBytes];
+  // Each consumer's dQ partial of its last query tile, staged for the TMA reductions: 64 rows x
+  // kDqN fp32 in 32-column panels (stage_accumulator_f32's layout).
+  alignas(kSwizzleAtomBytes) unsigned char dq[kConsumers][64 * kDqN * 4];
 #endif
   alignas(16) unsigned char stats[kStages][kStatBytes];  // lse_log2 and delta per query tile
   u64 kv_full;  // K and V landed
@@ -87,6 +90,9 @@ struct Smem {
   CV_DEVICE u32 ds(int buffer) const {
     return base + CV_OFFSET_OF_ELEMENT(SharedStorage, ds, buffer);
   }
+  CV_DEVICE u32 dq(int consumer) const {
+    return base + CV_OFFSET_OF_ELEMENT(SharedStorage, dq, consumer);
+  }
 #endif
   CV_DEVICE u32 stats(int stage) const {
     return base + CV_OFFSET_OF_ELEMENT(SharedStorage, stats, stage);
@@ -101,8 +107,10 @@ struct Smem {
 };
 typedef PipelineState<kStages> QPipe;
 
-// Named barriers (0 is __syncthreads'): the consumers' meeting points.
+// Named barriers (0 is __syncthreads'): the consumers' meeting points, and each consumer's own
+// around its dQ staging buffer.
 constexpr int kConsumerBarrier = 1;
+constexpr int kDqStageBarrier = 2;  // + consumer index
 
 // Everything about this CTA's key tile, derived identically by producer and consumers.
 struct KeyTileWork {
@@ -223,7 +231,6 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     scores_gradient(s, dp, stats + kBlockM * 4, 0, lane);
     u32 dsa[kBlockM / 16][4];
     pack_a_fragments(dp, dsa);
-    wgmma_rs_mnmajor<kHeadDim, kBlockM>(dk_flat, dsa, q_slot, kBlockM * kPanelBytes);
 #if CV_DQ_ATOMIC
     const u32 ds_tile = smem.ds(it & 1);
     stage_fragments<DsTile>(dp, ds_tile, key_row0, 0, lane);
@@ -233,11 +240,37 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     named_barrier_sync(kConsumerBarrier, kConsumerThreads);
     float dq[1][kDqN / 8][4];
     float(&dq_flat)[kDqN / 2] = reinterpret_cast<float(&)[kDqN / 2]>(dq);
-    const int q_panel = kDqSplitRows ? wg : 0;
+    const int q_row0 = kDqSplitRows ? wg * 64 : 0;  // this consumer's dQ rows and columns
     const int d0 = kDqSplitRows ? 0 : wg * kDqN;
-    wgmma_ss_mnmajor<kDqN, kBlockN>(dq_flat, ds_tile + q_panel * DsTile::kRowCount * kPanelBytes,
+    wgmma_ss_mnmajor<kDqN, kBlockN>(dq_flat, ds_tile + q_row0 / 64 * DsTile::kRowCount * kPanelBytes,
                                     smem.k() + d0 / 64 * KTile::kRowCount * kPanelBytes,
                                     KTile::kRowCount * kPanelBytes);
+#endif
+    // dK last: it runs while dQ goes out.
+    wgmma_rs_mnmajor<kHeadDim, kBlockM>(dk_flat, dsa, q_slot, kBlockM * kPanelBytes);
+#if CV_DQ_ATOMIC
+    wgmma_wait<1>();  // dV and dQ are done; dK may still run
+    fence_registers(dq);
+    const int head = t.head(p, it);
+    const int rows_valid = t.seq.q_len - m0 - q_row0;
+    if (p.use_dq_map) {
+      // Staged in shared memory and added by TMA reductions (one thread, asynchronous) instead of
+      // a vector atomic per pair of elements from every thread.
+      const u32 staging = smem.dq(wg);
+      if (ctid == 0) bulk_wait_group_read<0>();  // the last tile's reductions have read it
+      named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
+      stage_accumulator_f32(dq, staging, (ctid >> 5) * 16, rows_valid, lane);
+      fence_proxy_async();  // the generic-proxy stores before the TMA unit reads them
+      named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
+      if (ctid == 0)
+        reduce_add_tile_bulk<kDqN / 32, 64>(staging, p.dq_map, d0, head,
+                                            t.seq.q_start + m0 + q_row0);
+    } else {
+      const i64 row_stride = (i64)p.heads * p.head_dim;
+      add_fragments_atomic(dq, p.dq_accum + (i64)(t.seq.q_start + m0 + q_row0) * row_stride +
+                                   (i64)head * p.head_dim,
+                           row_stride, rows_valid, p.head_dim, (ctid >> 5) * 16, d0, lane);
+    }
 #endif
     wgmma_wait<0>();
     fence_registers(acc_dv);
@@ -245,16 +278,12 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     fence_registers(pa);  // A operands: live until the GEMMs reading them are done
     fence_registers(dsa);
     mbarrier_arrive(smem.q_empty(stage));  // Q, dO and the statistics are read for the last time
-#if CV_DQ_ATOMIC
-    fence_registers(dq);
-    const int head = t.head(p, it);
-    const i64 row_stride = (i64)p.heads * p.head_dim;
-    const int q_row0 = (kDqSplitRows ? wg * 64 : 0) + (ctid >> 5) * 16;
-    add_fragments_atomic(dq, p.dq_accum + (i64)(t.seq.q_start + m0) * row_stride +
-                                 (i64)head * p.head_dim,
-                         row_stride, t.seq.q_len - m0, p.head_dim, q_row0, d0, lane);
-#endif
   }
+#if CV_DQ_ATOMIC
+  // The staging buffer must stay until the reductions have read it, and their adds must be done
+  // before the dQ conversion reads the accumulator.
+  if (ctid == 0) bulk_wait_group<0>();
+#endif
 
   // dV and dK are staged where V and K were: K is read by both consumers' dQ GEMMs, so both must
   // be done with it first.

@@ -75,6 +75,31 @@ CV_DEVICE void store_output_fragments(const float (&acc_o)[kMAtoms][kDAtoms][4],
     }
 }
 
+// Writes a warpgroup's fp32 accumulator (64 rows, warp w holding rows 16w..16w+15; 8 kNAtoms
+// columns) into panels of 32 columns x 64 rows of 128 bytes, each 16-byte chunk of a row at
+// position chunk ^ (row % 8): the 128-byte swizzle that TMA reads (reduce_add_tile_bulk). The XOR
+// also spreads a warp's eight rows over all banks. Rows at or past rows_valid are written as zeros,
+// whatever the accumulator holds: the tile's rows may overlap the next sequence's in global memory,
+// and 0 * NaN from a non-finite key must not reach them.
+template <int kNAtoms>
+CV_DEVICE void stage_accumulator_f32(const float (&acc)[1][kNAtoms][4], u32 base, int warp_row0,
+                                     int rows_valid, int lane) {
+  const int group = lane >> 2, quad = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = warp_row0 + group + 8 * h;
+    const bool valid = row < rows_valid;
+    const u32 row_base = base + row * 128 + (quad & 1) * 8;
+#pragma unroll
+    for (int n = 0; n < kNAtoms; ++n) {
+      const int chunk = 2 * (n % 4) + (quad >> 1);  // 16-byte chunk of columns 8n + 2quad, +1
+      const u32 addr = row_base + (n / 4) * 64 * 128 + ((chunk ^ (row & 7)) << 4);
+      const float a = valid ? acc[0][n][2 * h] : 0.f, b = valid ? acc[0][n][2 * h + 1] : 0.f;
+      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b));
+    }
+  }
+}
+
 // dst[0] += a, dst[1] += b (dst 8-byte aligned). Hopper reduces both in one vector instruction,
 // halving the atomic traffic that dominates the backward's dQ.
 CV_DEVICE void atomic_add_pair(float* dst, float a, float b) {

@@ -90,6 +90,39 @@ struct alignas(64) TensorMap {
   unsigned char bytes[128];
 };
 
+// Adds a staged fp32 tile to global memory with TMA reductions (cp.reduce.async.bulk.tensor .add):
+// kPanels panels of 32 columns, each kPanelRows rows x 128 bytes with the 128-byte swizzle (see
+// stage_accumulator_f32), to columns [col0, col0 + 32 kPanels) of rows [row0, row0 + kPanelRows)
+// of head `head`. Elements outside the map's tensor are skipped. The adds are atomic per element
+// and asynchronous: the issuing thread commits them as one bulk group, and must wait for its reads
+// (bulk_wait_group_read) before the staging buffer is written again.
+template <int kPanels, int kPanelRows>
+CV_DEVICE void reduce_add_tile_bulk(u32 smem_base, const TensorMap& map, int col0, int head,
+                                    int row0) {
+  const u64 desc = reinterpret_cast<u64>(&map);
+#pragma unroll
+  for (int panel = 0; panel < kPanels; ++panel)
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group"
+        " [%0, {%1, %2, %3}], [%4];\n"
+        ::"l"(desc), "r"(col0 + 32 * panel), "r"(head), "r"(row0),
+        "r"(smem_base + panel * kPanelRows * 128)
+        : "memory");
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most kPending of this thread's bulk groups still read shared memory.
+template <int kPending>
+CV_DEVICE void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Waits until at most kPending of this thread's bulk groups are incomplete (their writes done).
+template <int kPending>
+CV_DEVICE void bulk_wait_group() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
 // Starts the TMA copy of rows [row0, row0 + kRows) of head `head` into a SmemTile<kRows, kHeadDim>:
 // one copy per 64-element panel, the map's box being kRows rows x 64 elements of one head with the
 // 128-byte swizzle, which is SmemTile's layout on 1024-byte aligned panels. Columns past the map's

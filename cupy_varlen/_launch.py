@@ -131,9 +131,13 @@ def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, c
 
 
 # cuda_src/bwd_common.cuh: struct BwdParams (both backward families), by value: 16 pointers,
-# 19 int64, 3 int32, 2 float32, 2 int32, padded to 8-byte alignment.
-_BWD_PARAMS = struct.Struct("<16Q19q3i2f2i4x")
-_BWD_ARGS = _ParamBuffer(_BWD_PARAMS)
+# 19 int64, 3 int32, 2 float32, 3 int32 (window, use_dq_map), padding to the 64-byte alignment of
+# the dQ accumulator's 128-byte tensor map. Through kernelParams, as the forward's Params.
+_BWD_PARAMS = struct.Struct("<16Q19q3i2f3i8x128s")
+_BWD_ARGS = _ParamBuffer(_BWD_PARAMS, by_struct=True)
+# The sm90 dK/dV kernel adds each consumer's 64-row dQ partial through TMA reductions (the map's
+# box: 64 rows x 32 fp32 columns, cuda_src/bwd_sm90.cu).
+_DQ_BOX_ROWS = 64
 _PREP_THREADS = 256  # cuda_src/bwd_common.cuh: kPrepThreads (8 lanes per row and head)
 _CONVERT_THREADS = 256  # cuda_src/bwd_common.cuh: kConvertThreads (one thread per 8 elements)
 
@@ -172,12 +176,16 @@ def launch_backward(kernels, spec, stream_ptr: int, *, q, k, v, out, dout, dq, d
     if max(grid_kv, grid_q) > _MAX_GRID_X:
         raise ValueError("varlen_attn_backward: tiles x heads exceed one launch's grid")
     s = strides
+    dq_map = None
+    if spec.kernel == "sm90" and not spec.deterministic and total_q > 0:
+        dq_map = _tma.tile_map(dq_accum, "fp32", total_q, heads, head_dim, heads * head_dim,
+                               head_dim, _DQ_BOX_ROWS)
     params = _BWD_ARGS.pack(
         q, k, v, out, dout, dq, dk, dv, lse, lse_log2, delta, dq_accum, cu_q, cu_k, ws_kv,
         ws_q if spec.deterministic else 0,
         *s["q"], *s["k"], *s["v"], *s["out"], *s["dout"], *s["dq"], *s["dk"], *s["dv"],
         *lse_strides, total_q, heads, heads // heads_kv, head_dim, scale, scale_log2,
-        window[0], window[1],
+        window[0], window[1], int(dq_map is not None), dq_map or _NO_MAP,
     )
     left, right = window
     rows = total_q * heads

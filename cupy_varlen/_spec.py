@@ -423,12 +423,13 @@ class BwdSpec(_KernelSpec):
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory of the dK/dV kernel: K, V, the Q/dO/statistics ring, and P^T and
-        dS^T (sm80) or two dS^T buffers in atomic mode (sm90)."""
+        dS^T (sm80) or, in atomic mode, two dS^T buffers and the fp32 dQ staging (sm90)."""
         t, row = self.tiles, self.head_dim_tile * 2
         common = 2 * t.block_n * row + t.stages * (2 * t.block_m * row + 2 * t.block_m * 4)
         if self.kernel == "sm90":
-            ds = 0 if self.deterministic else 2 * t.block_n * t.block_m * 2
-            return common + ds + SM90_BOOKKEEPING_BYTES
+            # Atomic mode: two dS^T buffers and the consumers' fp32 dQ staging.
+            dq = 0 if self.deterministic else 2 * t.block_n * t.block_m * 2 + t.block_m * row * 2
+            return common + dq + SM90_BOOKKEEPING_BYTES
         return common + 2 * 2 * t.block_n * t.block_m
 
     @property

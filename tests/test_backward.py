@@ -286,6 +286,51 @@ def test_nan_stays_in_its_sequence(poison):
             assert torch.equal(g[rows], c[rows]), f"sequence {b}'s {name} changed"
 
 
+@pytest.mark.parametrize("poison", ["k", "dout"])
+def test_nan_stays_in_its_sequence_with_atomic_dq(poison):
+    """The default (atomic) dQ: the sm90 kernel adds whole 64-row dQ tiles by TMA reductions, whose
+    rows past a sequence's end overlap the next sequence's. A NaN key makes those rows 0 * NaN, so
+    they must go out as zeros: the other sequences' dq stays finite and equal to the clean run's up
+    to the atomics' summation order."""
+    lens_q, lens_k = [70, 129, 1, 200], [64, 130, 5, 190]
+    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, heads=4, heads_kv=2, head_dim=128, seed=21)
+    dout = random_like(q, 22)
+    clean = autograd_grads(q, k, v, cu_q, cu_k, dout, max_q=200, max_k=190)
+    bad = {"k": k.clone(), "dout": dout.clone()}
+    cu = cu_k if poison == "k" else cu_q
+    bad[poison][cu[1]:cu[2]] = math.nan  # all of sequence 1
+    got = autograd_grads(q, bad.get("k", k), v, cu_q, cu_k, bad.get("dout", dout), max_q=200,
+                         max_k=190)
+    for b in (0, 2, 3):
+        q_rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        k_rows = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        for name, g, c, rows in zip(("dq", "dk", "dv"), got, clean, (q_rows, k_rows, k_rows)):
+            assert torch.isfinite(g[rows]).all(), f"sequence {b}'s {name} is not finite"
+            assert rel_error(g[rows], c[rows].double()) < 1e-2, f"sequence {b}'s {name} changed"
+
+
+@pytest.mark.parametrize("dq_path", ["tma reductions", "atomics"])
+@pytest.mark.parametrize("head_dim,heads_kv", [(64, 2), (128, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_dq_by_tma_reductions_and_by_atomics(bwd_kernel, dq_path, head_dim, heads_kv, causal,
+                                                   monkeypatch):
+    """The sm90 dK/dV kernel adds dQ partials by TMA reductions through a tensor map of the fp32
+    accumulator; without one (no driver entry point) it falls back to vector atomics. Both paths,
+    with GQA and lengths off the 64-row tile."""
+    from cupy_varlen import _tma
+
+    if bwd_kernel != "sm90":
+        pytest.skip("the dQ paths belong to the sm90 kernel")
+    if dq_path == "atomics":
+        real = _tma.tile_map
+        monkeypatch.setattr(_tma, "tile_map",
+                            lambda ptr, dtype, *rest: None if dtype == "fp32" else real(
+                                ptr, dtype, *rest))
+    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=4, heads_kv=heads_kv,
+                                      head_dim=head_dim, seed=head_dim + causal)
+    check_backward(q, k, v, cu_q, cu_k, causal=causal)
+
+
 def test_misaligned_inputs_and_outputs():
     """Inputs and preallocated gradients whose base is not 16-byte aligned (an odd storage offset)
     take the copy path: same gradients, and the caller's own dq/dk/dv are written and returned."""
