@@ -10,7 +10,7 @@ import math
 
 import torch
 
-__all__ = ["varlen_attn_reference", "allowed_keys_mask"]
+__all__ = ["varlen_attn_reference", "allowed_keys_mask", "gather_paged_keys"]
 
 
 def _as_torch(x):
@@ -39,6 +39,30 @@ def allowed_keys_mask(q_len: int, k_len: int, causal: bool, window_size, device=
     return allowed
 
 
+def gather_paged_keys(pool, block_table, seqused_k):
+    """The keys (or values) of every sequence from a paged cache, packed: ``pool`` is ``(num_pages,
+    page_size, H_kv, D)``, sequence b's keys are the first ``seqused_k[b]`` rows of its pages
+    ``block_table[b, 0], block_table[b, 1], ...`` in that order. Returns ``(packed, cu_seqlens)``
+    with ``packed`` of shape ``(sum seqused_k, H_kv, D)``. Pages and page tails past ``seqused_k``
+    are never read, so poisoning them must not change a result."""
+    pool, table, used = (_as_torch(x) for x in (pool, block_table, seqused_k))
+    num_pages, page_size = pool.shape[:2]
+    parts, offsets = [], [0]
+    for b, n in enumerate(used.tolist()):
+        needed = -(-n // page_size)
+        if n < 0 or needed > table.shape[1]:
+            raise ValueError(f"gather_paged_keys: seqused_k[{b}] = {n} needs {needed} pages, "
+                             f"block_table has {table.shape[1]} per sequence")
+        pages = table[b, :needed].tolist()
+        if any(not 0 <= page < num_pages for page in pages):
+            raise ValueError(f"gather_paged_keys: block_table[{b}] names a page outside the "
+                             f"pool of {num_pages}: {pages}")
+        rows = pool[pages].reshape(-1, *pool.shape[2:])[:n] if pages else pool[:0, 0]
+        parts.append(rows)
+        offsets.append(offsets[-1] + n)
+    return torch.cat(parts), torch.tensor(offsets, dtype=torch.int32, device=pool.device)
+
+
 def varlen_attn_reference(
     q,
     k,
@@ -53,6 +77,8 @@ def varlen_attn_reference(
     window_size=(-1, -1),
     return_lse: bool = False,
     compute_dtype=torch.float64,
+    seqused_k=None,
+    block_table=None,
 ):
     """Reference attention with the same arguments as :func:`cupy_varlen.varlen_attn`.
 
@@ -60,10 +86,23 @@ def varlen_attn_reference(
     (float64 by default) and returns torch tensors in that dtype: ``out`` of shape
     (total_q, H, D) and, with ``return_lse``, ``lse`` of shape (H, total_q). Rows with no allowed
     key give out 0 and lse -inf. ``max_seqlen_*`` are accepted for signature compatibility only.
+
+    The inference forms of torch's ``varlen_attn``: ``seqused_k`` (int32 ``(B,)``) keeps only the
+    first ``seqused_k[b]`` keys of sequence b (causal and window alignment then use that length);
+    ``block_table`` (int32 ``(B, max_pages)``, with ``seqused_k``) makes k and v page pools
+    ``(num_pages, page_size, H_kv, D)`` read through :func:`gather_paged_keys`, and
+    ``cu_seqlens_k`` may then be None.
     """
+    if block_table is not None:
+        if seqused_k is None:
+            raise ValueError("varlen_attn_reference: block_table needs seqused_k")
+        k, cu_seqlens_k = gather_paged_keys(k, block_table, seqused_k)
+        v, _ = gather_paged_keys(v, block_table, seqused_k)
+        seqused_k = None
     q, k, v = (_as_torch(x).to(compute_dtype) for x in (q, k, v))
     cu_q = _as_torch(cu_seqlens_q).tolist()
     cu_k = _as_torch(cu_seqlens_k).tolist()
+    used = None if seqused_k is None else _as_torch(seqused_k).tolist()
     total_q, heads, head_dim = q.shape
     heads_kv = k.shape[1]
     group = heads // heads_kv
@@ -73,6 +112,11 @@ def varlen_attn_reference(
     lse = torch.full((heads, total_q), -math.inf, dtype=compute_dtype, device=q.device)
     for b in range(len(cu_q) - 1):
         q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        if used is not None:
+            if not 0 <= used[b] <= k1 - k0:
+                raise ValueError(f"varlen_attn_reference: seqused_k[{b}] = {used[b]} outside "
+                                 f"[0, {k1 - k0}], the sequence's slot in cu_seqlens_k")
+            k1 = k0 + used[b]
         q_len, k_len = q1 - q0, k1 - k0
         if q_len <= 0:
             continue

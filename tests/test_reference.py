@@ -75,3 +75,74 @@ def test_lse_is_logsumexp_of_scaled_scores():
     _, lse = varlen_attn_reference(q, k, v, cu_q, cu_k, scale=0.5, return_lse=True)
     scores = torch.einsum("qhd,khd->hqk", q, k) * 0.5
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
+
+
+# The inference forms: seqused_k and paged K/V (block_table), as torch 2.13's varlen_attn takes them.
+
+
+def test_seqused_k_keeps_the_first_keys_of_each_slot():
+    q, k, v, cu_q, cu_k = packed([3, 5, 1], [10, 6, 4])
+    used = torch.tensor([7, 6, 0], dtype=torch.int32)
+    got = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=True, seqused_k=used)
+    # The same as a cache holding only the used keys (causal alignment with the used length).
+    keep = torch.cat([torch.arange(0, 7), torch.arange(10, 16)])
+    cu_used = torch.tensor([0, 7, 13, 13], dtype=torch.int32)
+    expect = varlen_attn_reference(q, k[keep], v[keep], cu_q, cu_used, causal=True)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"seqused_k\[1\] = 7"):
+        varlen_attn_reference(q, k, v, cu_q, cu_k, seqused_k=torch.tensor([7, 7, 0]))
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_paged_keys_read_through_shuffled_shared_pages(page_size):
+    """Pages in any order, one shared between two sequences (a common prefix), unused pages and
+    page tails NaN: the paged reference equals the contiguous one on the gathered keys."""
+    g = torch.Generator().manual_seed(page_size)
+    heads_kv, head_dim, used = 2, 8, [9, 5, 0, 17]
+    pages_per_seq = max(-(-n // page_size) for n in used) + 1
+    num_pages = sum(-(-n // page_size) for n in used) + 3
+    k_pool = torch.full((num_pages, page_size, heads_kv, head_dim), math.nan, dtype=torch.float64)
+    v_pool = k_pool.clone()
+    order = torch.randperm(num_pages, generator=g).tolist()
+    table = torch.full((len(used), pages_per_seq), 10**6, dtype=torch.int32)  # unread padding
+    k_seqs, v_seqs = [], []
+    for b, n in enumerate(used):
+        k_seqs.append(torch.randn(n, heads_kv, head_dim, generator=g, dtype=torch.float64))
+        v_seqs.append(torch.randn(n, heads_kv, head_dim, generator=g, dtype=torch.float64))
+        for j in range(-(-n // page_size)):
+            page = order.pop()
+            table[b, j] = page
+            rows = slice(j * page_size, min(n, (j + 1) * page_size))
+            k_pool[page, :rows.stop - rows.start] = k_seqs[b][rows]
+            v_pool[page, :rows.stop - rows.start] = v_seqs[b][rows]
+    if used[1] >= page_size:  # sequence 1 shares sequence 0's first page (a common prefix)
+        table[1, 0] = table[0, 0]
+        k_seqs[1][:page_size] = k_seqs[0][:page_size]
+        v_seqs[1][:page_size] = v_seqs[0][:page_size]
+    q_lens = [3, 1, 2, 17]
+    q = torch.randn(sum(q_lens), 4, head_dim, generator=g, dtype=torch.float64)
+    cu_q = torch.tensor([0, 3, 4, 6, 23], dtype=torch.int32)
+    seqused = torch.tensor(used, dtype=torch.int32)
+    got, lse = varlen_attn_reference(q, k_pool, v_pool, cu_q, None, causal=True,
+                                     seqused_k=seqused, block_table=table, return_lse=True)
+    cu_k = torch.tensor([0, 9, 14, 14, 31], dtype=torch.int32)
+    expect, expect_lse = varlen_attn_reference(q, torch.cat(k_seqs), torch.cat(v_seqs), cu_q, cu_k,
+                                               causal=True, return_lse=True)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    torch.testing.assert_close(lse, expect_lse, rtol=0, atol=0)
+
+
+def test_paged_keys_reject_what_does_not_fit():
+    pool = torch.zeros(4, 2, 1, 8, dtype=torch.float64)
+    q = torch.zeros(2, 1, 8, dtype=torch.float64)
+    cu_q = torch.tensor([0, 2], dtype=torch.int32)
+    table = torch.tensor([[0, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="needs 3 pages"):
+        varlen_attn_reference(q, pool, pool, cu_q, None, seqused_k=torch.tensor([5]),
+                              block_table=table)
+    with pytest.raises(ValueError, match="outside the pool"):
+        varlen_attn_reference(q, pool, pool, cu_q, None, seqused_k=torch.tensor([3]),
+                              block_table=torch.tensor([[0, 4]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="needs seqused_k"):
+        varlen_attn_reference(q, pool, pool, cu_q, None, block_table=table)
