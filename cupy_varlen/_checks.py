@@ -189,6 +189,23 @@ def check_cu_seqlens(fw, names, cu_q, cu_k, describe):
     return cu_qi, cu_ki
 
 
+def check_attention_args(fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, causal, scale, window_size, deterministic,
+                         check_max_seqlen=check_int):
+    """The arguments the forward and the backward share. Returns ``(qi, ki, vi, cu_qi, cu_ki,
+    causal, scale, left, right, deterministic)``: the infos, causal and deterministic as bools,
+    scale resolved, the window with causal folded in."""
+    qi, ki, vi = check_qkv(fw, names, q, k, v, describe)
+    cu_qi, cu_ki = check_cu_seqlens(fw, names, cu_seqlens_q, cu_seqlens_k, describe)
+    check_max_seqlen(names, "max_seqlen_q", max_seqlen_q)
+    check_max_seqlen(names, "max_seqlen_k", max_seqlen_k)
+    causal = check_bool(names, "causal", causal)
+    deterministic = check_bool(names, "deterministic", deterministic)
+    scale = check_scale(names, scale, qi.shape[2])
+    left, right = check_window(names, window_size, causal)
+    return qi, ki, vi, cu_qi, cu_ki, causal, scale, left, right, deterministic
+
+
 def check_forward_args(fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                        max_seqlen_k, causal, scale, window_size, return_lse, out, deterministic,
                        check_inputs, check_max_seqlen=check_int):
@@ -199,16 +216,11 @@ def check_forward_args(fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k,
     Returns ``(qi, ki, vi, cu_qi, cu_ki, oi, causal, scale, left, right, return_lse,
     deterministic, check_inputs)``: the infos (oi None without ``out``), the flags as bools, scale
     resolved, the window with causal folded in."""
-    qi, ki, vi = check_qkv(fw, names, q, k, v, describe)
-    cu_qi, cu_ki = check_cu_seqlens(fw, names, cu_seqlens_q, cu_seqlens_k, describe)
-    check_max_seqlen(names, "max_seqlen_q", max_seqlen_q)
-    check_max_seqlen(names, "max_seqlen_k", max_seqlen_k)
-    causal = check_bool(names, "causal", causal)
+    qi, ki, vi, cu_qi, cu_ki, causal, scale, left, right, deterministic = check_attention_args(
+        fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal, scale, window_size, deterministic, check_max_seqlen)
     return_lse = check_bool(names, "return_lse", return_lse)
-    deterministic = check_bool(names, "deterministic", deterministic)
     check_inputs = check_bool(names, "check_inputs", check_inputs)
-    scale = check_scale(names, scale, qi.shape[2])
-    left, right = check_window(names, window_size, causal)
     oi = None if out is None else check_like(fw, names, "out", out, "q", qi, describe)
     return (qi, ki, vi, cu_qi, cu_ki, oi, causal, scale, left, right, return_lse, deterministic,
             check_inputs)
@@ -274,15 +286,10 @@ def check_backward_args(fw, names, dout, q, k, v, out, lse, cu_seqlens_q, cu_seq
     Returns ``(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, scale, left, right, deterministic, batch)``:
     infos, scale resolved, the window with causal folded in, the number of sequences."""
     describe = fw.info
-    qi, ki, vi = check_qkv(fw, names, q, k, v, describe)
-    cu_qi, cu_ki = check_cu_seqlens(fw, names, cu_seqlens_q, cu_seqlens_k, describe)
-    check_int(names, "max_seqlen_q", max_seqlen_q)
-    check_int(names, "max_seqlen_k", max_seqlen_k)
-    causal = check_bool(names, "causal", causal)
-    deterministic = check_bool(names, "deterministic", deterministic)
-    total_q, heads, head_dim = qi.shape
-    scale = check_scale(names, scale, head_dim)
-    left, right = check_window(names, window_size, causal)
+    qi, ki, vi, cu_qi, cu_ki, causal, scale, left, right, deterministic = check_attention_args(
+        fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal, scale, window_size, deterministic)
+    total_q, heads, _ = qi.shape
     doi = check_like(fw, names, "dout", dout, "q", qi, describe)
     oi = check_like(fw, names, "out", out, "q", qi, describe)
     _check_array_type(fw, names, "lse", lse)
