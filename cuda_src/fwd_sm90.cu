@@ -107,7 +107,7 @@ struct Params {
   float scale, scale_log2;
   int window_left, window_right;
   int use_tma;  // 1: tma_k and tma_v are valid maps of k and v (cupy_varlen/_tma.py)
-  int lpt_across_heads;  // 1: items in one longest-first order over all heads (see load_work)
+  int lpt_across_heads;  // 1: items in one longest-first order over all heads (PersistentScheduler)
   TensorMap tma_k, tma_v;
 };
 // The host packs this struct byte for byte (cupy_varlen/_launch.py, _SM90_PARAMS: 8 pointers,

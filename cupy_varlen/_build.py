@@ -26,8 +26,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["SOURCE_DIR", "assemble_files", "assemble_source", "source_files", "compile_spec", "CompiledSpec",
-           "ResourceUsage"]
+__all__ = ["SOURCE_DIR", "assemble_files", "assemble_source", "source_files", "compile_spec",
+           "CompiledSpec", "ResourceUsage"]
 
 
 def _find_source_dir() -> Path:

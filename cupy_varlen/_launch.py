@@ -93,8 +93,8 @@ def workspace_size(total_q: int, batch: int, spec) -> int:
 
 def lpt_across_heads(total_k: int, heads_kv: int, head_dim: int, l2_bytes: int) -> bool:
     """Whether the persistent forward takes its work items in one longest-first order over all heads
-    rather than head by head (cuda_src/fwd_sm90.cu, load_work): where K and V (16-bit) fit in half
-    of L2, the head-by-head order's L2 sharing is moot and its tail costs the most."""
+    rather than head by head (cuda_src/scheduler.cuh, PersistentScheduler): where K and V (16-bit)
+    fit in half of L2, the head-by-head order's L2 sharing is moot and its tail costs the most."""
     return 2 * 2 * total_k * heads_kv * head_dim <= l2_bytes // 2
 
 
