@@ -13,13 +13,17 @@ random dout, for every method alike: ours through its autograd registration) and
 forward's FLOPs (five GEMMs to the forward's two); ``--pass fwdbwd`` times forward + backward and
 counts 3.5x.
 
-Time = median of ``--runs`` individual calls (default 100) after ``--warmup`` calls, each call
-bracketed by its own pair of CUDA events (min and p90 are kept in the JSON). Inputs are reused
-between calls, so small configs may run partly out of L2; no cache flushing is done. Host overhead
-(cupy_varlen and torch varlen only) = median wall time of the Python call itself (perf_counter,
-no synchronization) over ``--host-calls`` calls. The first-call (compile) time of cupy_varlen is
-measured once per distinct (dtype, head dim, mask kind) with empty in-memory caches, a fresh
-CUPY_VARLEN_CACHE_DIR and a unique comment appended to the source (so no cache can answer).
+Time = triton ``do_bench``'s median with the L2 flushed before every call (``--timer do_bench``,
+the default, as the peers' own numbers are taken), or the median of ``--runs`` calls after
+``--warmup`` calls, each bracketed by its own pair of CUDA events with inputs reused, so that small
+configs may run partly out of L2 (``--timer events``; min and p90 kept in the JSON). Host overhead
+(cupy_varlen, FA4 and torch varlen) = median wall time of the Python call itself (perf_counter)
+over ``--host-calls`` calls, issued in rounds behind a sleep kernel so that no call waits for the
+GPU. ``--graph`` also captures each of those calls in a CUDA graph and times the replay (host µs
+and GPU time): what CUDA graphs and ``torch.compile(mode="reduce-overhead")`` leave of the host
+cost. The first-call (compile) time of cupy_varlen is measured once per distinct (dtype, head dim,
+mask kind) with empty in-memory caches, a fresh CUPY_VARLEN_CACHE_DIR and a unique comment appended
+to the source (so no cache can answer).
 
 Methods (same inputs, same process)
 -----------------------------------
@@ -316,18 +320,48 @@ def gpu_time_ms(fn, calls, host_us):
     return start.elapsed_time(end) / calls
 
 
+# Calls queued behind one sleep kernel while the host is timed: few enough that their launches never
+# fill the launch queue (about a thousand pending launches; a full queue makes the next launch wait
+# for the GPU, which would be timed as host time).
+HOST_CALLS_PER_SLEEP = 40
+
+
 def host_overhead_us(fn, calls):
-    """Median wall time (µs) of the Python call alone: no synchronization inside the loop."""
+    """Median wall time (µs) of the Python call alone, with the GPU kept busy: each round of calls
+    is issued behind a sleep kernel, so no call waits for the device."""
     import torch
 
-    torch.cuda.synchronize()
     samples = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
+    for start in range(0, calls, HOST_CALLS_PER_SLEEP):
+        torch.cuda.synchronize()
+        # ~2 GHz: 2 ms per call outlasts any host path here.
+        torch.cuda._sleep(int(2000 * (HOST_CALLS_PER_SLEEP * 2000 + 2000)))
+        for _ in range(min(HOST_CALLS_PER_SLEEP, calls - start)):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
     return statistics.median(samples) * 1e6
+
+
+def graph_replay(fn):
+    """``fn`` captured once in a CUDA graph (warmed up on a side stream first, as torch requires):
+    returns the graph's replay, which launches the captured kernels with no Python in between.
+    What ``torch.compile(mode="reduce-overhead")`` and hand-made graphs give a training or decode
+    loop."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +505,7 @@ def measure_cupy_compile(fn):
     tmp = tempfile.mkdtemp(prefix="cupy_varlen_bench_cache_")
     try:
         _build.clear_memory_cache()
-        _api._dispatch.cache_clear()
+        _api.clear_caches()
         os.environ["CUPY_VARLEN_CACHE_DIR"] = tmp
         nonce = f"\n// compile-time measurement {uuid.uuid4()}\n"
         _build.assemble_source = lambda spec: assemble(spec) + nonce
@@ -838,6 +872,14 @@ def run_method(method, inp, args, flops, ref, compile_cache):
             if args.gpu_calls > 0:
                 row["gpu_ms"] = gpu_time_ms(prepared.fn, args.gpu_calls, row["host_us"] or 100.0)
                 row["gpu_tflops"] = flops / (row["gpu_ms"] * 1e-3) / 1e12
+            if args.graph and method in HOST_METHODS:
+                try:
+                    replay = graph_replay(prepared.fn)
+                    row["graph_host_us"] = host_overhead_us(replay, max(args.host_calls, 10))
+                    row["graph_ms"] = gpu_time_ms(replay, max(args.gpu_calls, 10),
+                                                  row["graph_host_us"])
+                except Exception as exc:  # noqa: BLE001 - not capturable: say so, keep the row
+                    row["graph_error"] = _error_text(exc)
             if ref is not None and prepared.unpack is not None:
                 if prepared.exact:
                     row["check_rel_err"] = rel_error(prepared.unpack(prepared.fn()), ref)
@@ -920,7 +962,8 @@ def _fmt(x, spec):
 
 
 def config_table(record, with_check=False):
-    headers = ["method", "median ms", "TFLOP/s", "vs torch", "vs FA4", "host us", "GPU-only TF/s"]
+    headers = ["method", "median ms", "TFLOP/s", "vs torch", "vs FA4", "host us", "GPU-only TF/s",
+               "graph host us"]
     if with_check:
         headers.append("rel err")
     headers.append("note / error")
@@ -928,7 +971,8 @@ def config_table(record, with_check=False):
     for r in record["rows"]:
         row = [r["method"], _fmt(r["median_ms"], ".3f"), _fmt(r["tflops"], ".1f"),
                _fmt(r.get("ratio_vs_torch_varlen"), ".2f"), _fmt(r.get("ratio_vs_fa4"), ".2f"),
-               _fmt(r.get("host_us"), ".1f"), _fmt(r.get("gpu_tflops"), ".1f")]
+               _fmt(r.get("host_us"), ".1f"), _fmt(r.get("gpu_tflops"), ".1f"),
+               _fmt(r.get("graph_host_us"), ".1f")]
         if with_check:
             row.append(_fmt(r.get("check_rel_err"), ".2e"))
         text = f"UNAVAILABLE: {r['error']}" if r["error"] else r.get("note", "")
@@ -1112,6 +1156,9 @@ def parse_args(argv=None):
                          "the peers' numbers are taken); events: per-call event pairs, L2 warm")
     ap.add_argument("--gpu-calls", type=int, default=20,
                     help="calls queued behind a sleep kernel for the host-hidden GPU time; 0: off")
+    ap.add_argument("--graph", action="store_true",
+                    help="also capture each call (cupy_varlen, fa4, torch_varlen) in a CUDA graph "
+                         "and time its replay: host us per replay and GPU ms")
     ap.add_argument("--methods", nargs="+", choices=METHODS,
                     default=[m for m in METHODS if m not in OPT_IN_METHODS])
     ap.add_argument("--pass", dest="pass_", choices=tuple(PASSES), default="fwd",
@@ -1191,8 +1238,11 @@ def main(argv=None):
         "flops_definition": f"{PASSES[args.pass_]} x 4 * sum_b allowed(query, key) pairs * H * D",
         "timing": ("median of triton do_bench (L2 flushed before each call)" if args.timer ==
                    "do_bench" else "median of per-call CUDA event pairs after warm-up; inputs "
-                   "reused (L2 not flushed)") + "; host_us = perf_counter around the call, no "
-                  "sync; gpu_ms = calls queued back to back behind a sleep kernel (host hidden)",
+                   "reused (L2 not flushed)")
+                  + "; host_us = median perf_counter around the call, issued behind a sleep "
+                  "kernel so that no call waits for the GPU; gpu_ms = calls queued back to back "
+                  "behind a sleep kernel (host hidden); graph_host_us / graph_ms = the same for "
+                  "the replay of the call captured in a CUDA graph (--graph)",
         "results": [],
     }
     print(f"device: {env['device']} (sm {env['compute_capability']}), torch {env['torch']}, "

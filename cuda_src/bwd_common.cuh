@@ -66,14 +66,18 @@ struct BwdParams {
   int heads, heads_per_kv, head_dim;
   float scale, scale_log2;
   int window_left, window_right;
-  int use_dq_map;  // 1: dq_map is a valid map of dq_accum (cupy_varlen/_tma.py)
+  int use_dq_map;   // 1: dq_map is a valid map of dq_accum (cupy_varlen/_tma.py)
+  int use_qdo_map;  // 1: q_map and do_map are valid maps of q and dout
   // dq_accum as (total_q, heads, head_dim) fp32, 64-row x 32-column boxes with the 128-byte
   // swizzle: the sm90 dK/dV kernel adds its dQ partials through it with TMA reductions.
   TensorMap dq_map;
+  // q and dout as (total_q, heads, head_dim), kBlockM-row x 64-element boxes with the 128-byte
+  // swizzle (QTile's panels): the sm90 dK/dV kernel's TMA loads of whole query tiles.
+  TensorMap q_map, do_map;
 };
 // The host packs this byte for byte (cupy_varlen/_launch.py, _BWD_PARAMS: 16 pointers, 19 int64,
-// 3 int32, 2 float, 3 int32, padding to the map's 64-byte alignment, the 128-byte map).
-static_assert(sizeof(BwdParams) == 448, "BwdParams layout must match the host's packing");
+// 3 int32, 2 float, 4 int32, padding to the maps' 64-byte alignment, three 128-byte maps).
+static_assert(sizeof(BwdParams) == 704, "BwdParams layout must match the host's packing");
 
 CV_DEVICE AttnWindow bwd_window(const BwdParams& p) {
 #if CV_WINDOWED

@@ -5,8 +5,9 @@
 // One CTA per (key tile of kBlockN = 128 keys, K/V head), three warpgroups:
 //  - warpgroup 0, the producer, gives up registers and only copies: K and V once, then for every
 //    query tile the mask lets the key tile see (for every query head of the GQA group) Q, dO and
-//    the tile's lse_log2 and delta into a ring of kStages slots, with cp.async, zero-filled past
-//    the sequence's end. Each batch of copies completes an mbarrier when it lands.
+//    the tile's lse_log2 and delta into a ring of kStages slots. Q and dO go by TMA where the tile
+//    lies wholly inside its sequence, by cp.async (zero-filled past the sequence's end) where not;
+//    the statistics by cp.async. Each batch of copies completes an mbarrier when it lands.
 //  - warpgroups 1 and 2, the consumers, own 64 keys each. Per query tile:
 //      S^T = K Q^T and dP^T = V dO^T      (wgmma, both operands in shared memory)
 //      P^T, then dV += P^T dO             (A from registers: P never leaves them)
@@ -142,6 +143,17 @@ CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
   return true;
 }
 
+// The TMA copies of one whole query tile (Q and dO) onto `full`, announcing their bytes without
+// arriving. Not inlined: inline, the copies' operands changed the register allocation of the
+// whole kernel enough that the d64 consumers spilled (NVRTC 12.9 and 13.0). It needs a dozen
+// registers, well within the producer's kProducerRegs.
+__noinline__ __device__ void send_query_tile_bulk(const BwdParams& p, u32 q_dst, u32 do_dst,
+                                                  int head, int row0, u32 full) {
+  mbarrier_expect_tx(full, 2 * QTile::kBytes);
+  load_tile_bulk<kBlockM, kHeadDim>(q_dst, p.q_map, head, row0, full);
+  load_tile_bulk<kBlockM, kHeadDim>(do_dst, p.do_map, head, row0, full);
+}
+
 CV_DEVICE void produce(const BwdParams& p, const KeyTileWork& t, const Smem& smem, int ptid) {
   const int chunks_valid = p.head_dim / 8;
   const i64 key0 = t.seq.k_start + t.n0;
@@ -162,20 +174,31 @@ CV_DEVICE void produce(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     const int m0 = t.m0(it);
     const int rows = t.seq.q_len - m0;
     const i64 row0 = t.seq.q_start + m0;
-    load_tile_async<kBlockM, kHeadDim, kWarpgroupThreads>(
-        smem.q(stage),
-        p.q + row0 * p.q_row_stride + (i64)head * p.q_head_stride, p.q_row_stride, rows,
-        chunks_valid, ptid);
-    load_tile_async<kBlockM, kHeadDim, kWarpgroupThreads>(
-        smem.dout(stage),
-        p.dout + row0 * p.do_row_stride + (i64)head * p.do_head_stride, p.do_row_stride, rows,
-        chunks_valid, ptid);
+    const u32 full = smem.q_full(stage);
+    if (p.use_qdo_map && rows >= kBlockM) {
+      // A tile wholly inside its sequence: two TMA copies per panel from one thread instead of
+      // 16-byte cp.async and its address arithmetic in every producer thread. That thread still
+      // arrives through its statistics' cp.async below, so it only announces the bytes.
+      if (ptid == 0)
+        send_query_tile_bulk(p, smem.q(stage), smem.dout(stage), head, (int)row0, full);
+    } else {
+      // The tile that runs past the sequence's end: cp.async zero-fills those rows, where TMA
+      // would read the next sequence's (whose non-finite values would reach dK and dV as 0 * inf).
+      load_tile_async<kBlockM, kHeadDim, kWarpgroupThreads>(
+          smem.q(stage),
+          p.q + row0 * p.q_row_stride + (i64)head * p.q_head_stride, p.q_row_stride, rows,
+          chunks_valid, ptid);
+      load_tile_async<kBlockM, kHeadDim, kWarpgroupThreads>(
+          smem.dout(stage),
+          p.dout + row0 * p.do_row_stride + (i64)head * p.do_head_stride, p.do_row_stride, rows,
+          chunks_valid, ptid);
+    }
     const i64 at = (i64)head * p.total_q + row0;
     const u32 stats = smem.stats(stage);
     // Rows past the sequence read lse 0 and delta 0; the tail mask zeroes their P anyway.
     load_stats_async(stats, p.lse_log2 + at, rows, kBlockM, ptid);
     load_stats_async(stats + kBlockM * 4, p.delta + at, rows, kBlockM, ptid);
-    mbarrier_arrive_on_copies(smem.q_full(stage));
+    mbarrier_arrive_on_copies(full);
   }
   // No copy may still be landing when the CTA retires.
   asm volatile("cp.async.wait_all;\n" ::: "memory");

@@ -25,6 +25,13 @@ CV_DEVICE void mbarrier_arrive_expect_tx(u32 bar, u32 bytes) {
                : "memory");
 }
 
+// Adds `bytes` to the transactions the current phase of `bar` waits for, without arriving: for a
+// thread that arrives later through mbarrier_arrive_on_copies.
+CV_DEVICE void mbarrier_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
 // Arrives on `bar` once every cp.async this thread has issued so far has landed, without waiting
 // for it here. noinc: the arrival is one of the barrier's initial count.
 CV_DEVICE void mbarrier_arrive_on_copies(u32 bar) {

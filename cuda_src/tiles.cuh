@@ -77,10 +77,10 @@ CV_DEVICE void load_tile_async(u32 smem_base, const u16* gmem, i64 row_stride, i
   const u16* src = gmem + row0 * row_stride + chunk * 8;
   const i64 step = kRowStep * row_stride;
 #pragma unroll
-  for (int i = 0; i < kRows / kRowStep; ++i) {
+  for (int i = 0; i < kRows / kRowStep; ++i, src += step) {
     const int row = row0 + i * kRowStep;
     const bool valid = row < rows_valid && chunk < chunks_valid;
-    cp_async_16(smem_base + Tile::offset(row, chunk), valid ? src + i * step : gmem, valid);
+    cp_async_16(smem_base + Tile::offset(row, chunk), valid ? src : gmem, valid);
   }
 }
 

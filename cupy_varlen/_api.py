@@ -80,20 +80,9 @@ def _aligned(info) -> bool:
         and s1 % 8 == 0
 
 
-def _aligned_input(fw, x, info):
-    """x itself, or an aligned copy of it (slower, never wrong): (array, info)."""
-    if _aligned(info):
-        return x, info
-    x = fw.copy(x)
-    return x, fw.info(x)
-
-
-def _dense_offsets(fw, cu, info):
+def _strided_offsets(info) -> bool:
     """The kernels index cu_seqlens[b] directly; a strided view takes a (tiny) copy."""
-    if info.shape[0] > 1 and info.strides[0] != 1:
-        cu = fw.copy(cu)
-        info = fw.info(cu)
-    return cu, info
+    return info.shape[0] > 1 and info.strides[0] != 1
 
 
 def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
@@ -192,7 +181,16 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                        causal, scale, window_size, return_lse, out, deterministic, check_inputs):
     """varlen_attn without autograd: checks every argument, allocates and launches. Also the
     custom op's implementation, where it is the check that guards the kernels against a direct
-    ``torch.ops`` call."""
+    ``torch.ops`` call.
+
+    A call whose signature (see :func:`_forward_key`) was checked and planned before skips the
+    checks and runs its plan."""
+    key = _forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, out, max_seqlen_q, max_seqlen_k,
+                       causal, scale, window_size, return_lse, deterministic, check_inputs)
+    if key is not None:
+        plan = _forward_plans.get(key[0])
+        if plan is not None and plan.device == _current_device():
+            return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, key[2])
     adopt = _arrays.adopt
     q, k, v, cu_seqlens_q, cu_seqlens_k, out = (
         adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out))
@@ -203,69 +201,170 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         causal, scale, window_size, return_lse, out, deterministic, check_inputs)
     batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi, cu_ki,
                                  oi, max_seqlen_q, max_seqlen_k, check_inputs)
-    return _attention_forward(fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, qi, ki, vi, cu_qi,
-                              cu_ki, oi, batch, scale, left, right, return_lse)
+    plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse)
+    if key is not None:
+        _remember(_forward_plans, key[0], plan)
+    return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out)
 
 
-def _attention_forward(fw, q, k, v, cu_q, cu_k, out, qi, ki, vi, cu_qi, cu_ki, oi, batch, scale,
-                       left, right, return_lse):
-    """The forward on checked arguments (their infos, scale resolved, causal folded into the
-    window): allocates out (unless given) and lse (with ``return_lse``) and launches. Checks
-    nothing: every caller has (eager: :func:`_varlen_attn_eager`; autograd:
-    ``_torch.varlen_attn_autograd``)."""
+# --------------------------------------------------------------------------------------------------
+# Launch plans. Checking a call's arguments, choosing and loading its kernels and working out its
+# launches costs tens of microseconds of Python; all of it depends only on the arrays' shapes,
+# strides, dtypes and devices, the pointers' alignment and the flags, never on the data. A plan
+# holds the outcome, cached per signature: a repeated call (a training step, a decode step) reads
+# its arrays' layouts and pointers, finds its plan, allocates and launches. The key never holds
+# the arrays (nothing is kept alive) and never reads the device (no synchronization).
+
+_PLAN_CAPACITY = 1024  # signatures per direction; the oldest goes first
+_forward_plans: dict = {}
+_backward_plans: dict = {}
+
+
+def clear_caches() -> None:
+    """Forgets every kernel choice and launch plan: after changing ``_spec``'s kernel choice, tile
+    tables or overrides, so that the next calls dispatch (and compile) again."""
+    _dispatch.cache_clear()
+    _dispatch_backward.cache_clear()
+    _forward_plans.clear()
+    _backward_plans.clear()
+
+
+def _remember(plans: dict, key, plan) -> None:
+    if len(plans) >= _PLAN_CAPACITY:
+        del plans[next(iter(plans))]
+    plans[key] = plan
+
+
+_current_device = cupy.cuda.runtime.getDevice
+
+
+def _signature(arrays):
+    """(framework, layouts, pointers) of arrays that are all exactly of one framework's array type
+    (None entries allowed after the first), or None: others (subclasses such as Parameter or fake
+    tensors, foreign DLPack arrays, mixed types) take the checked path."""
+    fw = _arrays.framework_of(arrays[0])
+    if fw is None:
+        return None
+    signature = fw.signature(arrays)
+    return None if signature is None else (fw, *signature)
+
+
+def _is_index(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_size, return_lse,
+                 deterministic, check_inputs):
+    """(key, framework, pointers) of a forward call that may run a cached plan, or None.
+
+    max_seqlen_q/k only take part in checks: any valid value shares the plan. check_inputs=True
+    reads the offsets on the device on every call, so it always takes the checked path."""
+    if check_inputs is not False or not (_is_index(max_q) and _is_index(max_k)) \
+            or type(window_size) is not tuple:
+        return None
+    signature = _signature((q, k, v, cu_q, cu_k, out))
+    if signature is None:
+        return None
+    fw, layouts, ptrs = signature
+    aligned = (ptrs[0] & 15, ptrs[1] & 15, ptrs[2] & 15, ptrs[5] & 15)
+    return ((layouts, aligned, causal, scale, window_size, return_lse, deterministic,
+             _spec.forward_kernel), fw, ptrs)
+
+
+def _run_on_device(plan, fw, *arrays, ptrs=None):
+    """plan.run on the plan's device, made current for the launches where it is not."""
+    if ptrs is None:
+        ptrs = [0 if x is None else fw.ptr(x) for x in arrays]
+    if plan.device == _current_device():
+        return plan.run(fw, *arrays, ptrs)
+    with cupy.cuda.Device(plan.device):
+        return plan.run(fw, *arrays, ptrs)
+
+
+def _contiguous_strides(shape) -> tuple:
+    return (shape[1] * shape[2], shape[2], 1)
+
+
+def _needs_copy(info) -> bool:
+    """Whether an input must be copied before the kernels read it (see :func:`_aligned`)."""
+    return not _aligned(info)
+
+
+def _copy_marked(fw, arrays, ptrs, marks):
+    """Replaces the marked arrays (and their pointers) by fresh contiguous copies."""
+    arrays, ptrs = list(arrays), list(ptrs)
+    for i, mark in enumerate(marks):
+        if mark:
+            arrays[i] = fw.copy(arrays[i])
+            ptrs[i] = fw.ptr(arrays[i])
+    return arrays, ptrs
+
+
+class _ForwardPlan:
+    """A checked forward signature's work: what to allocate, which inputs to copy first
+    (misaligned ones: slower, never wrong), and the launches (None: nothing to compute)."""
+
+    __slots__ = ("device", "out_shape", "lse_shape", "copies", "out_aside", "launch", "scale",
+                 "left", "right", "batch")
+
+    def run(self, fw, q, k, v, cu_q, cu_k, out, ptrs):
+        if self.copies is not None:
+            (q, k, v, cu_q, cu_k), ptrs = _copy_marked(fw, (q, k, v, cu_q, cu_k), ptrs,
+                                                       self.copies)
+        result = fw.empty(self.out_shape, q) if out is None else out
+        lse = None if self.lse_shape is None else fw.empty(self.lse_shape, q, "float32")
+        launch = self.launch
+        if launch is not None:
+            # A misaligned out is computed aside and copied in.
+            target = fw.empty(self.out_shape, q) if self.out_aside else result
+            workspace = fw.empty((launch.workspace_entries,), cu_q, "int32")
+            launch.launch(fw.stream_ptr(self.device), ptrs[0], ptrs[1], ptrs[2],
+                          ptrs[5] if target is out else fw.ptr(target),
+                          0 if lse is None else fw.ptr(lse), ptrs[3], ptrs[4], fw.ptr(workspace))
+            if target is not result:
+                fw.copy_into(result, target)
+        return result if lse is None else (result, lse)
+
+
+def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse):
+    """The plan of a forward whose arguments have been checked (their infos, scale resolved,
+    causal folded into the window)."""
     total_q, heads, head_dim = qi.shape
+    plan = _ForwardPlan()
+    plan.device, plan.batch = qi.device, batch
+    plan.scale, plan.left, plan.right = scale, left, right
+    plan.out_shape = qi.shape
+    plan.lse_shape = (heads, total_q) if return_lse else None
+    copies = (_needs_copy(qi), _needs_copy(ki), _needs_copy(vi), _strided_offsets(cu_qi),
+              _strided_offsets(cu_ki))
+    plan.copies = copies if any(copies) else None
+    plan.out_aside = oi is not None and not _aligned(oi)
+    plan.launch = None
+    if total_q == 0 or batch == 0:
+        return plan
+    # The kernels read the copies' strides where they copy.
+    q_strides, k_strides, v_strides = (
+        _contiguous_strides(info.shape) if copy else info.strides
+        for info, copy in zip((qi, ki, vi), copies))
+    o_strides = oi.strides if oi is not None and not plan.out_aside else \
+        _contiguous_strides(qi.shape)
     device = qi.device
-    cu_q, cu_qi = _dense_offsets(fw, cu_q, cu_qi)
-    cu_k, cu_ki = _dense_offsets(fw, cu_k, cu_ki)
-    if out is None:
-        result = fw.empty((total_q, heads, head_dim), q)
-        # Contiguous by construction: its info without asking the framework again.
-        oi = _arrays.ArrayInfo(qi.shape, (heads * head_dim, head_dim, 1), qi.dtype, device,
-                               fw.ptr(result))
-    else:
-        result = out
-    lse = fw.empty((heads, total_q), q, "float32") if return_lse else None
-    if total_q > 0 and batch > 0:
-        _launch_forward_kernels(fw, q, k, v, qi, ki, vi, result, oi, cu_q, cu_k, cu_qi, cu_ki,
-                                lse, batch=batch, device=device, scale=scale,
-                                window=_kernel_window(left, right, total_q + ki.shape[0]))
-    return (result, lse) if return_lse else result
+    window = _kernel_window(left, right, total_q + ki.shape[0])
+    with _on(device):
+        spec, kernels = _dispatch(_arrays.DTYPE_NAMES[qi.dtype], head_dim, window != (-1, -1),
+                                  device, _spec.forward_kernel, _spec.long_rows(total_q, batch))
+    plan.launch = _launch.ForwardLaunch(
+        kernels, spec, q_strides=q_strides, k_strides=k_strides, v_strides=v_strides,
+        o_strides=o_strides, lse_head_stride=total_q, total_q=total_q, total_k=ki.shape[0],
+        batch=batch, heads=heads, heads_per_kv=heads // ki.shape[1], head_dim=head_dim,
+        scale=scale, scale_log2=scale * _LOG2E, window=window, num_sms=_num_sms(device),
+        l2_bytes=_l2_bytes(device))
+    return plan
 
 
-def _launch_forward_kernels(fw, q, k, v, qi, ki, vi, out, oi, cu_q, cu_k, cu_qi, cu_ki, lse, *,
-                            batch, device, scale, window):
-    # Misaligned inputs (an odd storage offset, strides that are not multiples of 8) take a copy:
-    # slower, never wrong. A misaligned out is computed aside and copied in.
-    q, qi = _aligned_input(fw, q, qi)
-    k, ki = _aligned_input(fw, k, ki)
-    v, vi = _aligned_input(fw, v, vi)
-    target = out
-    if not _aligned(oi):
-        out = fw.empty(qi.shape, q)
-        oi = fw.info(out)
-
-    total_q, heads, head_dim = qi.shape
-    windowed = window != (-1, -1)
-    # Entering a Device context costs microseconds; the usual call is already on its device.
-    on_device = cupy.cuda.runtime.getDevice() == device
-    with contextlib.nullcontext() if on_device else cupy.cuda.Device(device):
-        spec, kernels = _dispatch(_arrays.DTYPE_NAMES[qi.dtype], head_dim, windowed, device,
-                                  _spec.forward_kernel, _spec.long_rows(total_q, batch))
-        workspace = fw.empty((_launch.workspace_size(total_q, batch, spec),), cu_q, "int32")
-        _launch.launch_forward(
-            kernels, spec, fw.stream_ptr(device),
-            q=qi.ptr, k=ki.ptr, v=vi.ptr, out=oi.ptr,
-            lse=0 if lse is None else fw.ptr(lse),
-            cu_q=cu_qi.ptr, cu_k=cu_ki.ptr, workspace=fw.ptr(workspace),
-            q_strides=qi.strides, k_strides=ki.strides, v_strides=vi.strides,
-            o_strides=oi.strides, lse_head_stride=total_q,
-            total_q=total_q, total_k=ki.shape[0], batch=batch, heads=heads,
-            heads_per_kv=heads // ki.shape[1],
-            head_dim=head_dim, scale=scale, scale_log2=scale * _LOG2E, window=window,
-            num_sms=_num_sms(device), l2_bytes=_l2_bytes(device),
-        )
-    if out is not target:
-        fw.copy_into(target, out)
+def _on(device):
+    """The device made current, unless it is (entering a Device context costs microseconds)."""
+    return contextlib.nullcontext() if _current_device() == device else cupy.cuda.Device(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -309,6 +408,13 @@ def varlen_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     Returns:
         ``(dq, dk, dv)``, arrays of q's type.
     """
+    key = _backward_key(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv,
+                        max_seqlen_q, max_seqlen_k, causal, scale, window_size, deterministic)
+    if key is not None:
+        plan = _backward_plans.get(key[0])
+        if plan is not None and plan.device == _current_device():
+            return plan.run(key[1], dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk,
+                            dv, key[2])
     dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv = (
         _arrays.adopt(x) for x in (dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk,
                                    dv)
@@ -319,67 +425,114 @@ def varlen_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
      batch) = _checks.check_backward_args(
         fw, names, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, causal, scale, window_size, deterministic, dq, dk, dv)
-    return _attention_backward(fw, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk,
-                               dv, doi, qi, ki, vi, oi, li, cu_qi, cu_ki, batch, scale, left,
-                               right, deterministic)
+    grads = [None if x is None else fw.info(x) for x in (dq, dk, dv)]
+    plan = _plan_backward(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, grads, batch, scale, left, right,
+                          deterministic)
+    if key is not None:
+        _remember(_backward_plans, key[0], plan)
+    return _run_on_device(plan, fw, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk,
+                          dv)
 
 
-def _attention_backward(fw, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, doi, qi, ki, vi, oi,
-                        li, cu_qi, cu_ki, batch, scale, left, right, deterministic):
-    """The backward on checked arguments (see :func:`_attention_forward`): allocates the gradients
-    not given and launches. Checks nothing: every caller has (:func:`varlen_attn_backward`, or
-    the forward of the autograd call whose backward this is)."""
-    total_q, total_k = qi.shape[0], ki.shape[0]
-    cu_q, cu_qi = _dense_offsets(fw, cu_q, cu_qi)
-    cu_k, cu_ki = _dense_offsets(fw, cu_k, cu_ki)
-    results = [x if x is not None else fw.empty(info.shape, like_x)
-               for x, info, like_x in ((dq, qi, q), (dk, ki, k), (dv, vi, v))]
-    if batch > 0 and (total_q or total_k):
-        _launch_backward_kernels(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results,
-                                 cu_q, cu_k, cu_qi, cu_ki, batch=batch, scale=scale,
-                                 window=_kernel_window(left, right, total_q + total_k),
-                                 deterministic=deterministic)
-    return tuple(results)
+def _autograd_backward(fw, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right,
+                       deterministic, batch):
+    """The backward of an autograd call whose forward checked every argument: dout has out's
+    shape, dtype and device (autograd's engine sees to that) and a unit last stride
+    (``_torch._dout_for_kernels``), so nothing is checked again. Shares its plans with
+    :func:`varlen_attn_backward` (causal is in the window)."""
+    key = _backward_key(dout, q, k, v, out, lse, cu_q, cu_k, None, None, None, max_q, max_k,
+                        False, scale, (left, right), deterministic)
+    if key is not None:
+        plan = _backward_plans.get(key[0])
+        if plan is not None and plan.device == _current_device():
+            return plan.run(fw, dout, q, k, v, out, lse, cu_q, cu_k, None, None, None, key[2])
+    info = fw.info
+    plan = _plan_backward(info(dout), info(q), info(k), info(v), info(out), info(lse), info(cu_q),
+                          info(cu_k), (None, None, None), batch, scale, left, right,
+                          deterministic)
+    if key is not None:
+        _remember(_backward_plans, key[0], plan)
+    return _run_on_device(plan, fw, dout, q, k, v, out, lse, cu_q, cu_k, None, None, None)
 
 
-def _launch_backward_kernels(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results, cu_q,
-                             cu_k, cu_qi, cu_ki, *, batch, scale, window, deterministic):
-    dout, doi = _aligned_input(fw, dout, doi)
-    q, qi = _aligned_input(fw, q, qi)
-    k, ki = _aligned_input(fw, k, ki)
-    v, vi = _aligned_input(fw, v, vi)
-    out, oi = _aligned_input(fw, out, oi)
-    # Misaligned gradient outputs are computed aside and copied in; the caller returns its own.
-    targets, results = results, []
-    for x, like in zip(targets, (q, k, v)):
-        info = fw.info(x)
-        results.append(x if _aligned(info) else fw.empty(info.shape, like))
-    dqi, dki, dvi = (fw.info(x) for x in results)
+def _backward_key(dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, max_q, max_k, causal, scale,
+                  window_size, deterministic):
+    """(key, framework, pointers) of a backward call that may run a cached plan, or None (see
+    :func:`_forward_key`)."""
+    if not (_is_index(max_q) and _is_index(max_k)) or type(window_size) is not tuple:
+        return None
+    signature = _signature((dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv))
+    if signature is None:
+        return None
+    fw, layouts, ptrs = signature
+    aligned = tuple(p & 15 for p in ptrs[:5]) + tuple(p & 15 for p in ptrs[8:])
+    return ((layouts, aligned, causal, scale, window_size, deterministic,
+             _spec.backward_kernel), fw, ptrs)
 
+
+class _BackwardPlan:
+    """A checked backward signature's work, as :class:`_ForwardPlan`: the gradients to allocate,
+    the inputs to copy first, the gradients to compute aside, and the launches."""
+
+    __slots__ = ("device", "shapes", "copies", "aside", "launch")
+
+    def run(self, fw, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, ptrs):
+        inputs = (dout, q, k, v, out, lse, cu_q, cu_k)
+        if self.copies is not None:
+            inputs, ptrs = _copy_marked(fw, inputs, ptrs, self.copies)
+        dout, q, k, v, out, lse, cu_q, cu_k = inputs
+        grads = [x if x is not None else fw.empty(shape, like)
+                 for x, shape, like in zip((dq, dk, dv), self.shapes, (q, k, v))]
+        launch = self.launch
+        if launch is None:
+            return tuple(grads)
+        # Misaligned gradients are computed aside and copied in; the caller gets its own.
+        targets = [fw.empty(shape, like) if aside else x
+                   for x, shape, like, aside in zip(grads, self.shapes, (q, k, v), self.aside)]
+        given = (dq, dk, dv)
+        gp = [ptrs[8 + i] if t is given[i] else fw.ptr(t) for i, t in enumerate(targets)]
+        float_ws = fw.empty((launch.float_entries,), cu_q, "float32")
+        int_ws = fw.empty((launch.int_entries,), cu_q, "int32")
+        launch.launch(fw.stream_ptr(self.device), dout=ptrs[0], q=ptrs[1], k=ptrs[2], v=ptrs[3],
+                      out=ptrs[4], lse=ptrs[5], cu_q=ptrs[6], cu_k=ptrs[7], dq=gp[0], dk=gp[1],
+                      dv=gp[2], float_ws=fw.ptr(float_ws), int_ws=fw.ptr(int_ws))
+        for grad, target in zip(grads, targets):
+            if target is not grad:
+                fw.copy_into(grad, target)
+        return tuple(grads)
+
+
+def _plan_backward(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, grads, batch, scale, left, right,
+                   deterministic):
+    """The plan of a backward whose arguments have been checked (see :func:`_plan_forward`);
+    ``grads``: the infos of the given dq, dk, dv (None where not given)."""
     total_q, heads, head_dim = qi.shape
     total_k, heads_kv, _ = ki.shape
+    plan = _BackwardPlan()
+    plan.device = qi.device
+    plan.shapes = (qi.shape, ki.shape, vi.shape)
+    copies = (_needs_copy(doi), _needs_copy(qi), _needs_copy(ki), _needs_copy(vi),
+              _needs_copy(oi), False, _strided_offsets(cu_qi), _strided_offsets(cu_ki))
+    plan.copies = copies if any(copies) else None
+    plan.aside = tuple(g is not None and not _aligned(g) for g in grads)
+    plan.launch = None
+    if batch == 0 or not (total_q or total_k):
+        return plan
+    strides = {name: _contiguous_strides(info.shape)[:2] if copy else info.strides[:2]
+               for name, info, copy in (("dout", doi, copies[0]), ("q", qi, copies[1]),
+                                        ("k", ki, copies[2]), ("v", vi, copies[3]),
+                                        ("out", oi, copies[4]))}
+    for name, info, aside, shape in zip(("dq", "dk", "dv"), grads, plan.aside, plan.shapes):
+        strides[name] = (_contiguous_strides(shape) if info is None or aside
+                         else info.strides)[:2]
     device = qi.device
-    on_device = cupy.cuda.runtime.getDevice() == device
-    with contextlib.nullcontext() if on_device else cupy.cuda.Device(device):
+    window = _kernel_window(left, right, total_q + total_k)
+    with _on(device):
         spec, kernels = _dispatch_backward(_arrays.DTYPE_NAMES[qi.dtype], head_dim,
                                            window != (-1, -1), device, deterministic,
                                            _spec.backward_kernel)
-        floats, ints = _launch.backward_workspace_sizes(total_q, total_k, heads, head_dim, batch,
-                                                        spec)
-        float_ws = fw.empty((max(floats, 1),), cu_q, "float32")
-        int_ws = fw.empty((ints,), cu_q, "int32")
-        _launch.launch_backward(
-            kernels, spec, fw.stream_ptr(device),
-            q=qi.ptr, k=ki.ptr, v=vi.ptr, out=oi.ptr, dout=doi.ptr, dq=dqi.ptr, dk=dki.ptr,
-            dv=dvi.ptr, lse=li.ptr, float_ws=fw.ptr(float_ws), int_ws=fw.ptr(int_ws),
-            cu_q=cu_qi.ptr, cu_k=cu_ki.ptr,
-            strides={"q": qi.strides[:2], "k": ki.strides[:2], "v": vi.strides[:2],
-                     "out": oi.strides[:2], "dout": doi.strides[:2], "dq": dqi.strides[:2],
-                     "dk": dki.strides[:2], "dv": dvi.strides[:2]},
-            lse_strides=li.strides, total_q=total_q, total_k=total_k, batch=batch, heads=heads,
-            heads_kv=heads_kv, head_dim=head_dim, scale=scale, scale_log2=scale * _LOG2E,
-            window=window,
-        )
-    for target, result in zip(targets, results):
-        if result is not target:
-            fw.copy_into(target, result)
+    plan.launch = _launch.BackwardLaunch(
+        kernels, spec, strides=strides, lse_strides=li.strides, total_q=total_q, total_k=total_k,
+        batch=batch, heads=heads, heads_kv=heads_kv, head_dim=head_dim, scale=scale,
+        scale_log2=scale * _LOG2E, window=window)
+    return plan

@@ -47,6 +47,13 @@ class Framework:
     def ptr(self, x) -> int:
         raise NotImplementedError
 
+    def signature(self, arrays):
+        """(layouts, pointers) of ``arrays``, or None unless every one is exactly of this
+        framework's array type (None entries allowed: layout None, pointer 0). A layout is shape,
+        strides, dtype and device as a hashable tuple: a launch plan's key (cupy_varlen._api) is
+        made of them. Runs on every call, hence one loop per framework with no calls inside."""
+        raise NotImplementedError
+
     def empty(self, shape, like, dtype=None):
         """Uninitialized array on ``like``'s device, of ``like``'s dtype unless ``dtype`` ("float32",
         "int32") is given."""
@@ -102,6 +109,20 @@ class TorchFramework(Framework):
     def ptr(self, x) -> int:
         return x.data_ptr()
 
+    def signature(self, arrays):
+        layouts, ptrs = [], []
+        tensor = _TENSOR
+        for x in arrays:
+            if x is None:
+                layouts.append(None)
+                ptrs.append(0)
+            elif type(x) is tensor:
+                layouts.append((x.shape, x.stride(), x.dtype, x.get_device()))
+                ptrs.append(x.data_ptr())
+            else:
+                return None
+        return tuple(layouts), ptrs
+
     def empty(self, shape, like, dtype=None):
         # new_empty: about 1 us less per call than torch.empty(..., device=like.device).
         return like.new_empty(shape) if dtype is None else like.new_empty(
@@ -136,6 +157,20 @@ class CupyFramework(Framework):
 
     def ptr(self, x) -> int:
         return x.data.ptr
+
+    def signature(self, arrays):
+        layouts, ptrs = [], []
+        for x in arrays:
+            if x is None:
+                layouts.append(None)
+                ptrs.append(0)
+            elif type(x) is _NDARRAY:
+                data = x.data
+                layouts.append((x.shape, x.strides, x.dtype, data.device_id))
+                ptrs.append(data.ptr)
+            else:
+                return None
+        return tuple(layouts), ptrs
 
     def empty(self, shape, like, dtype=None):
         # The input's own dtype object: CuPy spells bfloat16 through ml_dtypes, which we never name.

@@ -86,11 +86,6 @@ def tile_bound(total_q: int, batch: int, block_m: int) -> int:
     return max(1, (total_q + batch * (block_m - 1)) // block_m)
 
 
-def workspace_size(total_q: int, batch: int, spec) -> int:
-    """int32 entries of the schedule workspace: a header and (sequence, tile) per query tile."""
-    return SCHEDULE_HEADER + 2 * tile_bound(total_q, batch, spec.tiles.block_m)
-
-
 def lpt_across_heads(total_k: int, heads_kv: int, head_dim: int, l2_bytes: int) -> bool:
     """Whether the persistent forward takes its work items in one longest-first order over all heads
     rather than head by head (cuda_src/scheduler.cuh, PersistentScheduler): where K and V (16-bit)
@@ -98,42 +93,67 @@ def lpt_across_heads(total_k: int, heads_kv: int, head_dim: int, l2_bytes: int) 
     return 2 * 2 * total_k * heads_kv * head_dim <= l2_bytes // 2
 
 
-def launch_forward(kernels, spec, stream_ptr: int, *, q, k, v, out, lse, cu_q, cu_k, workspace,
-                   q_strides, k_strides, v_strides, o_strides, lse_head_stride: int,
-                   total_q: int, total_k: int, batch: int, heads: int, heads_per_kv: int,
-                   head_dim: int, scale: float, scale_log2: float, window, num_sms: int,
-                   l2_bytes: int):
-    """Launches the tile scheduler and the forward kernel on ``stream_ptr``. Pointers are ints."""
-    tiles = spec.tiles
-    bound = tile_bound(total_q, batch, tiles.block_m)
-    ctas = bound * heads
-    if ctas > _MAX_GRID_X:
-        raise ValueError(f"varlen_attn: {ctas} query tiles x heads exceed one launch's grid")
-    _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, batch, tiles.block_m,
-                     tiles.block_n, window[0], window[1], bound, workspace)
-    fields = (q, k, v, out, lse, cu_q, cu_k, workspace,
-              q_strides[0], q_strides[1], k_strides[0], k_strides[1],
-              v_strides[0], v_strides[1], o_strides[0], o_strides[1], lse_head_stride)
-    if spec.persistent:
-        heads_kv = heads // heads_per_kv
-        k_map, v_map = (_tma.tile_map(ptr, spec.dtype, total_k, heads_kv, head_dim, strides[0],
-                                      strides[1], tiles.block_n)
-                        for ptr, strides in ((k, k_strides), (v, v_strides)))
-        use_tma = k_map is not None and v_map is not None
-        across = lpt_across_heads(total_k, heads_kv, head_dim, l2_bytes)
-        _SM90_ARGS.pack(*fields, heads_per_kv, heads, head_dim, scale, scale_log2, window[0],
-                        window[1], int(use_tma), int(across), k_map if use_tma else _NO_MAP,
-                        v_map if use_tma else _NO_MAP).launch(
-            kernels.main, min(ctas, num_sms), spec.threads, stream_ptr, spec.smem_bytes)
-        return
-    _SM80_ARGS.pack(*fields, heads_per_kv, head_dim, scale, scale_log2, window[0],
-                    window[1]).launch(kernels.main, ctas, spec.threads, stream_ptr, spec.smem_bytes)
+class ForwardLaunch:
+    """A forward's two launches (tile scheduler, attention kernel) with everything but the pointers
+    decided: grid, workspace size and the kernel's scalar parameters. Built once per launch plan
+    (cupy_varlen._api), so a repeated call only packs pointers and launches."""
+
+    __slots__ = ("kernels", "spec", "grid", "workspace_entries", "schedule", "scalars",
+                 "map_args", "across")
+
+    def __init__(self, kernels, spec, *, q_strides, k_strides, v_strides, o_strides,
+                 lse_head_stride: int, total_q: int, total_k: int, batch: int, heads: int,
+                 heads_per_kv: int, head_dim: int, scale: float, scale_log2: float, window,
+                 num_sms: int, l2_bytes: int):
+        tiles = spec.tiles
+        bound = tile_bound(total_q, batch, tiles.block_m)
+        ctas = bound * heads
+        if ctas > _MAX_GRID_X:
+            raise ValueError(f"varlen_attn: {ctas} query tiles x heads exceed one launch's grid")
+        self.kernels, self.spec = kernels, spec
+        # int32 entries: a header and (sequence, tile) per query tile.
+        self.workspace_entries = SCHEDULE_HEADER + 2 * bound
+        self.schedule = (batch, tiles.block_m, tiles.block_n, window[0], window[1], bound)
+        strides = (q_strides[0], q_strides[1], k_strides[0], k_strides[1], v_strides[0],
+                   v_strides[1], o_strides[0], o_strides[1], lse_head_stride)
+        if spec.persistent:
+            heads_kv = heads // heads_per_kv
+            self.scalars = strides + (heads_per_kv, heads, head_dim, scale, scale_log2,
+                                      window[0], window[1])
+            # tile_map's arguments after the pointer, for k and for v.
+            self.map_args = tuple((spec.dtype, total_k, heads_kv, head_dim, s[0], s[1],
+                                   tiles.block_n) for s in (k_strides, v_strides))
+            self.across = int(lpt_across_heads(total_k, heads_kv, head_dim, l2_bytes))
+            self.grid = min(ctas, num_sms)
+        else:
+            self.scalars = strides + (heads_per_kv, head_dim, scale, scale_log2, window[0],
+                                      window[1])
+            self.grid = ctas
+
+    def launch(self, stream_ptr: int, q: int, k: int, v: int, out: int, lse: int, cu_q: int,
+               cu_k: int, workspace: int) -> None:
+        """Launches on ``stream_ptr``; every argument is a device pointer (lse 0: not written)."""
+        kernels, spec = self.kernels, self.spec
+        _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, *self.schedule, workspace)
+        if spec.persistent:
+            # Per call: a map holds its tensor's address (cached per pointer by tile_map).
+            k_args, v_args = self.map_args
+            k_map, v_map = _tma.tile_map(k, *k_args), _tma.tile_map(v, *v_args)
+            use_tma = k_map is not None and v_map is not None
+            _SM90_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, *self.scalars, int(use_tma),
+                            self.across, k_map if use_tma else _NO_MAP,
+                            v_map if use_tma else _NO_MAP).launch(
+                kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
+        else:
+            _SM80_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, *self.scalars).launch(
+                kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
 
 
 # cuda_src/bwd_common.cuh: struct BwdParams (both backward families), by value: 16 pointers,
-# 19 int64, 3 int32, 2 float32, 3 int32 (window, use_dq_map), padding to the 64-byte alignment of
-# the dQ accumulator's 128-byte tensor map. Through kernelParams, as the forward's Params.
-_BWD_PARAMS = struct.Struct("<16Q19q3i2f3i8x128s")
+# 19 int64, 3 int32, 2 float32, 4 int32 (window, use_dq_map, use_qdo_map), padding to the 64-byte
+# alignment of the 128-byte tensor maps of the dQ accumulator, q and dout. Through kernelParams,
+# as the forward's Params.
+_BWD_PARAMS = struct.Struct("<16Q19q3i2f4i4x128s128s128s")
 _BWD_ARGS = _ParamBuffer(_BWD_PARAMS, by_struct=True)
 # The sm90 dK/dV kernel adds each consumer's 64-row dQ partial through TMA reductions (the map's
 # box: 64 rows x 32 fp32 columns, cuda_src/bwd_sm90.cu).
@@ -142,66 +162,87 @@ _PREP_THREADS = 256  # cuda_src/bwd_common.cuh: kPrepThreads (8 lanes per row an
 _CONVERT_THREADS = 256  # cuda_src/bwd_common.cuh: kConvertThreads (one thread per 8 elements)
 
 
-def backward_workspace_sizes(total_q: int, total_k: int, heads: int, head_dim: int, batch: int,
-                             spec) -> tuple:
-    """(float32 entries, int32 entries) of the backward's scratch: lse_log2 and delta (heads x
-    total_q each) and, in atomic mode, the dQ accumulator; the key-tile schedule and, in
-    deterministic mode, the query-tile schedule."""
-    t = spec.tiles
-    floats = 2 * heads * total_q + (0 if spec.deterministic else total_q * heads * head_dim)
-    ints = SCHEDULE_HEADER + 2 * tile_bound(total_k, batch, t.block_n)
-    if spec.deterministic:
-        ints += SCHEDULE_HEADER + 2 * tile_bound(total_q, batch, t.block_m)
-    return floats, ints
+class BackwardLaunch:
+    """A backward's launches (preprocess, key-tile scheduler, dK/dV kernel, then the dQ conversion
+    or, deterministic, the query-tile scheduler and the dQ kernel) with everything but the
+    pointers decided, as :class:`ForwardLaunch`.
 
+    ``strides`` maps q, k, v, out, dout, dq, dk, dv to (row, head) strides in elements."""
 
-def launch_backward(kernels, spec, stream_ptr: int, *, q, k, v, out, dout, dq, dk, dv, lse,
-                    float_ws, int_ws, cu_q, cu_k, strides: dict, lse_strides, total_q: int,
-                    total_k: int, batch: int, heads: int, heads_kv: int, head_dim: int,
-                    scale: float, scale_log2: float, window):
-    """Launches the backward's kernels on ``stream_ptr``. Pointers are ints; ``strides`` maps
-    q, k, v, out, dout, dq, dk, dv to (row, head) strides in elements."""
-    t = spec.tiles
-    # The accumulator first: its float4 accesses need the allocation's alignment.
-    accum_bytes = 0 if spec.deterministic else 4 * total_q * heads * head_dim
-    dq_accum = 0 if spec.deterministic else float_ws
-    lse_log2 = float_ws + accum_bytes
-    delta = lse_log2 + 4 * heads * total_q
-    bound_k = tile_bound(total_k, batch, t.block_n)
-    ws_kv = int_ws
-    ws_q = int_ws + 4 * (SCHEDULE_HEADER + 2 * bound_k)
-    grid_kv = bound_k * heads_kv
-    bound_q = tile_bound(total_q, batch, t.block_m)
-    grid_q = bound_q * heads
-    if max(grid_kv, grid_q) > _MAX_GRID_X:
-        raise ValueError("varlen_attn_backward: tiles x heads exceed one launch's grid")
-    s = strides
-    dq_map = None
-    if spec.kernel == "sm90" and not spec.deterministic and total_q > 0:
-        dq_map = _tma.tile_map(dq_accum, "fp32", total_q, heads, head_dim, heads * head_dim,
-                               head_dim, _DQ_BOX_ROWS)
-    params = _BWD_ARGS.pack(
-        q, k, v, out, dout, dq, dk, dv, lse, lse_log2, delta, dq_accum, cu_q, cu_k, ws_kv,
-        ws_q if spec.deterministic else 0,
-        *s["q"], *s["k"], *s["v"], *s["out"], *s["dout"], *s["dq"], *s["dk"], *s["dv"],
-        *lse_strides, total_q, heads, heads // heads_kv, head_dim, scale, scale_log2,
-        window[0], window[1], int(dq_map is not None), dq_map or _NO_MAP,
-    )
-    left, right = window
-    rows = total_q * heads
-    if rows:
-        params.launch(kernels.preprocess, -(-rows * 8 // _PREP_THREADS), _PREP_THREADS,
-                      stream_ptr)
-    # Key tiles are scheduled as the forward schedules query tiles, with the roles swapped: the
-    # transposed mask is the band with left and right exchanged.
-    _launch_schedule(kernels.schedule, stream_ptr, cu_k, cu_q, batch, t.block_n, t.block_m,
-                     right, left, bound_k, ws_kv)
-    params.launch(kernels.main, grid_kv, spec.threads, stream_ptr, spec.smem_bytes)
-    if spec.deterministic:
-        _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, batch, t.block_m,
-                         t.dq_block_n, left, right, bound_q, ws_q)
-        params.launch(kernels.dq, grid_q, spec.dq_threads, stream_ptr, spec.dq_smem_bytes)
-    elif rows:
-        chunks = rows * (head_dim // 8)
-        params.launch(kernels.dq_convert, -(-chunks // _CONVERT_THREADS), _CONVERT_THREADS,
-                      stream_ptr)
+    __slots__ = ("kernels", "spec", "float_entries", "int_entries", "accum_bytes", "scalars",
+                 "schedule_kv", "schedule_q", "grid_kv", "grid_q", "grid_prep", "grid_convert",
+                 "dq_map_args", "q_map_args", "do_map_args", "heads", "total_q")
+
+    def __init__(self, kernels, spec, *, strides: dict, lse_strides, total_q: int, total_k: int,
+                 batch: int, heads: int, heads_kv: int, head_dim: int, scale: float,
+                 scale_log2: float, window):
+        t = spec.tiles
+        self.kernels, self.spec, self.heads, self.total_q = kernels, spec, heads, total_q
+        bound_k = tile_bound(total_k, batch, t.block_n)
+        bound_q = tile_bound(total_q, batch, t.block_m)
+        self.grid_kv, self.grid_q = bound_k * heads_kv, bound_q * heads
+        if max(self.grid_kv, self.grid_q) > _MAX_GRID_X:
+            raise ValueError("varlen_attn_backward: tiles x heads exceed one launch's grid")
+        # Scratch: float32 lse_log2 and delta (heads x total_q each) after, in atomic mode, the dQ
+        # accumulator (first: its float4 accesses need the allocation's alignment); int32 the
+        # key-tile schedule and, deterministic, the query-tile schedule after it.
+        self.accum_bytes = 0 if spec.deterministic else 4 * total_q * heads * head_dim
+        self.float_entries = max(1, 2 * heads * total_q + self.accum_bytes // 4)
+        self.int_entries = SCHEDULE_HEADER + 2 * bound_k
+        if spec.deterministic:
+            self.int_entries += SCHEDULE_HEADER + 2 * bound_q
+        left, right = window
+        # Key tiles are scheduled as the forward schedules query tiles, with the roles swapped: the
+        # transposed mask is the band with left and right exchanged.
+        self.schedule_kv = (batch, t.block_n, t.block_m, right, left, bound_k)
+        self.schedule_q = (batch, t.block_m, t.dq_block_n, left, right, bound_q)
+        s = strides
+        self.scalars = (*s["q"], *s["k"], *s["v"], *s["out"], *s["dout"], *s["dq"], *s["dk"],
+                        *s["dv"], *lse_strides, total_q, heads, heads // heads_kv, head_dim,
+                        scale, scale_log2, left, right)
+        rows = total_q * heads
+        self.grid_prep = -(-rows * 8 // _PREP_THREADS)
+        self.grid_convert = -(-rows * (head_dim // 8) // _CONVERT_THREADS)
+        # The sm90 dK/dV kernel adds dQ partials by TMA reductions where the accumulator has a map,
+        # and loads whole query tiles of q and dout by TMA where both have one.
+        self.dq_map_args = self.q_map_args = self.do_map_args = None
+        if spec.kernel == "sm90" and total_q > 0:
+            if not spec.deterministic:
+                self.dq_map_args = ("fp32", total_q, heads, head_dim, heads * head_dim, head_dim,
+                                    _DQ_BOX_ROWS)
+            self.q_map_args, self.do_map_args = (
+                (spec.dtype, total_q, heads, head_dim, *s[name], t.block_m)
+                for name in ("q", "dout"))
+
+    def launch(self, stream_ptr: int, *, q, k, v, out, dout, dq, dk, dv, lse, float_ws, int_ws,
+               cu_q, cu_k) -> None:
+        """Launches on ``stream_ptr``; every argument is a device pointer, the workspaces of
+        ``float_entries`` float32 and ``int_entries`` int32."""
+        kernels, spec = self.kernels, self.spec
+        dq_accum = 0 if spec.deterministic else float_ws
+        lse_log2 = float_ws + self.accum_bytes
+        delta = lse_log2 + 4 * self.heads * self.total_q
+        ws_kv = int_ws
+        ws_q = int_ws + 4 * (SCHEDULE_HEADER + 2 * self.schedule_kv[-1])
+        # Per call: a map holds its tensor's address (cached per pointer by tile_map).
+        dq_map = None if self.dq_map_args is None else _tma.tile_map(dq_accum, *self.dq_map_args)
+        q_map = do_map = None
+        if self.q_map_args is not None:
+            q_map = _tma.tile_map(q, *self.q_map_args)
+            do_map = _tma.tile_map(dout, *self.do_map_args)
+        use_qdo = q_map is not None and do_map is not None
+        params = _BWD_ARGS.pack(
+            q, k, v, out, dout, dq, dk, dv, lse, lse_log2, delta, dq_accum, cu_q, cu_k, ws_kv,
+            ws_q if spec.deterministic else 0, *self.scalars, int(dq_map is not None),
+            int(use_qdo), dq_map or _NO_MAP, q_map if use_qdo else _NO_MAP,
+            do_map if use_qdo else _NO_MAP)
+        if self.total_q:
+            params.launch(kernels.preprocess, self.grid_prep, _PREP_THREADS, stream_ptr)
+        _launch_schedule(kernels.schedule, stream_ptr, cu_k, cu_q, *self.schedule_kv, ws_kv)
+        params.launch(kernels.main, self.grid_kv, spec.threads, stream_ptr, spec.smem_bytes)
+        if spec.deterministic:
+            _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, *self.schedule_q, ws_q)
+            params.launch(kernels.dq, self.grid_q, spec.dq_threads, stream_ptr,
+                          spec.dq_smem_bytes)
+        elif self.total_q:
+            params.launch(kernels.dq_convert, self.grid_convert, _CONVERT_THREADS, stream_ptr)

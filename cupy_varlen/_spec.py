@@ -130,7 +130,7 @@ def long_rows(total_q: int, batch: int) -> bool:
 
 
 # Tuning hook (benchmarks, tests): (arch or "sm90", head-dim tile) -> TileConfig replacing the
-# table's entry. Dispatch is memoized: call cupy_varlen._api._dispatch.cache_clear() after changing
+# table's entry. Dispatch and launch plans are memoized: call cupy_varlen._api.clear_caches() after
 # it.
 tile_overrides: dict = {}
 

@@ -177,18 +177,18 @@ class _EagerVarlenAttn(torch.autograd.Function):
     called directly: the eager fast path, see the module docstring. Old-style (``forward(ctx, ...)``)
     because the new style binds the arguments with ``inspect`` on every call.
 
-    Its arguments were checked by :func:`varlen_attn_autograd` on the real tensors, so neither
-    direction checks them again: ``infos`` carries what the checks learned."""
+    Its arguments were checked by :func:`varlen_attn_autograd` (or were when their signature's
+    launch plan was made), so neither direction checks them again: ``prepared`` is the forward's
+    plan and the pointers read while looking it up (None: read them)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right,
-                deterministic, infos):
-        qi, ki, vi, cu_qi, cu_ki, batch = infos
-        out, lse = _api._attention_forward(_FW, q, k, v, cu_q, cu_k, None, qi, ki, vi, cu_qi,
-                                           cu_ki, None, batch, scale, left, right, True)
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, deterministic, prepared):
+        plan, ptrs = prepared
+        out, lse = _api._run_on_device(plan, _FW, q, k, v, cu_q, cu_k, None, ptrs=ptrs)
         _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse,
-                           (max_q, max_k, causal, scale, left, right, deterministic))
-        ctx.batch = batch
+                           (max_q, max_k, causal, plan.scale, plan.left, plan.right,
+                            deterministic))
+        ctx.batch = plan.batch
         return out, lse
 
     @staticmethod
@@ -200,16 +200,11 @@ class _EagerVarlenAttn(torch.autograd.Function):
             dq, dk, dv = _varlen_attn_backward_op(dout, q, k, v, out, lse, cu_q, cu_k,
                                                   *ctx.scalars)
         else:
-            _max_q, _max_k, _causal, scale, left, right, deterministic = ctx.scalars
-            dout = _dout_for_kernels(dout)
-            info = _FW.info
-            # The gradient autograd hands over has out's shape, dtype and device (the engine
-            # checks it against out's metadata); _dout_for_kernels fixed its layout.
-            dq, dk, dv = _api._attention_backward(
-                _FW, dout, q, k, v, out, lse, cu_q, cu_k, None, None, None, info(dout), info(q),
-                info(k), info(v), info(out), info(lse), info(cu_q), info(cu_k), ctx.batch, scale,
-                left, right, deterministic)
-        return (dq, dk, dv) + (None,) * 10
+            max_q, max_k, _causal, scale, left, right, deterministic = ctx.scalars
+            dq, dk, dv = _api._autograd_backward(
+                _FW, _dout_for_kernels(dout), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale,
+                left, right, deterministic, ctx.batch)
+        return (dq, dk, dv) + (None,) * 7
 
 
 # Tests set this to False to run eager calls through the op (both paths must agree).
@@ -326,14 +321,26 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     compiling = _is_compiling()
     real = (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor and not compiling
             and not _functorch_active())
+    # Nothing else needs to see the op: no dispatch mode (fake tensors, FlopCounterMode, ...), no
+    # profiler.
+    direct = real and _EAGER_FAST_PATH and not _dispatch_modes() and not _profiling()
+    key = None
+    if direct and out is None and (return_lse is True or return_lse is False):
+        # The forward always returns lse (the backward needs it): the plan of return_lse=True.
+        key = _api._forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
+                                max_seqlen_k, causal, scale, window_size, True, deterministic,
+                                check_inputs)
+        plan = None if key is None else _api._forward_plans.get(key[0])
+        if plan is not None and plan.device == _api._current_device():
+            result, lse = _EagerVarlenAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                 max_seqlen_q, max_seqlen_k, bool(causal),
+                                                 bool(deterministic), (plan, key[2]))
+            return (result, lse) if return_lse else result
     (qi, ki, vi, cu_qi, cu_ki, oi, causal, scale, left, right, return_lse, deterministic,
      check_inputs) = _checks.check_forward_args(
         fw, names, fw.info if real else fw.meta, q, k, v, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k, causal, scale, window_size, return_lse, out, deterministic,
         check_inputs, _check_max_seqlen)
-    # Nothing else needs to see the op: no dispatch mode (fake tensors, FlopCounterMode, ...), no
-    # profiler.
-    direct = real and _EAGER_FAST_PATH and not _dispatch_modes() and not _profiling()
     if real:
         # The op checks these again (it must, see _varlen_attn_op), but with varlen_attn's names;
         # here they speak the caller's. The offsets' values (a device round trip) only once.
@@ -341,9 +348,11 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
                                      cu_ki, oi, max_seqlen_q, max_seqlen_k,
                                      check_inputs and direct)
     if direct:
+        plan = _api._plan_forward(qi, ki, vi, cu_qi, cu_ki, None, batch, scale, left, right, True)
+        if key is not None:
+            _api._remember(_api._forward_plans, key[0], plan)
         result, lse = _EagerVarlenAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                             max_seqlen_k, causal, scale, left, right,
-                                             deterministic, (qi, ki, vi, cu_qi, cu_ki, batch))
+                                             max_seqlen_k, causal, deterministic, (plan, None))
     else:
         if not compiling and _dispatch_modes():  # (Dynamo cannot trace the stack's length)
             _teach_active_flop_counters()

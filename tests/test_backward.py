@@ -331,6 +331,30 @@ def test_sm90_dq_by_tma_reductions_and_by_atomics(bwd_kernel, dq_path, head_dim,
     check_backward(q, k, v, cu_q, cu_k, causal=causal)
 
 
+@pytest.mark.parametrize("load_path", ["tma", "cp.async"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_sm90_query_tiles_by_tma_and_by_cp_async(bwd_kernel, load_path, head_dim, deterministic,
+                                                 monkeypatch):
+    """The sm90 dK/dV kernel loads whole query tiles of q and dout by TMA through their tensor
+    maps, and the tiles that cross a sequence's end by cp.async; without maps (no driver entry
+    point, or a layout TMA cannot address) every tile goes by cp.async. Both, with lengths that
+    give whole and partial tiles of both tile heights (64 and 128 rows)."""
+    from cupy_varlen import _tma
+
+    if bwd_kernel != "sm90":
+        pytest.skip("the query-tile loads belong to the sm90 kernel")
+    if load_path == "cp.async":
+        real = _tma.tile_map
+        monkeypatch.setattr(_tma, "tile_map",
+                            lambda ptr, dtype, *rest: None if dtype != "fp32" else real(
+                                ptr, dtype, *rest))
+    lens_q, lens_k = [256, 130, 64, 1, 383], [200, 128, 64, 9, 400]
+    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, heads=4, heads_kv=2, head_dim=head_dim,
+                                      seed=head_dim + deterministic)
+    check_backward(q, k, v, cu_q, cu_k, causal=True, deterministic=deterministic)
+
+
 def test_misaligned_inputs_and_outputs():
     """Inputs and preallocated gradients whose base is not 16-byte aligned (an odd storage offset)
     take the copy path: same gradients, and the caller's own dq/dk/dv are written and returned."""

@@ -496,8 +496,8 @@ def test_tensor_maps_only_for_addressable_tensors(monkeypatch):
 
 def test_backward_params_packing_matches_the_kernel_struct():
     """The backward kernels share one by-value BwdParams struct: 16 pointers, 19 int64 (strides
-    and total_q), 3 int32, 2 float, 3 int32, and the dQ accumulator's tensor map at its 64-byte
-    alignment. Its size is static_asserted in the source."""
+    and total_q), 3 int32, 2 float, 4 int32, and the tensor maps of the dQ accumulator, q and
+    dout from its 64-byte alignment on. Its size is static_asserted in the source."""
     import struct
 
     from cupy_varlen import _launch
@@ -505,8 +505,8 @@ def test_backward_params_packing_matches_the_kernel_struct():
     packer = _launch._BWD_PARAMS
     source = (_build.SOURCE_DIR / "bwd_common.cuh").read_text()
     assert f"sizeof(BwdParams) == {packer.size}" in source
-    dq_map = bytes(range(128))
-    blob = packer.pack(*range(1, 36), 36, 37, 38, 0.5, 0.25, -1, 7, 1, dq_map)
+    dq_map, q_map, do_map = bytes(range(128)), bytes(range(1, 129)), bytes(range(2, 130))
+    blob = packer.pack(*range(1, 36), 36, 37, 38, 0.5, 0.25, -1, 7, 1, 1, dq_map, q_map, do_map)
     assert struct.unpack_from("<Q", blob, 0)[0] == 1  # q
     assert struct.unpack_from("<Q", blob, 120)[0] == 16  # schedule_q, the last pointer
     assert struct.unpack_from("<q", blob, 128)[0] == 17  # q_row_stride
@@ -514,7 +514,8 @@ def test_backward_params_packing_matches_the_kernel_struct():
     assert struct.unpack_from("<3i", blob, 280) == (36, 37, 38)  # heads, heads_per_kv, head_dim
     assert struct.unpack_from("<2f", blob, 292) == (0.5, 0.25)  # scale, scale_log2
     assert struct.unpack_from("<2i", blob, 300) == (-1, 7)  # window
-    assert struct.unpack_from("<i", blob, 308) == (1,)  # use_dq_map
+    assert struct.unpack_from("<2i", blob, 308) == (1, 1)  # use_dq_map, use_qdo_map
     assert blob[320:448] == dq_map  # alignas(64), after the padding
+    assert blob[448:576] == q_map and blob[576:704] == do_map
     # By-value structs with 64-byte aligned members go through kernelParams (see _ParamBuffer).
     assert _launch._BWD_ARGS.extra == 0 and _launch._BWD_ARGS.kernel_params != 0

@@ -25,11 +25,17 @@ def fwd_kernel(request, monkeypatch):
     """Every test runs on both forward kernel families, and on the sm90 family's tiles for long
     sequences (three consumer warpgroups at head dim 64; the dispatch's mean-length threshold set
     to 0 so that every batch takes them)."""
-    if request.param == "sm90-long":
-        from cupy_varlen import _spec
+    from cupy_varlen import _api, _spec
 
+    family = select_kernel_family(request.param.split("-")[0], monkeypatch, "forward_kernel")
+    if request.param == "sm90-long":
+        # Launch plans remember the tiles: none made under the other threshold may serve.
         monkeypatch.setattr(_spec, "LONG_ROWS_MEAN", 0)
-    return select_kernel_family(request.param.split("-")[0], monkeypatch, "forward_kernel")
+        _api.clear_caches()
+        yield family
+        _api.clear_caches()
+    else:
+        yield family
 
 # Lengths that are not tile multiples, with empty and single-token sequences among them.
 RAGGED = [37, 0, 1, 128, 200, 64, 513]
@@ -295,16 +301,16 @@ def test_long_batches_take_the_long_tiles(fwd_kernel, monkeypatch):
     load_kernels = _build.load_kernels
     monkeypatch.setattr(_build, "load_kernels",
                         lambda spec, device: loaded.append(spec) or load_kernels(spec, device))
-    _api._dispatch.cache_clear()
+    _api.clear_caches()
     mean = _spec.LONG_ROWS_MEAN
     for lens, block_m in (([mean + 300, mean - 200, mean + 37], 192), ([mean - 1, 5], 128)):
         q, k, v, cu_q, cu_k = make_packed(lens, heads=2, head_dim=64, seed=len(lens))
         for causal in (False, True):
             loaded.clear()
-            _api._dispatch.cache_clear()
+            _api.clear_caches()
             check_forward(q, k, v, cu_q, cu_k, causal=causal)
             assert [s.tiles.block_m for s in loaded if s.persistent] == [block_m], loaded
-    _api._dispatch.cache_clear()
+    _api.clear_caches()
 
 
 @pytest.mark.parametrize("across_heads", [False, True])

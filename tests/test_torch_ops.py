@@ -76,31 +76,53 @@ def _analytic_grads(dout, q, k, v, cu_q, cu_k, causal, scale, window_size):
 
 @pytest.fixture
 def reference_kernels(monkeypatch):
-    """Replaces the two kernel launches with the reference, writing into the buffers the real
-    launch would (everything up to the launch runs: checks, allocation, routing), and lets CPU
-    tensors past the device check. Records each launch's arguments."""
+    """Replaces the launch plans' kernels with the reference, writing into the buffers the real
+    plan would (everything up to the launch runs: checks, routing, allocation), and lets CPU
+    tensors past the device check. Records each run's arguments. Plans are not cached, so every
+    call takes the checked path."""
     calls = []
 
-    def forward(fw, q, k, v, qi, ki, vi, out, oi, cu_q, cu_k, cu_qi, cu_ki, lse, *, batch,
-                device, scale, window):
-        calls.append(dict(kind="forward", scale=scale, window=window))
-        o, lse_ref = varlen_attn_reference(q, k, v, cu_q, cu_k, scale=scale, window_size=window,
-                                           return_lse=True)
-        out.copy_(o)
-        if lse is not None:
-            lse.copy_(lse_ref)
+    class ForwardPlan:
+        device = -1
 
-    def backward(fw, dout, q, k, v, out, lse, doi, qi, ki, vi, oi, li, results, cu_q, cu_k,
-                 cu_qi, cu_ki, *, batch, scale, window, deterministic):
-        calls.append(dict(kind="backward", dout=dout, deterministic=deterministic, scale=scale,
-                          window=window))
-        grads = _analytic_grads(dout, q, k, v, cu_q, cu_k, False, scale, window)
-        for target, g in zip(results, grads):
-            target.copy_(g)
+        def __init__(self, qi, batch, scale, left, right, return_lse):
+            self.shape, self.scale, self.left, self.right = qi.shape, scale, left, right
+            self.batch, self.return_lse = batch, return_lse
+
+        def run(self, fw, q, k, v, cu_q, cu_k, out, ptrs):
+            window = (self.left, self.right)
+            calls.append(dict(kind="forward", scale=self.scale, window=window))
+            o, lse_ref = varlen_attn_reference(q, k, v, cu_q, cu_k, scale=self.scale,
+                                               window_size=window, return_lse=True)
+            result = fw.empty(self.shape, q) if out is None else out
+            result.copy_(o)
+            return (result, lse_ref.float()) if self.return_lse else result
+
+    class BackwardPlan:
+        device = -1
+
+        def __init__(self, scale, left, right, deterministic):
+            self.scale, self.window, self.deterministic = scale, (left, right), deterministic
+
+        def run(self, fw, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, ptrs):
+            calls.append(dict(kind="backward", dout=dout, deterministic=self.deterministic,
+                              scale=self.scale, window=self.window))
+            grads = _analytic_grads(dout, q, k, v, cu_q, cu_k, False, self.scale, self.window)
+            return tuple(g.to(x.dtype) if given is None else given.copy_(g)
+                         for g, given, x in zip(grads, (dq, dk, dv), (q, k, v)))
+
+    def plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse):
+        return ForwardPlan(qi, batch, scale, left, right, return_lse)
+
+    def plan_backward(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, grads, batch, scale, left, right,
+                      deterministic):
+        return BackwardPlan(scale, left, right, deterministic)
 
     monkeypatch.setattr(_checks, "check_devices", lambda names, named_infos: None)
-    monkeypatch.setattr(_api, "_launch_forward_kernels", forward)
-    monkeypatch.setattr(_api, "_launch_backward_kernels", backward)
+    monkeypatch.setattr(_api, "_plan_forward", plan_forward)
+    monkeypatch.setattr(_api, "_plan_backward", plan_backward)
+    monkeypatch.setattr(_api, "_remember", lambda plans, key, plan: None)
+    monkeypatch.setattr(_api, "_current_device", lambda: -1)
     return calls
 
 

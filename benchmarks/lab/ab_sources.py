@@ -101,7 +101,7 @@ class Variants:
         _build._read_source = lambda src, files=files: files.get(src) or self._read_source(src)
         _spec.tile_overrides.clear()
         _spec.tile_overrides.update(tiles)
-        _api._dispatch.cache_clear()
+        _api.clear_caches()
 
 
 def main():

@@ -1,0 +1,163 @@
+"""Where does the host time of one call go? Host µs per call with the GPU kept busy (a sleep kernel
+queued first, so no call ever waits for the device), for ours and torch's varlen_attn, and a
+cProfile of ours.
+
+    python benchmarks/lab/host_profile.py [--config seed_full] [--calls 300] [--profile-calls 2000]
+
+Timed calls: the eager forward (inputs without grad), the functional backward, and the autograd
+forward + backward as training calls it (``torch.autograd.grad`` of the forward's output). The
+profile lists the functions with the most own time, per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE.parent))
+
+
+def profile(fn, calls, torch, top):
+    import bench_varlen as bv
+
+    prof = cProfile.Profile()
+    per_round = bv.HOST_CALLS_PER_SLEEP
+    for start in range(0, calls, per_round):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(2000 * (per_round * 4000 + 2000)))
+        prof.enable()
+        for _ in range(min(per_round, calls - start)):
+            fn()
+        prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def autograd_parts(fwdbwd, qg, kg, vg, dout, calls, torch, bv):
+    """Where an autograd forward + backward spends its host time: our backward's Python (timed
+    inside it, on the autograd engine's thread), the whole call, and the engine's cost for a
+    trivial graph on the same leaves (its floor)."""
+    from cupy_varlen import _torch
+
+    inner = []
+    original = _torch._EagerVarlenAttn.backward
+
+    def timed(ctx, *grads):
+        t0 = time.perf_counter()
+        result = original(ctx, *grads)
+        inner.append(time.perf_counter() - t0)
+        return result
+
+    _torch._EagerVarlenAttn.backward = staticmethod(timed)
+    try:
+        whole = bv.host_overhead_us(fwdbwd, calls)
+    finally:
+        _torch._EagerVarlenAttn.backward = original
+
+    class Noop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            return q.new_empty(q.shape)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None, None
+
+    floor = bv.host_overhead_us(
+        lambda: torch.autograd.grad(Noop.apply(qg, kg, vg), (qg, kg, vg), dout, allow_unused=True),
+        calls)
+    return {"fwd+bwd": round(whole, 1),
+            "inside our backward": round(statistics.median(inner) * 1e6, 1),
+            "engine floor (a Function whose forward allocates, backward passes grad on)":
+                round(floor, 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="seed_full")
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--profile-calls", type=int, default=2000)
+    ap.add_argument("--top", type=int, default=35)
+    ap.add_argument("--out", type=Path, default=None, help="directory for the profiles and JSON")
+    args = ap.parse_args()
+
+    import torch
+
+    import bench_varlen as bv
+    import cupy_varlen
+
+    cfg = bv.grid_configs()[args.config]
+    inp = bv.make_inputs(cfg, "bf16")
+    q, k, v, cu_q, cu_k, mq, mk = inp.q, inp.k, inp.v, inp.cu_q, inp.cu_k, inp.max_q, inp.max_k
+    causal = cfg.causal
+    torch_varlen = bv._torch_varlen_fn()
+    tkw = {"is_causal": True} if causal else {}
+    if causal and "window_size" in bv.inspect.signature(torch_varlen).parameters:
+        tkw = {"window_size": (-1, 0)}
+
+    qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    dout = torch.randn_like(q)
+    out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, mq, mk, causal=causal,
+                                       return_lse=True)
+
+    calls = {
+        "fwd eager": (lambda: cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, mq, mk, causal=causal),
+                      lambda: torch_varlen(q, k, v, cu_q, cu_k, mq, mk, **tkw)),
+        "bwd functional": (lambda: cupy_varlen.varlen_attn_backward(
+            dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, causal=causal), None),
+        "fwd+bwd autograd": (
+            lambda: torch.autograd.grad(cupy_varlen.varlen_attn(
+                qg, kg, vg, cu_q, cu_k, mq, mk, causal=causal), (qg, kg, vg), dout),
+            lambda: torch.autograd.grad(torch_varlen(qg, kg, vg, cu_q, cu_k, mq, mk, **tkw),
+                                        (qg, kg, vg), dout)),
+    }
+    result = {"config": cfg.name, "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                time.gmtime()),
+              "host_us": {}}
+    for name, (ours, theirs) in calls.items():
+        for fn in (ours, theirs):
+            if fn is not None:
+                for _ in range(20):
+                    fn()
+        # Alternated three times: this host's speed drifts by tens of percent within seconds.
+        fns = {"cupy_varlen": ours, "torch_varlen": theirs}
+        times = {m: [] for m, fn in fns.items() if fn is not None}
+        for _ in range(3):
+            for m in times:
+                times[m].append(bv.host_overhead_us(fns[m], args.calls))
+        row = {m: round(min(t), 1) for m, t in times.items()}
+        result["host_us"][name] = row
+        print(f"{name:>18}: " + ", ".join(f"{m} {u} us" for m, u in row.items()), flush=True)
+    result["autograd_parts_us"] = autograd_parts(calls["fwd+bwd autograd"][0], qg, kg, vg, dout,
+                                                 args.calls, torch, bv)
+    print("autograd parts:", result["autograd_parts_us"], flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "host_profile.json").write_text(json.dumps(result, indent=1))
+    if args.profile_calls <= 0:
+        return
+    for name, (ours, _) in calls.items():
+        text = profile(ours, args.profile_calls, torch, args.top)
+        header = f"==== {name}: {args.profile_calls} calls ====\n"
+        if args.out:
+            slug = name.replace(" ", "_").replace("+", "")
+            (args.out / f"profile_{slug}.txt").write_text(header + text)
+        else:
+            print(header + text)
+
+
+if __name__ == "__main__":
+    main()
