@@ -231,7 +231,10 @@ def clear_caches() -> None:
 
 def _remember(plans: dict, key, plan) -> None:
     if len(plans) >= _PLAN_CAPACITY:
-        del plans[next(iter(plans))]
+        try:
+            del plans[next(iter(plans))]
+        except (KeyError, RuntimeError, StopIteration):  # another thread evicted or cleared first
+            pass
     plans[key] = plan
 
 
