@@ -187,10 +187,9 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     checks and runs its plan."""
     key = _forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, out, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, deterministic, check_inputs)
-    if key is not None:
-        plan = _forward_plans.get(key[0])
-        if plan is not None and plan.device == _current_device():
-            return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, key[2])
+    plan = _cached_plan(_forward_plans, key)
+    if plan is not None:
+        return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, key[2])
     adopt = _arrays.adopt
     q, k, v, cu_seqlens_q, cu_seqlens_k, out = (
         adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out))
@@ -239,6 +238,15 @@ def _remember(plans: dict, key, plan) -> None:
 
 
 _current_device = cupy.cuda.runtime.getDevice
+
+
+def _cached_plan(plans: dict, key):
+    """The plan remembered for ``key`` (a _forward_key / _backward_key result), or None: no key,
+    no plan yet, or the plan's device is not the current one (the checked path switches to it)."""
+    if key is None:
+        return None
+    plan = plans.get(key[0])
+    return plan if plan is not None and plan.device == _current_device() else None
 
 
 def _signature(arrays):
@@ -413,11 +421,10 @@ def varlen_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     """
     key = _backward_key(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv,
                         max_seqlen_q, max_seqlen_k, causal, scale, window_size, deterministic)
-    if key is not None:
-        plan = _backward_plans.get(key[0])
-        if plan is not None and plan.device == _current_device():
-            return plan.run(key[1], dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk,
-                            dv, key[2])
+    plan = _cached_plan(_backward_plans, key)
+    if plan is not None:
+        return plan.run(key[1], dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv,
+                        key[2])
     dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv = (
         _arrays.adopt(x) for x in (dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk,
                                    dv)
@@ -445,10 +452,9 @@ def _autograd_backward(fw, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, sc
     :func:`varlen_attn_backward` (causal is in the window)."""
     key = _backward_key(dout, q, k, v, out, lse, cu_q, cu_k, None, None, None, max_q, max_k,
                         False, scale, (left, right), deterministic)
-    if key is not None:
-        plan = _backward_plans.get(key[0])
-        if plan is not None and plan.device == _current_device():
-            return plan.run(fw, dout, q, k, v, out, lse, cu_q, cu_k, None, None, None, key[2])
+    plan = _cached_plan(_backward_plans, key)
+    if plan is not None:
+        return plan.run(fw, dout, q, k, v, out, lse, cu_q, cu_k, None, None, None, key[2])
     info = fw.info
     plan = _plan_backward(info(dout), info(q), info(k), info(v), info(out), info(lse), info(cu_q),
                           info(cu_k), (None, None, None), batch, scale, left, right,
@@ -468,7 +474,9 @@ def _backward_key(dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, max_q, max_k,
     if signature is None:
         return None
     fw, layouts, ptrs = signature
-    aligned = tuple(p & 15 for p in ptrs[:5]) + tuple(p & 15 for p in ptrs[8:])
+    # dout, q, k, v, out and the given gradients (lse and the offsets need no 16 bytes).
+    aligned = (ptrs[0] & 15, ptrs[1] & 15, ptrs[2] & 15, ptrs[3] & 15, ptrs[4] & 15,
+               ptrs[8] & 15, ptrs[9] & 15, ptrs[10] & 15)
     return ((layouts, aligned, causal, scale, window_size, deterministic,
              _spec.backward_kernel), fw, ptrs)
 

@@ -330,8 +330,8 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         key = _api._forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
                                 max_seqlen_k, causal, scale, window_size, True, deterministic,
                                 check_inputs)
-        plan = None if key is None else _api._forward_plans.get(key[0])
-        if plan is not None and plan.device == _api._current_device():
+        plan = _api._cached_plan(_api._forward_plans, key)
+        if plan is not None:
             result, lse = _EagerVarlenAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                  max_seqlen_q, max_seqlen_k, bool(causal),
                                                  bool(deterministic), (plan, key[2]))
