@@ -40,6 +40,10 @@ constexpr int kPanelBytes = 128;                     // one row of a 64-element 
 // dQ = dS K, 64 rows per wgmma: two query row blocks go one per consumer, one is split by columns.
 constexpr bool kDqSplitRows = kBlockM == 2 * 64;
 constexpr int kDqN = kDqSplitRows ? kHeadDim : kHeadDim / kConsumers;
+// lse and delta atoms a consumer reads before the GEMM wait that precedes their use: all of a
+// 64-query tile's. A 128-query tile (d64) reads them where used: 32 more registers beside its S^T
+// and dP^T spill.
+constexpr int kStatsAhead = kQAtoms <= 8 ? kQAtoms : 0;
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 static_assert(kConsumerKeys == 64, "each consumer warpgroup owns one 64-key wgmma tile");
@@ -238,20 +242,22 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
                                        kBlockM * kPanelBytes);
     wgmma_ss_kmajor<kBlockM, kHeadDim>(dp_flat, v_rows, KTile::kRowCount * kPanelBytes, do_slot,
                                        kBlockM * kPanelBytes);
+    const ColumnStats<kQAtoms, kStatsAhead> lse_log2(stats, 0, lane);  // read while S^T is computed
     wgmma_wait<1>();  // S^T is done; dP^T may still run
     fence_registers(s);
     if (mask_test.needs_mask(m0))
       apply_mask(s, t.n0 + key_row0, m0, lane, t.seq.q_len, t.band_t);
     // Keys past the sequence hold zeros, whose score is 0, not -inf: exp2(0 - lse) could overflow.
     if (t.keys_valid < kBlockN) mask_rows_from(s, key_row0, t.keys_valid, lane);
-    probabilities_backward(s, stats, 0, p.scale_log2, lane);
+    probabilities_backward(s, lse_log2, p.scale_log2);
+    const ColumnStats<kQAtoms, kStatsAhead> delta(stats + kBlockM * 4, 0, lane);  // ditto, dP^T
     u32 pa[kBlockM / 16][4];
     pack_a_fragments(s, pa);
     wgmma_rs_mnmajor<kHeadDim, kBlockM>(dv_flat, pa, do_slot, kBlockM * kPanelBytes);
 
     wgmma_wait<1>();  // dP^T is done; dV's GEMM may still run
     fence_registers(dp);
-    scores_gradient(s, dp, stats + kBlockM * 4, 0, lane);
+    scores_gradient(s, dp, delta);
     u32 dsa[kBlockM / 16][4];
     pack_a_fragments(dp, dsa);
 #if CV_DQ_ATOMIC

@@ -77,26 +77,40 @@ CV_DEVICE void store_output_fragments(const float (&acc_o)[kMAtoms][kDAtoms][4],
 
 // Writes a warpgroup's fp32 accumulator (64 rows, warp w holding rows 16w..16w+15; 8 kNAtoms
 // columns) into panels of 32 columns x 64 rows of 128 bytes, each 16-byte chunk of a row at
-// position chunk ^ (row % 8): the 128-byte swizzle that TMA reads (reduce_add_tile_bulk). The XOR
-// also spreads a warp's eight rows over all banks. Rows at or past rows_valid are written as zeros,
-// whatever the accumulator holds: the tile's rows may overlap the next sequence's in global memory,
-// and 0 * NaN from a non-finite key must not reach them.
+// position chunk ^ (row % 8): the 128-byte swizzle that TMA reads (reduce_add_tile_bulk). Rows at
+// or past rows_valid are written as zeros, whatever the accumulator holds: the tile's rows may
+// overlap the next sequence's in global memory, and 0 * NaN from a non-finite key must not reach
+// them.
+// Bank conflicts: an 8-byte store is served per half-warp, four rows whose XOR keys differ only in
+// their low two bits. Were every lane to store the same atom, rows r and r ^ 1 would hit the same
+// two chunks {c, c + 1} (2 wavefronts where 1 does). So the lanes holding a chunk's upper half
+// (quad >= 2) store atom n + 2 while the others store atom n, and the reverse in the next store:
+// chunks c ^ r and (c + 5) ^ r, distinct over the four rows.
 template <int kNAtoms>
 CV_DEVICE void stage_accumulator_f32(const float (&acc)[1][kNAtoms][4], u32 base, int warp_row0,
                                      int rows_valid, int lane) {
+  static_assert(kNAtoms % 4 == 0, "whole 32-column panels");
   const int group = lane >> 2, quad = lane & 3;
+  const bool upper = quad >= 2;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = warp_row0 + group + 8 * h;
     const bool valid = row < rows_valid;
     const u32 row_base = base + row * 128 + (quad & 1) * 8;
 #pragma unroll
-    for (int n = 0; n < kNAtoms; ++n) {
-      const int chunk = 2 * (n % 4) + (quad >> 1);  // 16-byte chunk of columns 8n + 2quad, +1
-      const u32 addr = row_base + (n / 4) * 64 * 128 + ((chunk ^ (row & 7)) << 4);
-      const float a = valid ? acc[0][n][2 * h] : 0.f, b = valid ? acc[0][n][2 * h + 1] : 0.f;
-      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b));
-    }
+    for (int n = 0; n < kNAtoms; n += 4)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // Store j of the panel: atoms j and j ^ 2 trade places between the lane halves.
+        const int atom_lo = n + j, atom_hi = n + (j ^ 2);
+        const int atom = upper ? atom_hi : atom_lo;
+        const int chunk = 2 * (atom % 4) + (quad >> 1);  // columns 8 atom + 2 quad, +1
+        const u32 addr = row_base + (n / 4) * 64 * 128 + ((chunk ^ (row & 7)) << 4);
+        const float a = upper ? acc[0][atom_hi][2 * h] : acc[0][atom_lo][2 * h];
+        const float b = upper ? acc[0][atom_hi][2 * h + 1] : acc[0][atom_lo][2 * h + 1];
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(valid ? a : 0.f),
+                     "f"(valid ? b : 0.f));
+      }
   }
 }
 

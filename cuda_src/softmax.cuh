@@ -114,15 +114,38 @@ struct OnlineSoftmax {
 // by tile column. In two steps, so that a kernel can start the GEMM that needs P before dP is
 // ready: probabilities_backward turns scores S into P = exp2(S * scale_log2 - lse_log2) in place
 // (lse_log2 is +inf for a query with no allowed key, so its P is 0); scores_gradient turns dP into
-// dS = P * (dP - delta) in place.
-// Calls f(m, n, i, stat) for every element (m, n, i) of a transposed tile, with stat the per-query
-// value of its column read from the fp32 array `stats` in shared memory (the tile's columns start
-// at query col0; a lane's two columns of an atom are adjacent, so one 8-byte load serves both).
-template <int kMAtoms, int kNAtoms, class F>
-CV_DEVICE void for_each_with_column_stat(u32 stats, int col0, int lane, F f) {
+// dS = P * (dP - delta) in place. Each takes its statistic as a ColumnStats, which a kernel can
+// make before it waits for the GEMM whose result the step consumes: while wgmma reads its
+// operands the shared-memory pipe is busy, and a load issued after the wait stalls the arithmetic.
+
+// A per-query statistic of a transposed tile's columns (which start at query col0), read from the
+// fp32 array `stats` in shared memory: a lane's two adjacent columns of an atom in one 8-byte load.
+// The first kAhead atoms' are loaded when the object is made, ahead of their use; the rest where
+// used (holding all of them would cost a wide tile two registers per atom).
+template <int kNAtoms, int kAhead>
+struct ColumnStats {
+  static_assert(kAhead >= 0 && kAhead <= kNAtoms, "atoms loaded ahead");
+  u32 stats;
+  int col0, lane;
+  float2 ahead[kAhead > 0 ? kAhead : 1];
+
+  CV_DEVICE ColumnStats(u32 stats_, int col0_, int lane_)
+      : stats(stats_), col0(col0_), lane(lane_) {
+#pragma unroll
+    for (int n = 0; n < kAhead; ++n) ahead[n] = load(n);
+  }
+  CV_DEVICE float2 load(int n) const {
+    return ld_shared_f32x2(stats + 4 * (col0 + 8 * n + 2 * (lane & 3)));
+  }
+  CV_DEVICE float2 operator[](int n) const { return n < kAhead ? ahead[n] : load(n); }
+};
+
+// Calls f(m, n, i, stat) for every element (m, n, i) of a transposed tile, with stat its column's.
+template <int kMAtoms, int kNAtoms, class Stats, class F>
+CV_DEVICE void for_each_with_column_stat(const Stats& stats, F f) {
 #pragma unroll
   for (int n = 0; n < kNAtoms; ++n) {
-    const float2 v = ld_shared_f32x2(stats + 4 * (col0 + 8 * n + 2 * (lane & 3)));
+    const float2 v = stats[n];
 #pragma unroll
     for (int m = 0; m < kMAtoms; ++m)
 #pragma unroll
@@ -133,18 +156,20 @@ CV_DEVICE void for_each_with_column_stat(u32 stats, int col0, int lane, F f) {
   }
 }
 
-template <int kMAtoms, int kNAtoms>
-CV_DEVICE void probabilities_backward(float (&s)[kMAtoms][kNAtoms][4], u32 lse_log2, int col0,
-                                      float scale_log2, int lane) {
-  for_each_with_column_stat<kMAtoms, kNAtoms>(lse_log2, col0, lane, [&](int m, int n, int i, float l) {
+template <int kMAtoms, int kNAtoms, int kAhead>
+CV_DEVICE void probabilities_backward(float (&s)[kMAtoms][kNAtoms][4],
+                                      const ColumnStats<kNAtoms, kAhead>& lse_log2,
+                                      float scale_log2) {
+  for_each_with_column_stat<kMAtoms, kNAtoms>(lse_log2, [&](int m, int n, int i, float l) {
     s[m][n][i] = fast_exp2(fmaf(s[m][n][i], scale_log2, -l));
   });
 }
 
-template <int kMAtoms, int kNAtoms>
+template <int kMAtoms, int kNAtoms, int kAhead>
 CV_DEVICE void scores_gradient(const float (&p)[kMAtoms][kNAtoms][4],
-                               float (&dp)[kMAtoms][kNAtoms][4], u32 delta, int col0, int lane) {
-  for_each_with_column_stat<kMAtoms, kNAtoms>(delta, col0, lane, [&](int m, int n, int i, float d) {
+                               float (&dp)[kMAtoms][kNAtoms][4],
+                               const ColumnStats<kNAtoms, kAhead>& delta) {
+  for_each_with_column_stat<kMAtoms, kNAtoms>(delta, [&](int m, int n, int i, float d) {
     dp[m][n][i] = p[m][n][i] * (dp[m][n][i] - d);
   });
 }
@@ -152,6 +177,6 @@ CV_DEVICE void scores_gradient(const float (&p)[kMAtoms][kNAtoms][4],
 template <int kMAtoms, int kNAtoms>
 CV_DEVICE void softmax_backward(float (&s)[kMAtoms][kNAtoms][4], float (&dp)[kMAtoms][kNAtoms][4],
                                 u32 lse_log2, u32 delta, int col0, float scale_log2, int lane) {
-  probabilities_backward(s, lse_log2, col0, scale_log2, lane);
-  scores_gradient(s, dp, delta, col0, lane);
+  probabilities_backward(s, ColumnStats<kNAtoms, 0>(lse_log2, col0, lane), scale_log2);
+  scores_gradient(s, dp, ColumnStats<kNAtoms, 0>(delta, col0, lane));
 }
