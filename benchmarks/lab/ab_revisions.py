@@ -2,7 +2,8 @@
 functional backward, in one process.
 
     git archive REV cupy_varlen cuda_src | tar -x -C DIR      # once, on a machine with the repository
-    python benchmarks/lab/ab_revisions.py DIR [DIR ...] [--configs NAME ...] [--runs N] [--json OUT]
+    python benchmarks/lab/ab_revisions.py [DIR ...] [--self-check] [--configs NAME ...] [--runs N]
+        [--json OUT]
 
 Each DIR holds another revision's ``cupy_varlen/`` and ``cuda_src/``. Its package is imported under
 a name of its own (the directory's name) without its torch integration (whose custom ops would
@@ -11,6 +12,11 @@ rotated (bench_varlen.time_rotated): the tree twice (``tree`` and ``tree'``: the
 noise), each other revision, and torch's varlen_attn, for the forward and then for the backward
 from the same out and lse. A change is neutral where ``DIR / tree`` stays within the tree-to-tree
 spread.
+
+Calibrate first with ``--self-check``, which imports the tree's own package as one more revision
+(``self``): on the H200 (2026-12-02) revisions with the tree's very forward kernels read 1.7-6%
+slower than the tree on the large forward configs, so ``self / tree`` is the bar a revision must
+beat, not 1.
 
 Why not ab_sources.py: that swaps cuda_src files under the tree's Python, which cannot express a
 change that moves code between the host and the kernels (a new define, a new file layout).
@@ -55,7 +61,10 @@ def import_revision(root: Path, name: str):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bases", type=Path, nargs="+", help="directories with other revisions' packages")
+    ap.add_argument("bases", type=Path, nargs="*", help="directories with other revisions' packages")
+    ap.add_argument("--self-check", action="store_true",
+                    help="also import the tree's own package as a revision ('self'): self/tree "
+                         "shows what the harness does to a revision that differs in nothing")
     ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -70,6 +79,10 @@ def main():
 
     others = {path.name: import_revision(path.resolve(), f"cv_rev_{i}")
               for i, path in enumerate(args.bases)}
+    if args.self_check:
+        others["self"] = import_revision(HERE.parent.parent, "cv_rev_self")
+    if not others:
+        raise SystemExit("nothing to compare: give revision directories or --self-check")
     grid = grid_configs()
     rows = []
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, runs {args.runs}; "
@@ -117,7 +130,8 @@ def main():
         torch.cuda.empty_cache()
     if args.json:
         args.json.write_text(json.dumps({"environment": environment_info(),
-                                         "revisions": [str(b) for b in args.bases],
+                                         "revisions": [str(b) for b in args.bases]
+                                         + (["self"] if args.self_check else []),
                                          "runs": args.runs, "rows": rows}, indent=1))
 
 
