@@ -38,16 +38,25 @@ constexpr int kConsumerKeys = kBlockN / kConsumers;  // one wgmma M of 64
 constexpr int kQAtoms = kBlockM / 8;                 // columns of S^T in mma atoms
 constexpr int kPanelBytes = 128;                     // one row of a 64-element panel
 // dQ = dS K, 64 rows per wgmma: two query row blocks go one per consumer, one is split by columns.
+// A query tile that is no whole number of wgmma row blocks (80, FA4's width at head dim 128 without
+// a mask: N = 80 wgmmas read their shared-memory operands below the pipe's rate, N = 64 ones at it)
+// swaps the operands: dQ^T = K^T dS^T, each consumer 64 head-dim rows by all the tile's queries, dS
+// stored queries x keys (transposed from the registers by stmatrix) and dQ^T staged transposed.
+constexpr bool kDqSwapAB = kBlockM % 64 != 0;
 constexpr bool kDqSplitRows = kBlockM == 2 * 64;
 constexpr int kDqN = kDqSplitRows ? kHeadDim : kHeadDim / kConsumers;
+constexpr int kDqRows = kDqSwapAB ? kBlockM : 64;  // query rows of a consumer's dQ partial
 // lse and delta atoms a consumer reads before the GEMM wait that precedes their use: all of a
-// 64-query tile's. A 128-query tile (d64) reads them where used: 32 more registers beside its S^T
-// and dP^T spill.
-constexpr int kStatsAhead = kQAtoms <= 8 ? kQAtoms : 0;
+// 64-query tile's. An 80-query tile reads two atoms of lse ahead (more spill beside its S^T and
+// dP^T) and all of delta (P is packed to 16 bits by then). A 128-query tile (d64) reads them where
+// used: 32 more registers beside its S^T and dP^T spill.
+constexpr int kStatsAhead = kQAtoms <= 8 ? kQAtoms : kDqSwapAB ? 2 : 0;
+constexpr int kDeltaAhead = kDqSwapAB ? kQAtoms : kStatsAhead;
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 static_assert(kConsumerKeys == 64, "each consumer warpgroup owns one 64-key wgmma tile");
-static_assert(kBlockM == 64 || kBlockM == 128, "a query tile is one or two wgmma row blocks");
+static_assert(kBlockM == 64 || kBlockM == 128 || (kBlockM == 80 && kHeadDim == 128),
+              "a query tile is one or two wgmma row blocks, or 80 queries at head dim 128");
 static_assert(kBlockM <= kWarpgroupThreads, "one producer thread per lse and delta value");
 static_assert(kHeadDim % 64 == 0 && kDqN % 64 == 0 && kDqN <= 128,
               "operands are whole 128-byte panels; dQ's N is one wgmma's");
@@ -56,7 +65,9 @@ constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
 static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumerThreads <=
                   kLaunchRegs * kThreads, "register reallocation exceeds the CTA's registers");
 
-typedef SmemTile<kBlockN, kBlockM> DsTile;  // dS^T: keys x queries
+// dS^T (keys x queries), or dS (queries x keys) with the operands of dQ swapped.
+typedef typename Choose<kDqSwapAB, SmemTile<kBlockM, kBlockN>,
+                       SmemTile<kBlockN, kBlockM>>::type DsTile;
 
 // Shared memory. Operand tiles sit on 1024-byte boundaries: the 128-byte swizzle that wgmma reads
 // is a function of the address. dK and dV are staged where K and V were.
@@ -66,12 +77,13 @@ struct SharedStorage {
   alignas(kSwizzleAtomBytes) unsigned char q[kStages][QTile::kBytes];
   alignas(kSwizzleAtomBytes) unsigned char dout[kStages][QTile::kBytes];
 #if CV_DQ_ATOMIC
-  // dS^T, twice: a consumer may store the next tile's while the other still reads this one.
+  // dS^T (or dS), twice: a consumer may store the next tile's while the other still reads this
+  // one.
   // Deterministic mode has none (its dQ kernel forms dS itself).
   alignas(kSwizzleAtomBytes) unsigned char ds[2][DsTile::kBytes];
-  // Each consumer's dQ partial of its last query tile, staged for the TMA reductions: 64 rows x
-  // kDqN fp32 in 32-column panels (stage_accumulator_f32's layout).
-  alignas(kSwizzleAtomBytes) unsigned char dq[kConsumers][64 * kDqN * 4];
+  // Each consumer's dQ partial of its last query tile, staged for the TMA reductions: kDqRows rows
+  // x kDqN fp32 in 32-column panels (stage_accumulator_f32's layout).
+  alignas(kSwizzleAtomBytes) unsigned char dq[kConsumers][kDqRows * kDqN * 4];
 #endif
   alignas(16) unsigned char stats[kStages][kStatBytes];  // lse_log2 and delta per query tile
   u64 kv_full;  // K and V landed
@@ -249,37 +261,58 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
       apply_mask(s, t.n0 + key_row0, m0, lane, t.seq.q_len, t.band_t);
     // Keys past the sequence hold zeros, whose score is 0, not -inf: exp2(0 - lse) could overflow.
     if (t.keys_valid < kBlockN) mask_rows_from(s, key_row0, t.keys_valid, lane);
-    probabilities_backward(s, lse_log2, p.scale_log2);
-    const ColumnStats<kQAtoms, kStatsAhead> delta(stats + kBlockM * 4, 0, lane);  // ditto, dP^T
     u32 pa[kBlockM / 16][4];
-    pack_a_fragments(s, pa);
+    if constexpr (kDqSwapAB) {
+      // P straight into its 16-bit operand, a k16 fragment at a time: nothing needs the fp32 P
+      // later (scores_gradient_packed), and its registers free as the fragments fill.
+      probabilities_backward_packed(s, lse_log2, p.scale_log2, pa);
+    } else {
+      probabilities_backward(s, lse_log2, p.scale_log2);
+      pack_a_fragments(s, pa);
+    }
+    const ColumnStats<kQAtoms, kDeltaAhead> delta(stats + kBlockM * 4, 0, lane);  // ditto, dP^T
     wgmma_rs_mnmajor<kHeadDim, kBlockM>(dv_flat, pa, do_slot, kBlockM * kPanelBytes);
 
     wgmma_wait<1>();  // dP^T is done; dV's GEMM may still run
     fence_registers(dp);
-    scores_gradient(s, dp, delta);
+    if constexpr (kDqSwapAB)
+      scores_gradient_packed(pa, dp, delta);  // 40 fp32 registers of P free while dP^T runs
+    else
+      scores_gradient(s, dp, delta);
     u32 dsa[kBlockM / 16][4];
     pack_a_fragments(dp, dsa);
 #if CV_DQ_ATOMIC
     const u32 ds_tile = smem.ds(it & 1);
-    stage_fragments<DsTile>(dp, ds_tile, key_row0, 0, lane);
+    if constexpr (kDqSwapAB)
+      stage_a_fragments_transposed<DsTile>(dsa, ds_tile, key_row0, lane);
+    else
+      stage_fragments<DsTile>(dp, ds_tile, key_row0, 0, lane);
     fence_proxy_async();  // the generic-proxy stores before the other consumer's wgmma reads
     // Both halves of dS^T are in; this buffer's previous contents (two tiles ago) were read by
     // GEMMs that both consumers have waited for before arriving here last time.
     named_barrier_sync(kConsumerBarrier, kConsumerThreads);
-    float dq[1][kDqN / 8][4];
-    float(&dq_flat)[kDqN / 2] = reinterpret_cast<float(&)[kDqN / 2]>(dq);
     const int q_row0 = kDqSplitRows ? wg * 64 : 0;  // this consumer's dQ rows and columns
     const int d0 = kDqSplitRows ? 0 : wg * kDqN;
-    wgmma_ss_mnmajor<kDqN, kBlockN>(dq_flat, ds_tile + q_row0 / 64 * DsTile::kRowCount * kPanelBytes,
-                                    smem.k() + d0 / 64 * KTile::kRowCount * kPanelBytes,
-                                    KTile::kRowCount * kPanelBytes);
+    // Swapped: dq holds dQ^T, 64 head-dim rows (d0 on) x kBlockM queries.
+    constexpr int kDqAccN = kDqSwapAB ? kBlockM : kDqN;
+    float dq[1][kDqAccN / 8][4];
+    float(&dq_flat)[kDqAccN / 2] = reinterpret_cast<float(&)[kDqAccN / 2]>(dq);
+    if constexpr (kDqSwapAB)
+      wgmma_ss_mn_k<kDqAccN, kBlockN>(dq_flat, smem.k() + d0 / 64 * KTile::kRowCount * kPanelBytes,
+                                      ds_tile, DsTile::kRowCount * kPanelBytes);
+    else
+      wgmma_ss_mnmajor<kDqAccN, kBlockN>(
+          dq_flat, ds_tile + q_row0 / 64 * DsTile::kRowCount * kPanelBytes,
+          smem.k() + d0 / 64 * KTile::kRowCount * kPanelBytes, KTile::kRowCount * kPanelBytes);
 #endif
     // dK last: it runs while dQ goes out.
     wgmma_rs_mnmajor<kHeadDim, kBlockM>(dk_flat, dsa, q_slot, kBlockM * kPanelBytes);
 #if CV_DQ_ATOMIC
     wgmma_wait<1>();  // dV and dQ are done; dK may still run
     fence_registers(dq);
+    // P's registers are free from here (its GEMM, dV's, is done): the 80-query tile needs them
+    // for the dQ staging.
+    if constexpr (kDqSwapAB) fence_registers(pa);
     const int head = t.head(p, it);
     const int rows_valid = t.seq.q_len - m0 - q_row0;
     if (p.use_dq_map) {
@@ -288,23 +321,31 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
       const u32 staging = smem.dq(wg);
       if (ctid == 0) bulk_wait_group_read<0>();  // the last tile's reductions have read it
       named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
-      stage_accumulator_f32(dq, staging, (ctid >> 5) * 16, rows_valid, lane);
+      if constexpr (kDqSwapAB)
+        stage_accumulator_f32_transposed<kDqRows>(dq, staging, (ctid >> 5) * 16, rows_valid, lane);
+      else
+        stage_accumulator_f32(dq, staging, (ctid >> 5) * 16, rows_valid, lane);
       fence_proxy_async();  // the generic-proxy stores before the TMA unit reads them
       named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
       if (ctid == 0)
-        reduce_add_tile_bulk<kDqN / 32, 64>(staging, p.dq_map, d0, head,
-                                            t.seq.q_start + m0 + q_row0);
+        reduce_add_tile_bulk<kDqN / 32, kDqRows>(staging, p.dq_map, d0, head,
+                                                 t.seq.q_start + m0 + q_row0);
     } else {
       const i64 row_stride = (i64)p.heads * p.head_dim;
-      add_fragments_atomic(dq, p.dq_accum + (i64)(t.seq.q_start + m0 + q_row0) * row_stride +
-                                   (i64)head * p.head_dim,
-                           row_stride, rows_valid, p.head_dim, (ctid >> 5) * 16, d0, lane);
+      float* const dst = p.dq_accum + (i64)(t.seq.q_start + m0 + q_row0) * row_stride +
+                         (i64)head * p.head_dim;
+      if constexpr (kDqSwapAB)
+        add_fragments_atomic_transposed(dq, dst, row_stride, rows_valid, (ctid >> 5) * 16 + d0,
+                                        lane);
+      else
+        add_fragments_atomic(dq, dst, row_stride, rows_valid, p.head_dim, (ctid >> 5) * 16, d0,
+                             lane);
     }
 #endif
     wgmma_wait<0>();
     fence_registers(acc_dv);
     fence_registers(acc_dk);
-    fence_registers(pa);  // A operands: live until the GEMMs reading them are done
+    if constexpr (!kDqSwapAB) fence_registers(pa);  // A operands: live until their GEMMs are done
     fence_registers(dsa);
     mbarrier_arrive(smem.q_empty(stage));  // Q, dO and the statistics are read for the last time
   }

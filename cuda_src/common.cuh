@@ -123,3 +123,13 @@ CV_DEVICE float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
+
+// std::conditional without <type_traits> (NVRTC compiles without the C++ standard library).
+template <bool kFirst, class A, class B>
+struct Choose {
+  typedef A type;
+};
+template <class A, class B>
+struct Choose<false, A, B> {
+  typedef B type;
+};

@@ -26,6 +26,28 @@ CV_DEVICE void stage_fragments(const float (&acc)[kMAtoms][kNAtoms][4], u32 stag
     }
 }
 
+// Writes a warp's packed 16-bit A fragments (pack_a_fragments' layout: rows row0 + 0..15 of this
+// warp, columns 8 (2kk + j) + ...) transposed into `Tile`: tile row c gets column c of the
+// fragments, its 16 rows as two 16-byte chunks at chunks row0 / 8 and row0 / 8 + 1. One stmatrix.trans
+// per k16 fragment (four 8 x 8 matrices: atoms 2kk and 2kk + 1, rows 0-7 and 8-15); lane l names
+// the destination of row l % 8 of matrix l / 8.
+template <class Tile, int kK>
+CV_DEVICE void stage_a_fragments_transposed(const u32 (&a)[kK][4], u32 tile, int row0, int lane) {
+  static_assert(Tile::kPanelChunks == 8, "128-byte panel rows");
+  const int matrix = lane >> 3;
+  // Tile rows 16kk + 8 (matrix / 2) + lane % 8: the swizzle key is lane % 8 for every kk, so one
+  // address per lane and a compile-time step of 16 rows (hoisting a per-kk address each would
+  // cost kK registers).
+  const u32 lane_addr = tile + Tile::offset(8 * (matrix >> 1) + (lane & 7), row0 / 8 + (matrix & 1));
+#pragma unroll
+  for (int kk = 0; kk < kK; ++kk)
+    asm volatile(
+        "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+            lane_addr + kk * 16 * 128),
+        "r"(a[kk][0]), "r"(a[kk][1]), "r"(a[kk][2]), "r"(a[kk][3])
+        : "memory");
+}
+
 // Copies a staged tile to global memory as 16-byte rows; rows at or past rows_valid and chunks at
 // or past chunks_valid are not written.
 template <class Tile, int kThreads>
@@ -112,6 +134,55 @@ CV_DEVICE void stage_accumulator_f32(const float (&acc)[1][kNAtoms][4], u32 base
                      "f"(valid ? b : 0.f));
       }
   }
+}
+
+// stage_accumulator_f32 for a transposed accumulator (dQ^T: rows = the warpgroup's 64 head-dim
+// columns, warp w holding 16w..16w+15; columns = kRows query rows in 8 kNAtoms): element (d, q) goes
+// to row q, column d of the same 32-column panels, here kRows rows each. Rows q at or past
+// rows_valid are written as zeros. One 4-byte store per element; per store the warp's 32 lanes
+// cover 4 rows (q = 8n + 2 quad + e, swizzle keys of one parity) x 8 columns (two chunks), eight
+// distinct chunks after the XOR: one wavefront.
+template <int kRows, int kNAtoms>
+CV_DEVICE void stage_accumulator_f32_transposed(const float (&acc)[1][kNAtoms][4], u32 base,
+                                                int warp_row0, int rows_valid, int lane) {
+  static_assert(kNAtoms * 8 == kRows, "one accumulator column per tile row");
+  lane = opaque(lane);  // recomputed here, not hoisted out of the caller's loop
+  const int group = lane >> 2, quad = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int d = warp_row0 + group + 8 * h;  // within the warpgroup's 64 columns
+    const u32 column = base + (d / 32) * kRows * 128 + (d & 3) * 4;
+    const int chunk = (d % 32) / 4;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      // Row 8n + r, r = 2 quad + e < 8: its swizzle key is r for every n, so one address per
+      // (h, e) and a compile-time step of 8 rows.
+      const int r = 2 * quad + e;
+      const u32 addr = column + r * 128 + ((chunk ^ r) << 4);
+#pragma unroll
+      for (int n = 0; n < kNAtoms; ++n) {
+        const float x = 8 * n + r < rows_valid ? acc[0][n][2 * h + e] : 0.f;
+        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr + n * 8 * 128), "f"(x));
+      }
+    }
+  }
+}
+
+// add_fragments_atomic for a transposed accumulator (rows = columns col0 + 16w + ... of dst,
+// columns = dst's rows 8n + ...): one atomic add per element, rows at or past rows_valid skipped.
+template <int kNAtoms>
+CV_DEVICE void add_fragments_atomic_transposed(const float (&acc)[1][kNAtoms][4], float* dst,
+                                               i64 row_stride, int rows_valid, int col0, int lane) {
+  const int group = lane >> 2, quad = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int n = 0; n < kNAtoms; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int row = 8 * n + 2 * quad + e;
+        if (row < rows_valid) atomicAdd(dst + row * row_stride + col0 + group + 8 * h, acc[0][n][2 * h + e]);
+      }
 }
 
 // dst[0] += a, dst[1] += b (dst 8-byte aligned). Hopper reduces both in one vector instruction,

@@ -174,6 +174,44 @@ CV_DEVICE void scores_gradient(const float (&p)[kMAtoms][kNAtoms][4],
   });
 }
 
+// probabilities_backward for a one-row-block tile whose P is only needed as the 16-bit A operand of
+// its GEMM: each pair of atoms is exponentiated and packed (pack_a_fragments' layout) in turn.
+template <int kNAtoms, int kAhead>
+CV_DEVICE void probabilities_backward_packed(float (&s)[1][kNAtoms][4],
+                                             const ColumnStats<kNAtoms, kAhead>& lse_log2,
+                                             float scale_log2, u32 (&p)[kNAtoms / 2][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kNAtoms / 2; ++kk)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int n = 2 * kk + j;
+      const float2 l = lse_log2[n];
+      float e[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) e[i] = fast_exp2(fmaf(s[0][n][i], scale_log2, (i & 1) ? -l.y : -l.x));
+      p[kk][2 * j] = pack_float2(e[0], e[1]);
+      p[kk][2 * j + 1] = pack_float2(e[2], e[3]);
+    }
+}
+
+// scores_gradient with P as packed for its GEMM (pack_a_fragments of a one-row-block tile, 16-bit):
+// the fp32 P need not stay in registers until dP is ready. dS is rounded to 16 bits for its GEMMs
+// anyway; P's own rounding adds an error of the same size.
+template <int kNAtoms, int kAhead>
+CV_DEVICE void scores_gradient_packed(const u32 (&p)[kNAtoms / 2][4], float (&dp)[1][kNAtoms][4],
+                                      const ColumnStats<kNAtoms, kAhead>& delta) {
+#pragma unroll
+  for (int n = 0; n < kNAtoms; ++n) {
+    const float2 d = delta[n];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float2 pv = unpack_float2(p[n / 2][(n % 2) * 2 + h]);
+      dp[0][n][2 * h] = pv.x * (dp[0][n][2 * h] - d.x);
+      dp[0][n][2 * h + 1] = pv.y * (dp[0][n][2 * h + 1] - d.y);
+    }
+  }
+}
+
 template <int kMAtoms, int kNAtoms>
 CV_DEVICE void softmax_backward(float (&s)[kMAtoms][kNAtoms][4], float (&dp)[kMAtoms][kNAtoms][4],
                                 u32 lse_log2, u32 delta, int col0, float scale_log2, int lane) {

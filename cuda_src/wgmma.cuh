@@ -84,6 +84,11 @@ CV_DEVICE void fence_registers(u32 (&a)[kA][kB]) {
 #define CV_ACC32(c) CV_D8(c, 0), CV_D8(c, 8), CV_D8(c, 16), CV_D8(c, 24)
 #define CV_ACC64(c) CV_ACC32(c), CV_D8(c, 32), CV_D8(c, 40), CV_D8(c, 48), CV_D8(c, 56)
 #define CV_ACC48(c) CV_ACC32(c), CV_D8(c, 32), CV_D8(c, 40)
+#define CV_ACC40(c) CV_ACC32(c), CV_D8(c, 32)
+#define CV_ACC_REGS40 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "\
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "\
+  "%32, %33, %34, %35, %36, %37, %38, %39}"
 #define CV_ACC_REGS48 \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "\
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "\
@@ -125,6 +130,23 @@ struct Wgmma<64> {
                  ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
                  : CV_ACC32("+f")
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  }
+};
+
+// m64n80: the backward's 80-query tiles at head dim 128 (S^T, dP^T and, operands swapped, dQ^T),
+// where 64 queries leave the operand reads of its shared-memory GEMMs at the pipe's whole rate.
+template <>
+struct Wgmma<80> {
+  template <int kTransA = 0, int kTransB = 0>
+  static CV_DEVICE void ss(float (&d)[40], u64 desc_a, u64 desc_b, int accumulate) {
+    asm volatile(CV_WGMMA_HEAD("%42", "80") CV_ACC_REGS40 ", %40, %41, p, 1, 1, %43, %44;\n}\n"
+                 : CV_ACC40("+f")
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+  }
+  template <int kTransA = 0, int kTransB = 0>
+  static CV_DEVICE void ss_first(float (&d)[40], u64 desc_a, u64 desc_b) {
+    asm volatile(CV_WGMMA_HEAD("0", "80") CV_ACC_REGS40 ", %40, %41, p, 1, 1, %42, %43;\n}\n"
+                 : CV_ACC40("=f") : "l"(desc_a), "l"(desc_b), "n"(kTransA), "n"(kTransB));
   }
 };
 
@@ -211,6 +233,26 @@ CV_DEVICE void wgmma_ss_mnmajor(float (&acc)[kN / 2], u32 a, u32 b, u32 b_panel_
       Wgmma<kN>::template ss_first<1, 1>(acc, da, db);
     else
       Wgmma<kN>::template ss<1, 1>(acc, da, db, 1);
+  }
+  wgmma_commit();
+}
+
+// D (64 x kN) = A B over kDepth, A MN-major and B K-major, e.g. dQ^T = K^T dS^T from K as stored
+// (A: the 64-column panel at `a`, the reduction dim, keys, down its rows) and dS as stored (B: kN
+// query rows of keys). One k16 step is 16 rows = 2048 bytes of A and 32 bytes along B's rows.
+template <int kN, int kDepth>
+CV_DEVICE void wgmma_ss_mn_k(float (&acc)[kN / 2], u32 a, u32 b, u32 b_panel_bytes) {
+  const u64 da0 = smem_desc_sw128(a, kSwizzleAtomBytes, kSwizzleAtomBytes);
+  const u64 db0 = smem_desc_sw128(b, 0, kSwizzleAtomBytes);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    const u64 da = desc_advance(da0, kk * 16 * 128);
+    const u64 db = desc_advance(db0, (kk / 4) * b_panel_bytes + (kk % 4) * 32);
+    if (kk == 0)
+      Wgmma<kN>::template ss_first<1, 0>(acc, da, db);
+    else
+      Wgmma<kN>::template ss<1, 0>(acc, da, db, 1);
   }
   wgmma_commit();
 }

@@ -155,9 +155,6 @@ class ForwardLaunch:
 # as the forward's Params.
 _BWD_PARAMS = struct.Struct("<16Q19q3i2f4i4x128s128s128s")
 _BWD_ARGS = _ParamBuffer(_BWD_PARAMS, by_struct=True)
-# The sm90 dK/dV kernel adds each consumer's 64-row dQ partial through TMA reductions (the map's
-# box: 64 rows x 32 fp32 columns, cuda_src/bwd_sm90.cu).
-_DQ_BOX_ROWS = 64
 _PREP_THREADS = 256  # cuda_src/bwd_common.cuh: kPrepThreads (8 lanes per row and head)
 _CONVERT_THREADS = 256  # cuda_src/bwd_common.cuh: kConvertThreads (one thread per 8 elements)
 
@@ -209,7 +206,7 @@ class BackwardLaunch:
         if spec.kernel == "sm90" and total_q > 0:
             if not spec.deterministic:
                 self.dq_map_args = ("fp32", total_q, heads, head_dim, heads * head_dim, head_dim,
-                                    _DQ_BOX_ROWS)
+                                    spec.dq_partial_rows)
             self.q_map_args, self.do_map_args = (
                 (spec.dtype, total_q, heads, head_dim, *s[name], t.block_m)
                 for name in ("q", "dout"))

@@ -44,6 +44,16 @@ SM90_THREADS = 384  # cuda_src/fwd_sm90.cu: a producer and two consumer warpgrou
 # which it rounds up to its 1024-byte alignment (the swizzle atom), and as much again of slack that
 # aligns its base within the dynamic shared memory. The kernels static_assert that it fits.
 SM90_BOOKKEEPING_BYTES = 2 * 1024
+# The sm90 backward's, exactly (its 80-query tiles need all of the 227 KB): SharedStorage's size is
+# its tiles, statistics and barriers (at most 64 bytes) rounded up to its 1024-byte alignment, plus
+# 1024 bytes of slack that aligns its base.
+SM90_BWD_BARRIER_BYTES = 64
+
+
+def sm90_bwd_smem(storage_bytes: int) -> int:
+    """Dynamic shared memory the sm90 backward reserves for ``storage_bytes`` of tiles and
+    statistics."""
+    return -(-(storage_bytes + SM90_BWD_BARRIER_BYTES) // 1024) * 1024 + 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,6 +399,12 @@ _BWD_TILES_WGMMA = {
     64: _B(128, 128, 12, 2, 0, 0, 0, 64),
     128: _B(64, 128, 12, 2, 0, 0, 0, 64),
 }
+# Without a mask (and with atomic dQ), FA4's width at head dim 128: 80 queries per step, where the
+# shared-memory GEMMs (S^T, dP^T, dQ) at N = 64 read their operands at the pipe's whole rate.
+# Masked tiles keep 64 (finer masking); so does fp16, whose P unpacking spills at 80.
+_BWD_TILES_WGMMA_FULL = {
+    ("bf16", 128): _B(80, 128, 12, 2, 0, 0, 0, 64),
+}
 # Tuning hook, as tile_overrides for the forward: (arch or "sm90", head-dim tile) -> BwdTileConfig.
 bwd_tile_overrides: dict = {}
 
@@ -413,6 +429,13 @@ class BwdSpec(_KernelSpec):
                 raise ValueError(f"{self} needs {size} B of shared memory in its {name} kernel")
 
     @property
+    def dq_partial_rows(self) -> int:
+        """Query rows of one consumer's dQ partial in the sm90 kernel (the TMA reduction box):
+        64, or the whole query tile where it is no multiple of 64 (dQ computed transposed)."""
+        block_m = self.tiles.block_m
+        return block_m if block_m % 64 else 64
+
+    @property
     def dq_threads(self) -> int:
         return self.tiles.block_m // 16 * 32
 
@@ -429,7 +452,7 @@ class BwdSpec(_KernelSpec):
         if self.kernel == "sm90":
             # Atomic mode: two dS^T buffers and the consumers' fp32 dQ staging.
             dq = 0 if self.deterministic else 2 * t.block_n * t.block_m * 2 + t.block_m * row * 2
-            return common + dq + SM90_BOOKKEEPING_BYTES
+            return sm90_bwd_smem(common + dq)
         return common + 2 * 2 * t.block_n * t.block_m
 
     @property
@@ -477,7 +500,10 @@ def choose_bwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
     tile = head_dim_tile(head_dim)
     kernel = backward_kernel_for(arch, tile, choice)
     if kernel == "sm90":
-        tiles = bwd_tile_overrides.get(("sm90", tile)) or _BWD_TILES_WGMMA[tile]
+        tiles = (bwd_tile_overrides.get(("sm90", tile))
+                 or (None if windowed or deterministic
+                     else _BWD_TILES_WGMMA_FULL.get((dtype, tile)))
+                 or _BWD_TILES_WGMMA[tile])
     else:
         tiles = (bwd_tile_overrides.get((arch, tile))
                  or (None if deterministic else _BWD_ATOMIC_TILES.get((arch, tile)))
