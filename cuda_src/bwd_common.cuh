@@ -19,8 +19,14 @@
 //    gradients, for two extra GEMMs per tile pair.
 //
 // Specialization (-D from cupy_varlen/_spec.py): CV_DTYPE_BF16, CV_HEAD_DIM, CV_BLOCK_M (queries per
-// step), CV_BLOCK_N (keys per CTA), CV_WINDOWED, CV_DQ_ATOMIC, CV_DQ_BLOCK_N, CV_DQ_STAGES, and the
-// dK/dV family's own.
+// step), CV_BLOCK_N (keys per CTA), CV_WINDOWED, CV_DQ_ATOMIC, CV_DQ_ORDERED, CV_DQ_BLOCK_N,
+// CV_DQ_STAGES, and the dK/dV family's own.
+//
+// Ordered mode (CV_DQ_ATOMIC=1 and CV_DQ_ORDERED=1, the sm90 family's deterministic mode): the
+// atomic mode's kernels, but the dK/dV CTAs add each query tile's dQ partials one after the other in
+// key-tile order (a counter per query tile and head, see BwdParams::dq_order), so the fp32 sums, and
+// dq, are the same bits on every run. The key tiles are then scheduled in that order (each
+// sequence's from its last), so a CTA only ever waits for CTAs launched before it.
 #pragma once
 
 #include "common.cuh"
@@ -53,11 +59,14 @@ struct BwdParams {
   const float* lse;  // the forward's, (heads, total_q) with strides
   float* lse_log2;   // (heads, total_q), contiguous: lse * log2(e), +inf where lse is -inf
   float* delta;      // (heads, total_q), contiguous
-  float* dq_accum;   // (total_q, heads, head_dim) fp32, atomic mode only
+  float* dq_accum;   // (total_q, heads, head_dim) fp32, atomic and ordered modes
   const int* cu_seqlens_q;
   const int* cu_seqlens_k;
   const int* schedule_kv;  // key tiles (scheduler.cuh layout, keys as rows)
-  const int* schedule_q;   // query tiles, deterministic mode
+  const int* schedule_q;   // query tiles, deterministic mode with the dQ kernel
+  // Ordered mode (CV_DQ_ORDERED): per (query head, first row of a query tile, consumer) the count
+  // of key tiles whose dQ partial has been added, (heads, total_q, 2), zeroed by the preprocess.
+  int* dq_order;
   i64 q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride;
   i64 o_row_stride, o_head_stride, do_row_stride, do_head_stride;
   i64 dq_row_stride, dq_head_stride, dk_row_stride, dk_head_stride, dv_row_stride, dv_head_stride;
@@ -75,9 +84,9 @@ struct BwdParams {
   // swizzle (QTile's panels): the sm90 dK/dV kernel's TMA loads of whole query tiles.
   TensorMap q_map, do_map;
 };
-// The host packs this byte for byte (cupy_varlen/_launch.py, _BWD_PARAMS: 16 pointers, 19 int64,
+// The host packs this byte for byte (cupy_varlen/_launch.py, _BWD_PARAMS: 17 pointers, 19 int64,
 // 3 int32, 2 float, 4 int32, padding to the maps' 64-byte alignment, three 128-byte maps).
-static_assert(sizeof(BwdParams) == 704, "BwdParams layout must match the host's packing");
+static_assert(sizeof(BwdParams) == 768, "BwdParams layout must match the host's packing");
 
 CV_DEVICE AttnWindow bwd_window(const BwdParams& p) {
 #if CV_WINDOWED
@@ -125,6 +134,7 @@ varlen_bwd_preprocess(const BwdParams p) {
     const float lse = p.lse[head * p.lse_head_stride + row * p.lse_row_stride];
     // A row with no allowed key (lse -inf) must get P = exp2(s - lse) = 0, never exp2(+inf).
     p.lse_log2[at] = lse == neg_inf() ? -neg_inf() : lse * kLog2e;
+    if (p.dq_order) reinterpret_cast<int2*>(p.dq_order)[at] = make_int2(0, 0);
   }
 }
 
@@ -132,13 +142,23 @@ varlen_bwd_preprocess(const BwdParams p) {
 // the GQA group. Each key tile starts its walk at a different query tile (rotated by the key tile's
 // index): with a full mask, the CTAs of one (sequence, head) would otherwise all add into the same
 // dQ rows at the same moment, and their atomics serialize in L2.
+//
+// Ordered mode (CV_DQ_ORDERED) adds each query tile's partials in key-tile order instead, from the
+// last key tile that sees it down to the first, and walks unrotated: the key tile n sees its query
+// tiles from its first, so the key tiles of a query tile reach it in their order, the last one first
+// (causal: key tile n's first query tile is about n, which only key tiles <= n see), and each waits
+// only for its predecessor's addition.
 struct QueryTileWalk {
   int n_block_min, m_blocks, rotation, steps;
   QueryTileWalk() = default;
   CV_DEVICE QueryTileWalk(KeyBlockRange range, int key_block, int heads_per_kv)
       : n_block_min(range.n_block_min),
         m_blocks(range.count()),
+#if CV_DQ_ORDERED
+        rotation(0),
+#else
         rotation(m_blocks > 0 ? key_block % m_blocks : 0),
+#endif
         steps(m_blocks * heads_per_kv) {}
   CV_DEVICE int head_in_group(int step) const { return step / m_blocks; }
   CV_DEVICE int m0(int step) const {

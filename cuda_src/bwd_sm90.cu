@@ -79,7 +79,6 @@ struct SharedStorage {
 #if CV_DQ_ATOMIC
   // dS^T (or dS), twice: a consumer may store the next tile's while the other still reads this
   // one.
-  // Deterministic mode has none (its dQ kernel forms dS itself).
   alignas(kSwizzleAtomBytes) unsigned char ds[2][DsTile::kBytes];
   // Each consumer's dQ partial of its last query tile, staged for the TMA reductions: kDqRows rows
   // x kDqN fp32 in 32-column panels (stage_accumulator_f32's layout).
@@ -158,6 +157,39 @@ CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
   t.n_iters = t.walk.steps;
   return true;
 }
+
+#if CV_DQ_ORDERED
+// Ordered dQ additions (bwd_common.cuh): the counter of consumer `wg`'s half of query tile m0's dQ
+// (head `head`): how many key tiles have added their partials.
+CV_DEVICE int* dq_order_slot(const BwdParams& p, const KeyTileWork& t, int head, int m0, int wg) {
+  return p.dq_order + ((i64)head * p.total_q + t.seq.q_start + m0) * 2 + wg;
+}
+
+// Waits for this key tile's turn at query tile m0 (its place, from the last, among the key tiles
+// that see the query tile: the range the forward walks for it), then orders the global memory they
+// wrote before this thread's own additions (TMA reductions included, hence the proxy fence).
+// (No timeout: a trap on the wait path made ptxas spill kilobytes of the consumers.)
+CV_DEVICE void wait_for_turn(const BwdParams& p, const KeyTileWork& t, int head, int m0, int wg) {
+  // The last of those key tiles is key_block_range's n_block_max - 1 for the query tile: the tile
+  // of its last row's last allowed key (the band's upper edge is -band_t.lo).
+#if CV_WINDOWED
+  const int row_last = min(m0 + kBlockM, t.seq.q_len) - 1;
+  const int key_last = last_key(row_last, t.seq.k_len, MaskBand{0, -t.band_t.lo});
+#else
+  const int key_last = t.seq.k_len - 1;  // every key tile sees every query tile
+#endif
+  const int turn = key_last / kBlockN - t.n0 / kBlockN;
+  int* const order = dq_order_slot(p, t, head, m0, wg);
+  while (ld_acquire_gpu(order) != turn) __nanosleep(64);
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
+
+// After this thread's additions are complete: the next key tile's turn.
+CV_DEVICE void pass_turn(int* order) {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  red_release_gpu_add(order, 1);
+}
+#endif
 
 // The TMA copies of one whole query tile (Q and dO) onto `full`, announcing their bytes without
 // arriving. Not inlined: inline, the copies' operands changed the register allocation of the
@@ -255,6 +287,15 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     wgmma_ss_kmajor<kBlockM, kHeadDim>(dp_flat, v_rows, KTile::kRowCount * kPanelBytes, do_slot,
                                        kBlockM * kPanelBytes);
     const ColumnStats<kQAtoms, kStatsAhead> lse_log2(stats, 0, lane);  // read while S^T is computed
+#if CV_DQ_ORDERED
+    // The last tile's dQ additions, issued at its end, land while S^T and dP^T are computed: then
+    // the next key tile's turn there. (At the staging, an iteration later, each key tile of a full
+    // mask would wait a whole iteration longer than the one before it.)
+    if (ctid == 0 && p.use_dq_map && it > 0) {
+      bulk_wait_group<0>();
+      pass_turn(dq_order_slot(p, t, t.head(p, it - 1), t.m0(it - 1), wg));
+    }
+#endif
     wgmma_wait<1>();  // S^T is done; dP^T may still run
     fence_registers(s);
     if (mask_test.needs_mask(m0))
@@ -315,6 +356,9 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     if constexpr (kDqSwapAB) fence_registers(pa);
     const int head = t.head(p, it);
     const int rows_valid = t.seq.q_len - m0 - q_row0;
+    // Ordered mode too: the zero rows a tile past its sequence's end adds to the next sequence's
+    // accumulator (outside that sequence's order) change nothing, as an accumulator that starts at
+    // +0 is never -0.
     if (p.use_dq_map) {
       // Staged in shared memory and added by TMA reductions (one thread, asynchronous) instead of
       // a vector atomic per pair of elements from every thread.
@@ -327,10 +371,18 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
         stage_accumulator_f32(dq, staging, (ctid >> 5) * 16, rows_valid, lane);
       fence_proxy_async();  // the generic-proxy stores before the TMA unit reads them
       named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
-      if (ctid == 0)
+      if (ctid == 0) {
+#if CV_DQ_ORDERED
+        wait_for_turn(p, t, head, m0, wg);
+#endif
         reduce_add_tile_bulk<kDqN / 32, kDqRows>(staging, p.dq_map, d0, head,
                                                  t.seq.q_start + m0 + q_row0);
+      }
     } else {
+#if CV_DQ_ORDERED
+      if (ctid == 0) wait_for_turn(p, t, head, m0, wg);
+      named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
+#endif
       const i64 row_stride = (i64)p.heads * p.head_dim;
       float* const dst = p.dq_accum + (i64)(t.seq.q_start + m0 + q_row0) * row_stride +
                          (i64)head * p.head_dim;
@@ -340,6 +392,11 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
       else
         add_fragments_atomic(dq, dst, row_stride, rows_valid, p.head_dim, (ctid >> 5) * 16, d0,
                              lane);
+#if CV_DQ_ORDERED
+      __threadfence();  // every thread's additions, before its arrival below
+      named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
+      if (ctid == 0) pass_turn(dq_order_slot(p, t, head, m0, wg));
+#endif
     }
 #endif
     wgmma_wait<0>();
@@ -352,7 +409,13 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
 #if CV_DQ_ATOMIC
   // The staging buffer must stay until the reductions have read it, and their adds must be done
   // before the dQ conversion reads the accumulator.
-  if (ctid == 0) bulk_wait_group<0>();
+  if (ctid == 0) {
+    bulk_wait_group<0>();
+#if CV_DQ_ORDERED
+    if (p.use_dq_map && t.n_iters > 0)
+      pass_turn(dq_order_slot(p, t, t.head(p, t.n_iters - 1), t.m0(t.n_iters - 1), wg));
+#endif
+  }
 #endif
 
   // dV and dK are staged where V and K were: K is read by both consumers' dQ GEMMs, so both must

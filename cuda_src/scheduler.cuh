@@ -1,7 +1,9 @@
 // Varlen work assignment: one CTA per (query tile of one sequence, head), no CTA spent on padding,
 // heaviest tiles first.
 //
-// A one-block kernel reads cu_seqlens on the device (the host never does) and writes the schedule:
+// A one-block kernel reads cu_seqlens on the device (the host never does) and writes the schedule
+// (in_order: sequence by sequence, each sequence's tiles last to first, for the ordered dQ
+// additions):
 // the number of query tiles and their list sorted by cost, longest first (LPT), where a tile's cost
 // is the number of key tiles its mask lets it visit (so causal and windowed tiles are weighed by
 // their real work). The sort is a counting sort into kCostBuckets cost buckets: LPT only needs the
@@ -113,14 +115,40 @@ CV_DEVICE void for_each_tile(const int* __restrict__ cu_seqlens_q,
 // aims at two resident blocks on sm_90, caps itself at 32 and spills).
 extern "C" __global__ void __launch_bounds__(kScheduleThreads, 1)
 varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-                     int batch, int block_m, int block_n, int window_left, int window_right,
-                     int tile_bound, int* __restrict__ workspace) {
+                     int* __restrict__ workspace, int batch, int block_m, int block_n,
+                     int window_left, int window_right, int tile_bound, int in_order) {
   __shared__ int bucket_count[kCostBuckets];
   __shared__ int warp_totals[32];
   __shared__ int max_cost, num_tiles;
   const unsigned full = 0xffffffffu;
   const int lane = threadIdx.x & 31;
   const AttnWindow window = {window_left, window_right};
+  if (in_order) {
+    // Sequence by sequence, each from its last tile (the ordered dQ additions of the backward go
+    // from the last key tile down and need every CTA's predecessors launched before it): rank =
+    // the tiles of the sequences before plus the tile's index from the end.
+    int* order = workspace + kScheduleHeader;
+    int before = 0;
+    for (int b0 = 0; b0 < batch; b0 += kScheduleThreads) {
+      const int b = b0 + threadIdx.x;
+      const int tiles = b < batch ? (load_seq_info(cu_seqlens_q, cu_seqlens_k, b).q_len +
+                                     block_m - 1) / block_m
+                                  : 0;
+      const int first = before + block_exclusive_sum(tiles, warp_totals);
+      for (int m = 0; m < tiles; ++m) {
+        order[2 * (first + tiles - 1 - m)] = b;
+        order[2 * (first + tiles - 1 - m) + 1] = m;
+      }
+      before += warp_totals[31];
+      __syncthreads();  // warp_totals is rewritten by the next round's sum
+    }
+    if (threadIdx.x == 0) {
+      workspace[0] = before;
+      workspace[1] = tile_bound;
+      workspace[kWorkCounter] = 0;
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < kCostBuckets; i += blockDim.x) bucket_count[i] = 0;
   if (threadIdx.x == 0) max_cost = num_tiles = 0;
   __syncthreads();

@@ -86,3 +86,15 @@ CV_DEVICE int ld_shared_s32(u32 addr) {
 CV_DEVICE void st_shared_s32(u32 addr, int v) {
   asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
+
+// Global-memory flag operations across CTAs (the ordered dQ additions): an acquire load and a
+// release increment at GPU scope.
+CV_DEVICE int ld_acquire_gpu(const int* addr) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(addr) : "memory");
+  return v;
+}
+
+CV_DEVICE void red_release_gpu_add(int* addr, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(addr), "r"(v) : "memory");
+}

@@ -22,9 +22,9 @@ _NO_MAP = bytes(_tma.MAP_BYTES)
 # cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 8 pointers, 9 int64 strides, 2 int32, 2 float32,
 # 2 int32.
 _SM80_PARAMS = struct.Struct("<8Q9q2i2f2i")
-# cuda_src/scheduler.cuh: varlen_tile_schedule(cu_q, cu_k, batch, block_m, block_n, left, right,
-# tile_bound, workspace).
-_SCHEDULE_PARAMS = struct.Struct("<2Q6iQ")
+# cuda_src/scheduler.cuh: varlen_tile_schedule(cu_q, cu_k, workspace, batch, block_m, block_n,
+# left, right, tile_bound, in_order).
+_SCHEDULE_PARAMS = struct.Struct("<3Q7i")
 _MAX_GRID_X = 2**31 - 1
 
 # cuLaunchKernel's `extra` keys: the parameters as one buffer.
@@ -72,9 +72,10 @@ _SCHEDULE_ARGS = _ParamBuffer(_SCHEDULE_PARAMS)
 
 
 def _launch_schedule(function, stream_ptr: int, cu_rows, cu_cols, batch: int, block_rows: int,
-                     block_cols: int, left: int, right: int, bound: int, workspace) -> None:
-    _SCHEDULE_ARGS.pack(cu_rows, cu_cols, batch, block_rows, block_cols, left, right, bound,
-                        workspace).launch(function, 1, SCHEDULE_THREADS, stream_ptr)
+                     block_cols: int, left: int, right: int, bound: int, in_order: int,
+                     workspace) -> None:
+    _SCHEDULE_ARGS.pack(cu_rows, cu_cols, workspace, batch, block_rows, block_cols, left, right,
+                        bound, in_order).launch(function, 1, SCHEDULE_THREADS, stream_ptr)
 
 
 def tile_bound(total_q: int, batch: int, block_m: int) -> int:
@@ -113,7 +114,7 @@ class ForwardLaunch:
         self.kernels, self.spec = kernels, spec
         # int32 entries: a header and (sequence, tile) per query tile.
         self.workspace_entries = SCHEDULE_HEADER + 2 * bound
-        self.schedule = (batch, tiles.block_m, tiles.block_n, window[0], window[1], bound)
+        self.schedule = (batch, tiles.block_m, tiles.block_n, window[0], window[1], bound, 0)
         strides = (q_strides[0], q_strides[1], k_strides[0], k_strides[1], v_strides[0],
                    v_strides[1], o_strides[0], o_strides[1], lse_head_stride)
         if spec.persistent:
@@ -149,11 +150,11 @@ class ForwardLaunch:
                 kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
 
 
-# cuda_src/bwd_common.cuh: struct BwdParams (both backward families), by value: 16 pointers,
+# cuda_src/bwd_common.cuh: struct BwdParams (both backward families), by value: 17 pointers,
 # 19 int64, 3 int32, 2 float32, 4 int32 (window, use_dq_map, use_qdo_map), padding to the 64-byte
 # alignment of the 128-byte tensor maps of the dQ accumulator, q and dout. Through kernelParams,
 # as the forward's Params.
-_BWD_PARAMS = struct.Struct("<16Q19q3i2f4i4x128s128s128s")
+_BWD_PARAMS = struct.Struct("<17Q19q3i2f4i60x128s128s128s")
 _BWD_ARGS = _ParamBuffer(_BWD_PARAMS, by_struct=True)
 _PREP_THREADS = 256  # cuda_src/bwd_common.cuh: kPrepThreads (8 lanes per row and head)
 _CONVERT_THREADS = 256  # cuda_src/bwd_common.cuh: kConvertThreads (one thread per 8 elements)
@@ -161,8 +162,8 @@ _CONVERT_THREADS = 256  # cuda_src/bwd_common.cuh: kConvertThreads (one thread p
 
 class BackwardLaunch:
     """A backward's launches (preprocess, key-tile scheduler, dK/dV kernel, then the dQ conversion
-    or, deterministic, the query-tile scheduler and the dQ kernel) with everything but the
-    pointers decided, as :class:`ForwardLaunch`.
+    or, deterministic on the sm80 family, the query-tile scheduler and the dQ kernel) with
+    everything but the pointers decided, as :class:`ForwardLaunch`.
 
     ``strides`` maps q, k, v, out, dout, dq, dk, dv to (row, head) strides in elements."""
 
@@ -180,19 +181,24 @@ class BackwardLaunch:
         self.grid_kv, self.grid_q = bound_k * heads_kv, bound_q * heads
         if max(self.grid_kv, self.grid_q) > _MAX_GRID_X:
             raise ValueError("varlen_attn_backward: tiles x heads exceed one launch's grid")
-        # Scratch: float32 lse_log2 and delta (heads x total_q each) after, in atomic mode, the dQ
-        # accumulator (first: its float4 accesses need the allocation's alignment); int32 the
-        # key-tile schedule and, deterministic, the query-tile schedule after it.
-        self.accum_bytes = 0 if spec.deterministic else 4 * total_q * heads * head_dim
+        # Scratch: float32 lse_log2 and delta (heads x total_q each) after, where the dK/dV kernel
+        # adds dQ (atomic and ordered modes), the dQ accumulator (first: its float4 accesses need
+        # the allocation's alignment); int32 the key-tile schedule and after it, with the dQ
+        # kernel, the query-tile schedule or, ordered, the counters of the dQ additions.
+        self.accum_bytes = 0 if spec.dq_kernel else 4 * total_q * heads * head_dim
         self.float_entries = max(1, 2 * heads * total_q + self.accum_bytes // 4)
         self.int_entries = SCHEDULE_HEADER + 2 * bound_k
-        if spec.deterministic:
+        if spec.dq_kernel:
             self.int_entries += SCHEDULE_HEADER + 2 * bound_q
+        elif spec.ordered_dq:
+            self.int_entries += 2 * heads * total_q
         left, right = window
         # Key tiles are scheduled as the forward schedules query tiles, with the roles swapped: the
         # transposed mask is the band with left and right exchanged.
-        self.schedule_kv = (batch, t.block_n, t.block_m, right, left, bound_k)
-        self.schedule_q = (batch, t.block_m, t.dq_block_n, left, right, bound_q)
+        # Ordered mode: each sequence's key tiles in order (a CTA waits only for earlier ones).
+        self.schedule_kv = (batch, t.block_n, t.block_m, right, left, bound_k,
+                            int(spec.ordered_dq))
+        self.schedule_q = (batch, t.block_m, t.dq_block_n, left, right, bound_q, 0)
         s = strides
         self.scalars = (*s["q"], *s["k"], *s["v"], *s["out"], *s["dout"], *s["dq"], *s["dk"],
                         *s["dv"], *lse_strides, total_q, heads, heads // heads_kv, head_dim,
@@ -204,7 +210,7 @@ class BackwardLaunch:
         # and loads whole query tiles of q and dout by TMA where both have one.
         self.dq_map_args = self.q_map_args = self.do_map_args = None
         if spec.kernel == "sm90" and total_q > 0:
-            if not spec.deterministic:
+            if not spec.dq_kernel:
                 self.dq_map_args = ("fp32", total_q, heads, head_dim, heads * head_dim, head_dim,
                                     spec.dq_partial_rows)
             self.q_map_args, self.do_map_args = (
@@ -216,11 +222,12 @@ class BackwardLaunch:
         """Launches on ``stream_ptr``; every argument is a device pointer, the workspaces of
         ``float_entries`` float32 and ``int_entries`` int32."""
         kernels, spec = self.kernels, self.spec
-        dq_accum = 0 if spec.deterministic else float_ws
+        dq_accum = 0 if spec.dq_kernel else float_ws
         lse_log2 = float_ws + self.accum_bytes
         delta = lse_log2 + 4 * self.heads * self.total_q
         ws_kv = int_ws
-        ws_q = int_ws + 4 * (SCHEDULE_HEADER + 2 * self.schedule_kv[-1])
+        # After the key-tile schedule: the query-tile schedule or the ordered mode's counters.
+        ws_after = int_ws + 4 * (SCHEDULE_HEADER + 2 * self.schedule_kv[5])
         # Per call: a map holds its tensor's address (cached per pointer by tile_map).
         dq_map = None if self.dq_map_args is None else _tma.tile_map(dq_accum, *self.dq_map_args)
         q_map = do_map = None
@@ -230,15 +237,15 @@ class BackwardLaunch:
         use_qdo = q_map is not None and do_map is not None
         params = _BWD_ARGS.pack(
             q, k, v, out, dout, dq, dk, dv, lse, lse_log2, delta, dq_accum, cu_q, cu_k, ws_kv,
-            ws_q if spec.deterministic else 0, *self.scalars, int(dq_map is not None),
-            int(use_qdo), dq_map or _NO_MAP, q_map if use_qdo else _NO_MAP,
-            do_map if use_qdo else _NO_MAP)
+            ws_after if spec.dq_kernel else 0, ws_after if spec.ordered_dq else 0,
+            *self.scalars, int(dq_map is not None), int(use_qdo), dq_map or _NO_MAP,
+            q_map if use_qdo else _NO_MAP, do_map if use_qdo else _NO_MAP)
         if self.total_q:
             params.launch(kernels.preprocess, self.grid_prep, _PREP_THREADS, stream_ptr)
         _launch_schedule(kernels.schedule, stream_ptr, cu_k, cu_q, *self.schedule_kv, ws_kv)
         params.launch(kernels.main, self.grid_kv, spec.threads, stream_ptr, spec.smem_bytes)
-        if spec.deterministic:
-            _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, *self.schedule_q, ws_q)
+        if spec.dq_kernel:
+            _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, *self.schedule_q, ws_after)
             params.launch(kernels.dq, self.grid_q, spec.dq_threads, stream_ptr,
                           spec.dq_smem_bytes)
         elif self.total_q:

@@ -399,9 +399,9 @@ _BWD_TILES_WGMMA = {
     64: _B(128, 128, 12, 2, 0, 0, 0, 64),
     128: _B(64, 128, 12, 2, 0, 0, 0, 64),
 }
-# Without a mask (and with atomic dQ), FA4's width at head dim 128: 80 queries per step, where the
-# shared-memory GEMMs (S^T, dP^T, dQ) at N = 64 read their operands at the pipe's whole rate.
-# Masked tiles keep 64 (finer masking); so does fp16, whose P unpacking spills at 80.
+# Without a mask, FA4's width at head dim 128: 80 queries per step, where the shared-memory GEMMs
+# (S^T, dP^T, dQ) at N = 64 read their operands at the pipe's whole rate. Both dQ modes (atomic and
+# ordered). Masked tiles keep 64 (finer masking); so does fp16, whose P unpacking spills at 80.
 _BWD_TILES_WGMMA_FULL = {
     ("bf16", 128): _B(80, 128, 12, 2, 0, 0, 0, 64),
 }
@@ -411,8 +411,9 @@ bwd_tile_overrides: dict = {}
 
 @dataclasses.dataclass(frozen=True)
 class BwdSpec(_KernelSpec):
-    """One backward specialization: one module holding the preprocess, dK/dV, and either the atomic
-    dQ conversion or (deterministic) the dQ kernel, plus the tile scheduler."""
+    """One backward specialization: one module holding the preprocess, dK/dV, and either the dQ
+    conversion (atomic and ordered modes) or (deterministic on sm80) the dQ kernel, plus the tile
+    scheduler."""
 
     deterministic: bool
     kernel: str = "sm80"  # the dK/dV family, one of KERNELS
@@ -436,6 +437,18 @@ class BwdSpec(_KernelSpec):
         return block_m if block_m % 64 else 64
 
     @property
+    def ordered_dq(self) -> bool:
+        """Deterministic on the sm90 family: the dK/dV kernel adds dQ as in atomic mode, each
+        query tile's partials in key-tile order (cuda_src/bwd_common.cuh, ordered mode)."""
+        return self.deterministic and self.kernel == "sm90"
+
+    @property
+    def dq_kernel(self) -> bool:
+        """Deterministic on the sm80 family: dQ comes from its own kernel, which recomputes S and
+        dP per query tile."""
+        return self.deterministic and self.kernel != "sm90"
+
+    @property
     def dq_threads(self) -> int:
         return self.tiles.block_m // 16 * 32
 
@@ -446,19 +459,19 @@ class BwdSpec(_KernelSpec):
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory of the dK/dV kernel: K, V, the Q/dO/statistics ring, and P^T and
-        dS^T (sm80) or, in atomic mode, two dS^T buffers and the fp32 dQ staging (sm90)."""
+        dS^T (sm80) or two dS^T buffers and the fp32 dQ staging (sm90)."""
         t, row = self.tiles, self.head_dim_tile * 2
         common = 2 * t.block_n * row + t.stages * (2 * t.block_m * row + 2 * t.block_m * 4)
         if self.kernel == "sm90":
-            # Atomic mode: two dS^T buffers and the consumers' fp32 dQ staging.
-            dq = 0 if self.deterministic else 2 * t.block_n * t.block_m * 2 + t.block_m * row * 2
+            # Two dS^T buffers and the consumers' fp32 dQ staging (atomic and ordered modes).
+            dq = 2 * t.block_n * t.block_m * 2 + t.block_m * row * 2
             return sm90_bwd_smem(common + dq)
         return common + 2 * 2 * t.block_n * t.block_m
 
     @property
     def dq_smem_bytes(self) -> int:
-        """Dynamic shared memory of the deterministic dQ kernel (0 in atomic mode)."""
-        if not self.deterministic:
+        """Dynamic shared memory of the deterministic dQ kernel (0 where there is none)."""
+        if not self.dq_kernel:
             return 0
         t, row = self.tiles, self.head_dim_tile * 2
         return 2 * t.block_m * row + 2 * t.dq_stages * t.dq_block_n * row
@@ -466,7 +479,7 @@ class BwdSpec(_KernelSpec):
     @property
     def entry_points(self) -> dict:
         """role -> (kernel name, dynamic shared memory)."""
-        second = (("dq", ("varlen_bwd_dq", self.dq_smem_bytes)) if self.deterministic
+        second = (("dq", ("varlen_bwd_dq", self.dq_smem_bytes)) if self.dq_kernel
                   else ("dq_convert", ("varlen_bwd_dq_convert", 0)))
         return dict((("main", (self.kernel_name, self.smem_bytes)),
                      ("schedule", (self.schedule_kernel_name, 0)),
@@ -475,8 +488,9 @@ class BwdSpec(_KernelSpec):
     @property
     def defines(self) -> dict:
         t = self.tiles
-        common = dict(self._common_defines(), CV_DQ_ATOMIC=int(not self.deterministic),
-                      CV_DQ_BLOCK_N=t.dq_block_n, CV_DQ_STAGES=t.dq_stages)
+        common = dict(self._common_defines(), CV_DQ_ATOMIC=int(not self.dq_kernel),
+                      CV_DQ_ORDERED=int(self.ordered_dq), CV_DQ_BLOCK_N=t.dq_block_n,
+                      CV_DQ_STAGES=t.dq_stages)
         if self.kernel == "sm90":
             return dict(common, CV_SMEM_BYTES=self.smem_bytes)
         return dict(common, CV_WARPS=t.warps, CV_S_WARP_ROWS=t.s_warp_rows,
@@ -484,7 +498,7 @@ class BwdSpec(_KernelSpec):
 
     def __str__(self) -> str:
         t = self.tiles
-        mode = "deterministic" if self.deterministic else "atomic"
+        mode = "ordered" if self.ordered_dq else "deterministic" if self.deterministic else "atomic"
         mask = "window" if self.windowed else "full"
         return (f"bwd[{self.kernel} {self.dtype} d{self.head_dim_tile} {t.block_n}x{t.block_m} "
                 f"w{t.warps} s{t.stages} {mode} {mask} {self.arch}]")
@@ -501,8 +515,7 @@ def choose_bwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
     kernel = backward_kernel_for(arch, tile, choice)
     if kernel == "sm90":
         tiles = (bwd_tile_overrides.get(("sm90", tile))
-                 or (None if windowed or deterministic
-                     else _BWD_TILES_WGMMA_FULL.get((dtype, tile)))
+                 or (None if windowed else _BWD_TILES_WGMMA_FULL.get((dtype, tile)))
                  or _BWD_TILES_WGMMA[tile])
     else:
         tiles = (bwd_tile_overrides.get((arch, tile))

@@ -59,6 +59,20 @@ def test_representative_specs_cover_every_family_arch_and_variant():
     assert len(chosen) <= 48, "the default compile budget (a few seconds a spec)"
 
 
+# Spills ptxas is known to make, each measured and bounded here, so that any other spill, or a
+# larger one, fails. (kernel name, family, head-dim tile, deterministic) -> bytes stored and loaded.
+# The sm90 deterministic backward at head dim 64 (ordered dQ): NVRTC 12.9 and ptxas 13.0 keep one
+# shared-memory address of the dS^T staging on the stack across the dV GEMM, one 4-byte store and
+# load per query tile beside some 3,000 instructions. Every placement of the turn hand-off tried
+# (docs/performance.md, backward bw5) moved the spill or grew it; all H200 numbers of the ordered
+# mode at head dim 64 include it.
+KNOWN_SPILL_BYTES = {("varlen_bwd_dkdv", "sm90", 64, True): 4}
+
+
+def _spill_key(spec, name):
+    return (name, spec.kernel, spec.head_dim_tile, getattr(spec, "deterministic", False))
+
+
 @pytest.mark.parametrize("spec", COMPILED_SPECS, ids=str)
 def test_specialization_compiles_without_spills(spec):
     # Straight through NVRTC with a unique trailing comment, so no cache on any level can answer
@@ -72,7 +86,8 @@ def test_specialization_compiles_without_spills(spec):
     usage = _build.parse_ptxas_report(log)
     assert set(usage) == {name for name, _ in spec.entry_points.values()}, log
     for name, u in usage.items():
-        assert not u.spills, f"{spec} {name}: {u}"
+        allowed = KNOWN_SPILL_BYTES.get(_spill_key(spec, name), 0)
+        assert max(u.spill_stores, u.spill_loads) <= allowed, f"{spec} {name}: {u}"
         if name == spec.kernel_name:  # the CTAs per SM the tile table was sized for fit
             assert u.registers * spec.threads * getattr(spec.tiles, "min_blocks", 1) <= 65536
     for _, smem in spec.entry_points.values():
@@ -86,9 +101,12 @@ def test_backward_dispatch_covers_every_head_dim_and_mode():
                 spec = _spec.choose_bwd_spec("fp16", head_dim, True, arch, deterministic)
                 assert spec.head_dim_tile >= head_dim and spec.head_dim_tile - head_dim < 32
                 roles = set(spec.entry_points)
+                # Deterministic: the dQ kernel on the sm80 family, ordered additions on sm90.
+                dq_kernel = deterministic and spec.kernel != "sm90"
                 assert roles == {"main", "schedule", "preprocess",
-                                 "dq" if deterministic else "dq_convert"}
-                assert spec.defines["CV_DQ_ATOMIC"] == int(not deterministic)
+                                 "dq" if dq_kernel else "dq_convert"}
+                assert spec.defines["CV_DQ_ATOMIC"] == int(not dq_kernel)
+                assert spec.defines["CV_DQ_ORDERED"] == int(deterministic and not dq_kernel)
     with pytest.raises(ValueError, match="shared memory"):
         _spec.BwdSpec("bf16", 256, _spec.BwdTileConfig(128, 128, 8, 2, 8, 8, 8, 64), False,
                       "sm_86", False)
@@ -434,7 +452,7 @@ def test_param_buffers_hold_the_packed_bytes_per_thread():
 
     from cupy_varlen import _launch
 
-    fields = (11, 12, 4, 128, 64, -1, 0, 99, 13)
+    fields = (11, 12, 13, 4, 128, 64, -1, 0, 99, 1)
     args = _launch._SCHEDULE_ARGS.pack(*fields)
     assert args.buf.raw == _launch._SCHEDULE_PARAMS.pack(*fields)
     extra = (ctypes.c_void_p * 5).from_address(args.extra)
@@ -495,7 +513,7 @@ def test_tensor_maps_only_for_addressable_tensors(monkeypatch):
 
 
 def test_backward_params_packing_matches_the_kernel_struct():
-    """The backward kernels share one by-value BwdParams struct: 16 pointers, 19 int64 (strides
+    """The backward kernels share one by-value BwdParams struct: 17 pointers, 19 int64 (strides
     and total_q), 3 int32, 2 float, 4 int32, and the tensor maps of the dQ accumulator, q and
     dout from its 64-byte alignment on. Its size is static_asserted in the source."""
     import struct
@@ -506,16 +524,17 @@ def test_backward_params_packing_matches_the_kernel_struct():
     source = (_build.SOURCE_DIR / "bwd_common.cuh").read_text()
     assert f"sizeof(BwdParams) == {packer.size}" in source
     dq_map, q_map, do_map = bytes(range(128)), bytes(range(1, 129)), bytes(range(2, 130))
-    blob = packer.pack(*range(1, 36), 36, 37, 38, 0.5, 0.25, -1, 7, 1, 1, dq_map, q_map, do_map)
+    blob = packer.pack(*range(1, 37), 37, 38, 39, 0.5, 0.25, -1, 7, 1, 1, dq_map, q_map, do_map)
     assert struct.unpack_from("<Q", blob, 0)[0] == 1  # q
-    assert struct.unpack_from("<Q", blob, 120)[0] == 16  # schedule_q, the last pointer
-    assert struct.unpack_from("<q", blob, 128)[0] == 17  # q_row_stride
-    assert struct.unpack_from("<q", blob, 272)[0] == 35  # total_q
-    assert struct.unpack_from("<3i", blob, 280) == (36, 37, 38)  # heads, heads_per_kv, head_dim
-    assert struct.unpack_from("<2f", blob, 292) == (0.5, 0.25)  # scale, scale_log2
-    assert struct.unpack_from("<2i", blob, 300) == (-1, 7)  # window
-    assert struct.unpack_from("<2i", blob, 308) == (1, 1)  # use_dq_map, use_qdo_map
-    assert blob[320:448] == dq_map  # alignas(64), after the padding
-    assert blob[448:576] == q_map and blob[576:704] == do_map
+    assert struct.unpack_from("<Q", blob, 120)[0] == 16  # schedule_q
+    assert struct.unpack_from("<Q", blob, 128)[0] == 17  # dq_order, the last pointer
+    assert struct.unpack_from("<q", blob, 136)[0] == 18  # q_row_stride
+    assert struct.unpack_from("<q", blob, 280)[0] == 36  # total_q
+    assert struct.unpack_from("<3i", blob, 288) == (37, 38, 39)  # heads, heads_per_kv, head_dim
+    assert struct.unpack_from("<2f", blob, 300) == (0.5, 0.25)  # scale, scale_log2
+    assert struct.unpack_from("<2i", blob, 308) == (-1, 7)  # window
+    assert struct.unpack_from("<2i", blob, 316) == (1, 1)  # use_dq_map, use_qdo_map
+    assert blob[384:512] == dq_map  # alignas(64), after the padding
+    assert blob[512:640] == q_map and blob[640:768] == do_map
     # By-value structs with 64-byte aligned members go through kernelParams (see _ParamBuffer).
     assert _launch._BWD_ARGS.extra == 0 and _launch._BWD_ARGS.kernel_params != 0

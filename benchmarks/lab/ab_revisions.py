@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="time the deterministic backward (every revision's)")
     ap.add_argument("--json", type=Path, help="write every time here")
     args = ap.parse_args()
 
@@ -86,7 +88,8 @@ def main():
     grid = grid_configs()
     rows = []
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, runs {args.runs}; "
-          f"revisions {', '.join(map(str, args.bases))}")
+          f"revisions {', '.join(map(str, args.bases))}"
+          + ("; deterministic backward" if args.deterministic else ""))
     for name in args.configs:
         cfg = grid[name]
         inp = make_inputs(cfg, "bf16")
@@ -102,7 +105,8 @@ def main():
         saved = {label: pkg.varlen_attn(q, k, v, cu_q, cu_k, mq, mk, causal=causal,
                                         return_lse=True) for label, pkg in packages.items()}
         backward = {label: (lambda pkg=pkg, label=label: pkg.varlen_attn_backward(
-            dout, q, k, v, *saved[label], cu_q, cu_k, mq, mk, causal=causal))
+            dout, q, k, v, *saved[label], cu_q, cu_k, mq, mk, causal=causal,
+            deterministic=args.deterministic))
             for label, pkg in packages.items()}
         # The packages must compute the same thing before their times mean anything.
         g_tree = backward["tree"]()
@@ -132,7 +136,8 @@ def main():
         args.json.write_text(json.dumps({"environment": environment_info(),
                                          "revisions": [str(b) for b in args.bases]
                                          + (["self"] if args.self_check else []),
-                                         "runs": args.runs, "rows": rows}, indent=1))
+                                         "runs": args.runs, "deterministic": args.deterministic,
+                                         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
