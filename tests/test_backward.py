@@ -355,18 +355,20 @@ def test_sm90_query_tiles_by_tma_and_by_cp_async(bwd_kernel, load_path, head_dim
     check_backward(q, k, v, cu_q, cu_k, causal=True, deterministic=deterministic)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("load_path", ["tma", "cp.async"])
 @pytest.mark.parametrize("dq_path", ["tma reductions", "atomics"])
-def test_sm90_80_query_tiles(bwd_kernel, load_path, dq_path, monkeypatch):
-    """Without a mask at head dim 128 (bf16, atomic dQ) the sm90 dK/dV kernel steps 80 queries at
-    a time and computes dQ transposed (dS stored queries x keys by stmatrix, dQ^T staged
-    transposed). Lengths that give whole and partial 80-row tiles, GQA, both query-tile load paths
-    and both dQ paths."""
+def test_sm90_80_query_tiles(bwd_kernel, load_path, dq_path, deterministic, monkeypatch):
+    """Without a mask at head dim 128 (bf16) the sm90 dK/dV kernel steps 80 queries at a time and
+    computes dQ transposed (dS stored queries x keys by stmatrix, dQ^T staged transposed), in both
+    dQ modes (deterministic: ordered additions, and then the functional and autograd results are
+    the same bits). Lengths that give whole and partial 80-row tiles, GQA, both query-tile load
+    paths and both dQ paths."""
     from cupy_varlen import _spec, _tma
 
     if bwd_kernel != "sm90":
         pytest.skip("the 80-query tiles belong to the sm90 kernel")
-    assert _spec.choose_bwd_spec("bf16", 128, False, "sm_90a", False).tiles.block_m == 80
+    assert _spec.choose_bwd_spec("bf16", 128, False, "sm_90a", deterministic).tiles.block_m == 80
     real = _tma.tile_map
 
     def tile_map(ptr, dtype, *rest):
@@ -376,7 +378,7 @@ def test_sm90_80_query_tiles(bwd_kernel, load_path, dq_path, monkeypatch):
     monkeypatch.setattr(_tma, "tile_map", tile_map)
     lens_q, lens_k = [240, 161, 80, 1, 79, 0, 400], [200, 128, 80, 9, 81, 5, 400]
     q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, heads=4, heads_kv=2, head_dim=128, seed=80)
-    check_backward(q, k, v, cu_q, cu_k)
+    check_backward(q, k, v, cu_q, cu_k, deterministic=deterministic)
 
 
 def test_misaligned_inputs_and_outputs():

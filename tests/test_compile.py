@@ -112,6 +112,24 @@ def test_backward_dispatch_covers_every_head_dim_and_mode():
                       "sm_86", False)
 
 
+def test_sm90_backward_query_tile_width():
+    """80 queries per step at head dim 128 without a mask in bf16, in both dQ modes (FA4's width);
+    64 with a mask or in fp16; 128 at head dim 64. The 80-query tiles fill exactly the 227 KB of
+    shared memory, with the dQ partial's TMA box as tall as the tile."""
+    for det in (False, True):
+        full = _spec.choose_bwd_spec("bf16", 128, False, "sm_90a", det)
+        assert (full.tiles.block_m, full.dq_partial_rows) == (80, 80)
+        assert full.smem_bytes == _spec.SMEM_LIMIT["sm_90a"] == 232_448
+        for other in (_spec.choose_bwd_spec("bf16", 128, True, "sm_90a", det),
+                      _spec.choose_bwd_spec("fp16", 128, False, "sm_90a", det)):
+            assert (other.tiles.block_m, other.dq_partial_rows) == (64, 64)
+        d64 = _spec.choose_bwd_spec("bf16", 64, False, "sm_90a", det)
+        assert (d64.tiles.block_m, d64.dq_partial_rows) == (128, 64)
+        # Both modes keep the dS buffers and the dQ staging: ordered mode adds like atomic mode.
+        assert d64.smem_bytes == _spec.choose_bwd_spec("bf16", 64, False, "sm_90a",
+                                                        not det).smem_bytes
+
+
 def test_backward_dispatch_picks_the_kernel_family():
     for tile in _spec.HEAD_DIM_TILES:
         for det in (False, True):
