@@ -142,11 +142,9 @@ CV_DEVICE void stage_accumulator_f32(const float (&acc)[1][kNAtoms][4], u32 base
 // rows_valid are written as zeros. One 4-byte store per element; per store the warp's 32 lanes
 // cover 4 rows (q = 8n + 2 quad + e, swizzle keys of one parity) x 8 columns (two chunks), eight
 // distinct chunks after the XOR: one wavefront.
-template <int kRows, int kNAtoms>
-CV_DEVICE void stage_accumulator_f32_transposed(const float (&acc)[1][kNAtoms][4], u32 base,
-                                                int warp_row0, int rows_valid, int lane) {
-  static_assert(kNAtoms * 8 == kRows, "one accumulator column per tile row");
-  lane = opaque(lane);  // recomputed here, not hoisted out of the caller's loop
+template <bool kClip, int kRows, int kNAtoms>
+CV_DEVICE void stage_transposed_f32(const float (&acc)[1][kNAtoms][4], u32 base, int warp_row0,
+                                    int rows_valid, int lane) {
   const int group = lane >> 2, quad = lane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -161,11 +159,24 @@ CV_DEVICE void stage_accumulator_f32_transposed(const float (&acc)[1][kNAtoms][4
       const u32 addr = column + r * 128 + ((chunk ^ r) << 4);
 #pragma unroll
       for (int n = 0; n < kNAtoms; ++n) {
-        const float x = 8 * n + r < rows_valid ? acc[0][n][2 * h + e] : 0.f;
+        const float x = !kClip || 8 * n + r < rows_valid ? acc[0][n][2 * h + e] : 0.f;
         asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr + n * 8 * 128), "f"(x));
       }
     }
   }
+}
+
+// Whole tiles (all but a sequence's last) skip the per-element row test: a compare and a select
+// per store, on the consumers' critical path while the dK GEMM runs.
+template <int kRows, int kNAtoms>
+CV_DEVICE void stage_accumulator_f32_transposed(const float (&acc)[1][kNAtoms][4], u32 base,
+                                                int warp_row0, int rows_valid, int lane) {
+  static_assert(kNAtoms * 8 == kRows, "one accumulator column per tile row");
+  lane = opaque(lane);  // recomputed here, not hoisted out of the caller's loop
+  if (rows_valid >= kRows)
+    stage_transposed_f32<false, kRows>(acc, base, warp_row0, rows_valid, lane);
+  else
+    stage_transposed_f32<true, kRows>(acc, base, warp_row0, rows_valid, lane);
 }
 
 // add_fragments_atomic for a transposed accumulator (rows = columns col0 + 16w + ... of dst,
