@@ -303,23 +303,15 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     // Keys past the sequence hold zeros, whose score is 0, not -inf: exp2(0 - lse) could overflow.
     if (t.keys_valid < kBlockN) mask_rows_from(s, key_row0, t.keys_valid, lane);
     u32 pa[kBlockM / 16][4];
-    if constexpr (kDqSwapAB) {
-      // P straight into its 16-bit operand, a k16 fragment at a time: nothing needs the fp32 P
-      // later (scores_gradient_packed), and its registers free as the fragments fill.
-      probabilities_backward_packed(s, lse_log2, p.scale_log2, pa);
-    } else {
-      probabilities_backward(s, lse_log2, p.scale_log2);
-      pack_a_fragments(s, pa);
-    }
+    // P straight into its 16-bit operand, a k16 fragment at a time: nothing needs the fp32 P
+    // later (scores_gradient_packed), and its registers free as the fragments fill.
+    probabilities_backward_packed(s, lse_log2, p.scale_log2, pa);
     const ColumnStats<kQAtoms, kDeltaAhead> delta(stats + kBlockM * 4, 0, lane);  // ditto, dP^T
     wgmma_rs_mnmajor<kHeadDim, kBlockM>(dv_flat, pa, do_slot, kBlockM * kPanelBytes);
 
     wgmma_wait<1>();  // dP^T is done; dV's GEMM may still run
     fence_registers(dp);
-    if constexpr (kDqSwapAB)
-      scores_gradient_packed(pa, dp, delta);  // 40 fp32 registers of P free while dP^T runs
-    else
-      scores_gradient(s, dp, delta);
+    scores_gradient_packed(pa, dp, delta);  // P's fp32 registers were free while dP^T ran
     u32 dsa[kBlockM / 16][4];
     pack_a_fragments(dp, dsa);
 #if CV_DQ_ATOMIC
