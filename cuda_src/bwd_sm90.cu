@@ -47,11 +47,11 @@ constexpr bool kDqSplitRows = kBlockM == 2 * 64;
 constexpr int kDqN = kDqSplitRows ? kHeadDim : kHeadDim / kConsumers;
 constexpr int kDqRows = kDqSwapAB ? kBlockM : 64;  // query rows of a consumer's dQ partial
 // lse and delta atoms a consumer reads before the GEMM wait that precedes their use: all of a
-// 64-query tile's. An 80-query tile reads two atoms of lse ahead (more spill beside its S^T and
-// dP^T) and all of delta (P is packed to 16 bits by then). A 128-query tile (d64) reads them where
-// used: 32 more registers beside its S^T and dP^T spill.
+// 64-query tile's. Larger tiles read all of delta ahead (P is packed to 16 bits by then) but
+// little lse (beside S^T and dP^T): two atoms at 80 queries, none at 128 (d64), which also keeps
+// delta where used in fp16, whose unpacking of P needs more registers (12-byte spill otherwise).
 constexpr int kStatsAhead = kQAtoms <= 8 ? kQAtoms : kDqSwapAB ? 2 : 0;
-constexpr int kDeltaAhead = kDqSwapAB ? kQAtoms : kStatsAhead;
+constexpr int kDeltaAhead = kQAtoms <= 8 || CV_DTYPE_BF16 ? kQAtoms : 0;
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 static_assert(kConsumerKeys == 64, "each consumer warpgroup owns one 64-key wgmma tile");
