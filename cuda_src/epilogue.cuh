@@ -108,16 +108,15 @@ CV_DEVICE void store_output_fragments(const float (&acc_o)[kMAtoms][kDAtoms][4],
 // two chunks {c, c + 1} (2 wavefronts where 1 does). So the lanes holding a chunk's upper half
 // (quad >= 2) store atom n + 2 while the others store atom n, and the reverse in the next store:
 // chunks c ^ r and (c + 5) ^ r, distinct over the four rows.
-template <int kNAtoms>
-CV_DEVICE void stage_accumulator_f32(const float (&acc)[1][kNAtoms][4], u32 base, int warp_row0,
-                                     int rows_valid, int lane) {
-  static_assert(kNAtoms % 4 == 0, "whole 32-column panels");
+template <bool kClip, int kNAtoms>
+CV_DEVICE void stage_accumulator_rows(const float (&acc)[1][kNAtoms][4], u32 base, int warp_row0,
+                                       int rows_valid, int lane) {
   const int group = lane >> 2, quad = lane & 3;
   const bool upper = quad >= 2;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = warp_row0 + group + 8 * h;
-    const bool valid = row < rows_valid;
+    const bool valid = !kClip || row < rows_valid;
     const u32 row_base = base + row * 128 + (quad & 1) * 8;
 #pragma unroll
     for (int n = 0; n < kNAtoms; n += 4)
@@ -134,6 +133,17 @@ CV_DEVICE void stage_accumulator_f32(const float (&acc)[1][kNAtoms][4], u32 base
                      "f"(valid ? b : 0.f));
       }
   }
+}
+
+// As the transposed staging below: whole tiles skip the row test and its selects.
+template <int kNAtoms>
+CV_DEVICE void stage_accumulator_f32(const float (&acc)[1][kNAtoms][4], u32 base, int warp_row0,
+                                     int rows_valid, int lane) {
+  static_assert(kNAtoms % 4 == 0, "whole 32-column panels");
+  if (rows_valid >= warp_row0 + 16)
+    stage_accumulator_rows<false>(acc, base, warp_row0, rows_valid, lane);
+  else
+    stage_accumulator_rows<true>(acc, base, warp_row0, rows_valid, lane);
 }
 
 // stage_accumulator_f32 for a transposed accumulator (dQ^T: rows = the warpgroup's 64 head-dim
