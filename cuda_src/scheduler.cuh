@@ -222,6 +222,17 @@ CV_DEVICE void decode_item(const int* __restrict__ workspace, int heads_per_kv, 
   head = kv_head * heads_per_kv + (item - rest * heads_per_kv);
 }
 
+// Work item `item` with the heads taken `group` at a time, rank-major within a group (group 1:
+// head by head as decode_item with one query head per K/V head; group num_heads: rank-major).
+CV_DEVICE void decode_item_head_groups(int num_heads, int ranks_per_head, int group, int item,
+                                       int& rank, int& head) {
+  const int g = item / (group * ranks_per_head);
+  const int in_group = item - g * group * ranks_per_head;
+  const int heads_here = min(group, num_heads - g * group);
+  rank = in_group / heads_here;
+  head = g * group + (in_group - rank * heads_here);
+}
+
 CV_DEVICE TileWork tile_at_rank(const int* __restrict__ workspace, int rank) {
   const int2 entry = __ldg(reinterpret_cast<const int2*>(workspace + kScheduleHeader) + rank);
   return TileWork{entry.x, entry.y};
@@ -232,6 +243,16 @@ CV_DEVICE bool decode_tile(const int* __restrict__ workspace, int heads_per_kv, 
                            TileWork& w, int& head) {
   int rank;
   decode_item(workspace, heads_per_kv, __ldg(workspace + 1), cta, rank, head);
+  if (rank >= __ldg(workspace)) return false;
+  w = tile_at_rank(workspace, rank);
+  return true;
+}
+
+// decode_tile with the heads in groups (decode_item_head_groups); surplus CTAs end each group.
+CV_DEVICE bool decode_tile_head_groups(const int* __restrict__ workspace, int num_heads, int group,
+                                       int cta, TileWork& w, int& head) {
+  int rank;
+  decode_item_head_groups(num_heads, __ldg(workspace + 1), group, cta, rank, head);
   if (rank >= __ldg(workspace)) return false;
   w = tile_at_rank(workspace, rank);
   return true;
