@@ -6,7 +6,8 @@ cProfile of ours.
 
 Timed calls: the eager forward (inputs without grad), the functional backward, and the autograd
 forward + backward as training calls it (``torch.autograd.grad`` of the forward's output). The
-profile lists the functions with the most own time, per call.
+profile lists the functions with the most own time, per call; a second one profiles our backward
+on the autograd engine's thread, where it runs during the autograd call.
 """
 
 from __future__ import annotations
@@ -42,6 +43,39 @@ def profile(fn, calls, torch, top):
     text = io.StringIO()
     stats = pstats.Stats(prof, stream=text)
     stats.sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def profile_engine_backward(fwdbwd, calls, torch, top):
+    """cProfile of our backward as autograd's engine runs it, on the engine's own thread (a
+    profiler enabled on the calling thread does not see it): enabled inside the backward."""
+    from cupy_varlen import _torch
+
+    prof = cProfile.Profile()
+    original = _torch._EagerVarlenAttn.backward
+
+    def profiled(ctx, *grads):
+        prof.enable()
+        try:
+            return original(ctx, *grads)
+        finally:
+            prof.disable()
+
+    import bench_varlen as bv
+
+    per_round = bv.HOST_CALLS_PER_SLEEP
+    _torch._EagerVarlenAttn.backward = staticmethod(profiled)
+    try:
+        for start in range(0, calls, per_round):  # behind a sleep kernel, as profile() runs
+            torch.cuda.synchronize()
+            torch.cuda._sleep(int(2000 * (per_round * 4000 + 2000)))
+            for _ in range(min(per_round, calls - start)):
+                fwdbwd()
+        torch.cuda.synchronize()
+    finally:
+        _torch._EagerVarlenAttn.backward = original
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
     return text.getvalue()
 
 
@@ -157,6 +191,13 @@ def main():
             (args.out / f"profile_{slug}.txt").write_text(header + text)
         else:
             print(header + text)
+    text = profile_engine_backward(calls["fwd+bwd autograd"][0], args.profile_calls, torch,
+                                   args.top)
+    header = f"==== our backward on the autograd engine's thread: {args.profile_calls} calls ====\n"
+    if args.out:
+        (args.out / "profile_engine_backward.txt").write_text(header + text)
+    else:
+        print(header + text)
 
 
 if __name__ == "__main__":
