@@ -1161,6 +1161,10 @@ def parse_args(argv=None):
                          "and time its replay: host us per replay and GPU ms")
     ap.add_argument("--methods", nargs="+", choices=METHODS,
                     default=[m for m in METHODS if m not in OPT_IN_METHODS])
+    ap.add_argument("--require", nargs="+", choices=METHODS, default=[], metavar="METHOD",
+                    help="methods that must run: stop with exit status 2 after the first config "
+                         "where one is unavailable or fails (a comparison run must not go on "
+                         "without its peer)")
     ap.add_argument("--pass", dest="pass_", choices=tuple(PASSES), default="fwd",
                     help="time the forward, the backward, or both (FLOPs 1x, 2.5x, 3.5x)")
     ap.add_argument("--check", action="store_true",
@@ -1177,7 +1181,16 @@ def parse_args(argv=None):
                     help="no benchmarking: print the tables of a saved JSON (and --plot it)")
     args = ap.parse_args(argv)
     args.methods = [m for m in METHODS if m in args.methods]  # cupy_varlen first: compile timing
+    missing = [m for m in args.require if m not in args.methods]
+    if missing:
+        ap.error(f"--require {' '.join(missing)}: not among --methods")
     return args
+
+
+def required_failures(record, required) -> list:
+    """(method, error) of each required method that did not run in a config's record."""
+    return [(r["method"], r["error"]) for r in record["rows"]
+            if r["method"] in required and r["error"]]
 
 
 def _selected(args):
@@ -1255,6 +1268,11 @@ def main(argv=None):
         print(config_table(record, args.check), flush=True)
         for path in output_paths(out_path, "bench.json"):
             write_json(payload, path)
+        failed = required_failures(record, args.require)
+        if failed:
+            print(f"bench_varlen: required method(s) did not run on {cfg.name}: "
+                  + "; ".join(f"{m}: {e}" for m, e in failed), file=sys.stderr, flush=True)
+            raise SystemExit(2)
     print("\n=== summary ===")
     print(summary_report(payload["results"]), flush=True)
     for path in output_paths(out_path, "bench.json"):
