@@ -52,7 +52,6 @@ constexpr int kDqRows = kDqSwapAB ? kBlockM : 64;  // query rows of a consumer's
 // delta where used in fp16, whose unpacking of P needs more registers (12-byte spill otherwise).
 constexpr int kStatsAhead = kQAtoms <= 8 ? kQAtoms : kDqSwapAB ? 2 : 0;
 constexpr int kDeltaAhead = kQAtoms <= 8 || CV_DTYPE_BF16 ? kQAtoms : 0;
-constexpr int kOrderedHeadGroup = 2;  // K/V heads side by side in the ordered mode's grid
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 static_assert(kConsumerKeys == 64, "each consumer warpgroup owns one 64-key wgmma tile");
@@ -146,17 +145,10 @@ struct KeyTileWork {
 
 CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
   TileWork work;
-#if CV_DQ_ORDERED
-  // Two K/V heads side by side: a key tile's predecessor in the dQ order is launched two CTAs
-  // before it, not one (a shorter wait for its hand-off), while the CTAs running at once still
-  // share two heads' Q and dO in L2 (all heads side by side measured slower on large batches).
-  const int heads_kv = p.heads / p.heads_per_kv;
-  if (!decode_tile_head_groups(p.schedule_kv, heads_kv, kOrderedHeadGroup, blockIdx.x, work,
-                               t.kv_head))
-    return false;
-#else
-  if (!decode_tile(p.schedule_kv, 1, blockIdx.x, work, t.kv_head)) return false;
-#endif
+  // The key-tile schedule's head order: one K/V head at a time (ordered mode: two, so that a key
+  // tile's predecessor in the dQ order is launched two CTAs before it, not one), the last group
+  // widened where a head's work is short beside its longest tile (cupy_varlen/_launch.py).
+  if (!decode_tile_in_head_order(p.schedule_kv, blockIdx.x, work, t.kv_head)) return false;
   t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, work.batch_idx);
   t.n0 = work.m_block * kBlockN;
   t.keys_valid = min(kBlockN, t.seq.k_len - t.n0);

@@ -107,11 +107,10 @@ struct Params {
   float scale, scale_log2;
   int window_left, window_right;
   int use_tma;  // 1: tma_k and tma_v are valid maps of k and v (cupy_varlen/_tma.py)
-  int lpt_across_heads;  // 1: items in one longest-first order over all heads (PersistentScheduler)
   TensorMap tma_k, tma_v;
 };
 // The host packs this struct byte for byte (cupy_varlen/_launch.py, _SM90_PARAMS: 8 pointers,
-// 9 int64, 3 int32, 2 float, 4 int32, padding to 64 bytes, two 128-byte maps); a field added on one
+// 9 int64, 3 int32, 2 float, 3 int32, padding to 64 bytes, two 128-byte maps); a field added on one
 // side only changes the size.
 static_assert(sizeof(Params) == 448, "Params layout must match the host's packing");
 
@@ -221,8 +220,7 @@ CV_DEVICE void load_bulk(u32 dst, const TensorMap& map, int head, int row, u32 f
 }
 
 CV_DEVICE void produce(const Params& p, const Smem& smem, int ptid) {
-  const PersistentScheduler scheduler(p.workspace, p.num_heads, p.heads_per_kv,
-                                      p.lpt_across_heads);
+  const PersistentScheduler scheduler(p.workspace, p.num_heads);
   const int chunks_valid = p.head_dim / 8;
   int item = scheduler.first_item();
   WorkTile t = load_work(p, scheduler, item);

@@ -27,10 +27,15 @@ constexpr int kCostBuckets = 1024;
 constexpr int kScheduleThreads = 1024;
 
 // Workspace (int32): [0] number of tiles, [1] the grid's tile bound, [2] the next work item of a
-// persistent grid, [3] padding (keeps the int2 entries 8-byte aligned), then (batch_idx, m_block)
-// per tile by rank.
-constexpr int kScheduleHeader = 4;
+// persistent grid, [3] padding, [4, 16) the head order (HeadOrder), then (batch_idx, m_block) per
+// tile by rank (the header's even length keeps these int2 entries 8-byte aligned).
+constexpr int kScheduleHeader = 16;
 constexpr int kWorkCounter = 2;
+constexpr int kHeadOrder = 4;
+// The grid's last head group is made wide enough that its work covers, on every SM, this many times
+// the longest tile: one head at a time, a head's longest tiles start last and run alone where a
+// head's work is short beside them (one long sequence among short ones; few sequences).
+constexpr int kTailCover = 2;
 
 struct TileWork {
   int batch_idx;  // sequence
@@ -47,6 +52,74 @@ CV_DEVICE int tile_cost(const SeqInfo& seq, int m_block, int block_m, int block_
 
 CV_DEVICE int cost_bucket(int cost, int max_cost) {
   return (int)((i64)cost * (kCostBuckets - 1) / max_cost);
+}
+
+// n / d for 0 <= n < 2^31 by a multiply and a shift (round-up method); a division by a runtime
+// value held registers into the sm90 backward's main loop (4-12 bytes of spill).
+struct FastDivisor {
+  unsigned magic, shift;
+  CV_DEVICE static FastDivisor of(unsigned d) {
+    const unsigned shift = d > 1 ? 32 - __clz(d - 1) : 0;
+    return {(unsigned)((1ull << (32 + shift)) / d + 1 - (1ull << 32)), shift};
+  }
+  CV_DEVICE int operator()(int n) const {
+    return (int)((__umulhi((unsigned)n, magic) + (unsigned)n) >> shift);
+  }
+};
+
+// The order in which a grid takes (rank, head) items: heads `group` at a time, each group's ranks
+// longest first and its heads side by side, then the last `last` heads (last >= group) likewise.
+// The schedule kernel sizes the last group from the batch's real costs (kTailCover) and writes it
+// at workspace[kHeadOrder]; `ranks` per head is the real tile count (persistent grids) or the tile
+// bound (grids of one CTA per tile bound and head, whose surplus CTAs exit).
+struct HeadOrder {
+  int lead_items, lead_heads, group_items, group, last;
+  FastDivisor by_group_items, by_group, by_last;
+
+  CV_DEVICE static void write(int* __restrict__ ws, int ranks, int heads, int group, int last) {
+    const int lead_heads = heads - last;
+    const int words[] = {lead_heads * ranks, lead_heads, group * ranks, group, last};
+    for (int i = 0; i < 5; ++i) ws[kHeadOrder + i] = words[i];
+    const FastDivisor divs[] = {FastDivisor::of(max(group * ranks, 1)), FastDivisor::of(group),
+                                FastDivisor::of(last)};
+    for (int i = 0; i < 3; ++i) {
+      ws[kHeadOrder + 5 + 2 * i] = (int)divs[i].magic;
+      ws[kHeadOrder + 6 + 2 * i] = (int)divs[i].shift;
+    }
+  }
+
+  CV_DEVICE static HeadOrder load(const int* __restrict__ ws) {
+    const int* h = ws + kHeadOrder;
+    return HeadOrder{__ldg(h), __ldg(h + 1), __ldg(h + 2), __ldg(h + 3), __ldg(h + 4),
+                     {(unsigned)__ldg(h + 5), (unsigned)__ldg(h + 6)},
+                     {(unsigned)__ldg(h + 7), (unsigned)__ldg(h + 8)},
+                     {(unsigned)__ldg(h + 9), (unsigned)__ldg(h + 10)}};
+  }
+
+  CV_DEVICE void decode(int item, int& rank, int& head) const {
+    if (item < lead_items) {
+      const int g = by_group_items(item);
+      const int in_group = item - g * group_items;
+      rank = by_group(in_group);
+      head = g * group + (in_group - rank * group);
+    } else {
+      const int in_group = item - lead_items;
+      rank = by_last(in_group);
+      head = lead_heads + (in_group - rank * last);
+    }
+  }
+};
+
+// The last group's width (see HeadOrder): enough heads that their work, spread over `sms` SMs,
+// covers the longest tile kTailCover times; at least `group`, at most all, and the heads before it
+// whole groups.
+CV_DEVICE int last_group_heads(unsigned long long cost_per_head, int max_cost, int heads, int group,
+                               int sms) {
+  const unsigned long long cover = (unsigned long long)kTailCover * max_cost * sms;
+  const unsigned long long need =
+      cost_per_head ? (cover + cost_per_head - 1) / cost_per_head : (unsigned long long)heads;
+  const int last = (int)min((unsigned long long)heads, max(need, (unsigned long long)group));
+  return heads - (heads - last) / group * group;
 }
 
 // Block-wide exclusive prefix sum of one value per thread (blockDim.x == kScheduleThreads).
@@ -116,10 +189,12 @@ CV_DEVICE void for_each_tile(const int* __restrict__ cu_seqlens_q,
 extern "C" __global__ void __launch_bounds__(kScheduleThreads, 1)
 varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
                      int* __restrict__ workspace, int batch, int block_m, int block_n,
-                     int window_left, int window_right, int tile_bound, int in_order) {
+                     int window_left, int window_right, int tile_bound, int in_order, int heads,
+                     int head_group, int sms, int ranks_bound) {
   __shared__ int bucket_count[kCostBuckets];
   __shared__ int warp_totals[32];
   __shared__ int max_cost, num_tiles;
+  __shared__ unsigned long long total_cost;
   const unsigned full = 0xffffffffu;
   const int lane = threadIdx.x & 31;
   const AttnWindow window = {window_left, window_right};
@@ -128,6 +203,8 @@ varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict
     // from the last key tile down and need every CTA's predecessors launched before it): rank =
     // the tiles of the sequences before plus the tile's index from the end.
     int* order = workspace + kScheduleHeader;
+    if (threadIdx.x == 0) max_cost = 0, total_cost = 0;
+    __syncthreads();
     int before = 0;
     for (int b0 = 0; b0 < batch; b0 += kScheduleThreads) {
       const int b = b0 + threadIdx.x;
@@ -142,30 +219,55 @@ varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict
       before += warp_totals[31];
       __syncthreads();  // warp_totals is rewritten by the next round's sum
     }
+    // The costs, for the head order only, spread over the block as the LPT passes do (one thread
+    // per sequence would walk a long sequence's tiles alone).
+    int my_max = 0;
+    unsigned long long my_cost = 0;
+    for_each_tile(cu_seqlens_q, cu_seqlens_k, batch, block_m,
+                  [&](bool valid, int, SeqInfo seq, int m) {
+                    if (!valid) return;
+                    const int cost = tile_cost(seq, m, block_m, block_n, window);
+                    my_max = max(my_max, cost);
+                    my_cost += cost;
+                  });
+    my_max = __reduce_max_sync(full, my_max);
+    for (int d = 16; d > 0; d >>= 1) my_cost += __shfl_xor_sync(full, my_cost, d);
+    if (lane == 0) {
+      atomicMax(&max_cost, my_max);
+      atomicAdd(&total_cost, my_cost);
+    }
+    __syncthreads();
     if (threadIdx.x == 0) {
       workspace[0] = before;
       workspace[1] = tile_bound;
       workspace[kWorkCounter] = 0;
+      HeadOrder::write(workspace, ranks_bound ? tile_bound : before, heads, head_group,
+                       last_group_heads(total_cost, max_cost, heads, head_group, sms));
     }
     return;
   }
   for (int i = threadIdx.x; i < kCostBuckets; i += blockDim.x) bucket_count[i] = 0;
-  if (threadIdx.x == 0) max_cost = num_tiles = 0;
+  if (threadIdx.x == 0) max_cost = num_tiles = 0, total_cost = 0;
   __syncthreads();
 
   // The passes recompute costs rather than store them.
   int my_max = 0, my_tiles = 0;
+  unsigned long long my_cost = 0;
   for_each_tile(cu_seqlens_q, cu_seqlens_k, batch, block_m,
                 [&](bool valid, int, SeqInfo seq, int m) {
                   if (!valid) return;
-                  my_max = max(my_max, tile_cost(seq, m, block_m, block_n, window));
+                  const int cost = tile_cost(seq, m, block_m, block_n, window);
+                  my_max = max(my_max, cost);
+                  my_cost += cost;
                   ++my_tiles;
                 });
   my_max = __reduce_max_sync(full, my_max);
   my_tiles = __reduce_add_sync(full, my_tiles);
+  for (int d = 16; d > 0; d >>= 1) my_cost += __shfl_xor_sync(full, my_cost, d);
   if (lane == 0) {
     atomicMax(&max_cost, my_max);
     atomicAdd(&num_tiles, my_tiles);
+    atomicAdd(&total_cost, my_cost);
   }
   __syncthreads();
   const int cost_cap = max(max_cost, 1);
@@ -210,6 +312,8 @@ varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict
     workspace[0] = num_tiles;
     workspace[1] = tile_bound;
     workspace[kWorkCounter] = 0;
+    HeadOrder::write(workspace, ranks_bound ? tile_bound : num_tiles, heads, head_group,
+                     last_group_heads(total_cost, max_cost, heads, head_group, sms));
   }
 }
 
@@ -220,17 +324,6 @@ CV_DEVICE void decode_item(const int* __restrict__ workspace, int heads_per_kv, 
   const int kv_head = rest / ranks_per_head;
   rank = rest - kv_head * ranks_per_head;
   head = kv_head * heads_per_kv + (item - rest * heads_per_kv);
-}
-
-// Work item `item` with the heads taken `group` at a time, rank-major within a group (group 1:
-// head by head as decode_item with one query head per K/V head; group num_heads: rank-major).
-CV_DEVICE void decode_item_head_groups(int num_heads, int ranks_per_head, int group, int item,
-                                       int& rank, int& head) {
-  const int g = item / (group * ranks_per_head);
-  const int in_group = item - g * group * ranks_per_head;
-  const int heads_here = min(group, num_heads - g * group);
-  rank = in_group / heads_here;
-  head = g * group + (in_group - rank * heads_here);
 }
 
 CV_DEVICE TileWork tile_at_rank(const int* __restrict__ workspace, int rank) {
@@ -248,36 +341,30 @@ CV_DEVICE bool decode_tile(const int* __restrict__ workspace, int heads_per_kv, 
   return true;
 }
 
-// decode_tile with the heads in groups (decode_item_head_groups); surplus CTAs end each group.
-CV_DEVICE bool decode_tile_head_groups(const int* __restrict__ workspace, int num_heads, int group,
-                                       int cta, TileWork& w, int& head) {
+// The work of CTA `cta` of a grid of tile_bound x heads CTAs in the schedule's head order
+// (HeadOrder, written with ranks = the tile bound); false for surplus CTAs.
+CV_DEVICE bool decode_tile_in_head_order(const int* __restrict__ workspace, int cta, TileWork& w,
+                                         int& head) {
   int rank;
-  decode_item_head_groups(num_heads, __ldg(workspace + 1), group, cta, rank, head);
+  HeadOrder::load(workspace).decode(cta, rank, head);
   if (rank >= __ldg(workspace)) return false;
   w = tile_at_rank(workspace, rank);
   return true;
 }
 
 // The work items of a persistent grid (one CTA per SM): items 0 .. num_tiles x heads - 1, each taken
-// once, the first gridDim.x by block index and the rest from the workspace's counter.
-//
-// Items are normally taken head by head, each head's tiles longest first (decode_item): the tiles
-// running at once then share their heads' K and V in L2. Where all of K and V fit in L2 anyway, the
-// host asks for one longest-first order over every head instead (rank-major, the heads of a K/V
-// group side by side): head by head, the last heads' longest tiles start near the end and set the
-// kernel's length (seed batch: SMs busy 91k cycles on average against 122k for the last).
+// once, the first gridDim.x by block index and the rest from the workspace's counter, in the
+// schedule's head order (HeadOrder, written with ranks = the real tile count). The host picks the
+// lead groups: a K/V head's query heads, or all heads where all of K and V fit in L2 anyway (the
+// tiles running at once share their heads' K and V in L2); the schedule widens the last group
+// where a head's work is short beside its longest tile (seed batch head by head: SMs busy 91k
+// cycles on average against 122k for the last).
 struct PersistentScheduler {
   int* workspace;
-  int num_tiles, num_heads, heads_per_kv, total_items;
-  bool across_heads;
+  int num_tiles, total_items;
 
-  CV_DEVICE PersistentScheduler(int* workspace, int num_heads, int heads_per_kv, bool across_heads)
-      : workspace(workspace),
-        num_tiles(__ldg(workspace)),
-        num_heads(num_heads),
-        heads_per_kv(heads_per_kv),
-        total_items(num_tiles * num_heads),
-        across_heads(across_heads) {}
+  CV_DEVICE PersistentScheduler(int* workspace, int num_heads)
+      : workspace(workspace), num_tiles(__ldg(workspace)), total_items(num_tiles * num_heads) {}
 
   CV_DEVICE int first_item() const { return blockIdx.x; }
   // One atomic on the counter: issue it early, its latency is a global round trip.
@@ -286,15 +373,11 @@ struct PersistentScheduler {
   }
   CV_DEVICE bool done(int item) const { return item >= total_items; }
 
-  // The query tile and head of an item that is not done.
+  // The query tile and head of an item that is not done. The order is read again per item (from
+  // L1): held across the loop, its eleven words made the 24-register producer spill.
   CV_DEVICE TileWork tile(int item, int& head) const {
     int rank;
-    if (across_heads) {
-      rank = item / num_heads;
-      head = item - rank * num_heads;
-    } else {
-      decode_item(workspace, heads_per_kv, num_tiles, item, rank, head);
-    }
+    HeadOrder::load(workspace).decode(item, rank, head);
     return tile_at_rank(workspace, rank);
   }
 };

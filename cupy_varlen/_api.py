@@ -545,5 +545,5 @@ def _plan_backward(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, grads, batch, scale, l
     plan.launch = _launch.BackwardLaunch(
         kernels, spec, strides=strides, lse_strides=li.strides, total_q=total_q, total_k=total_k,
         batch=batch, heads=heads, heads_kv=heads_kv, head_dim=head_dim, scale=scale,
-        scale_log2=scale * _LOG2E, window=window)
+        scale_log2=scale * _LOG2E, window=window, num_sms=_num_sms(device))
     return plan

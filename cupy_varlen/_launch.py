@@ -11,20 +11,20 @@ from cupy.cuda import driver
 from . import _tma
 
 SCHEDULE_THREADS = 1024  # cuda_src/scheduler.cuh: kScheduleThreads
-SCHEDULE_HEADER = 4  # cuda_src/scheduler.cuh: kScheduleHeader
+SCHEDULE_HEADER = 16  # cuda_src/scheduler.cuh: kScheduleHeader
 # Every kernel's parameters, packed as the kernel lays them out (each at its natural alignment;
 # these formats need no padding between fields).
 # cuda_src/fwd_sm90.cu: struct Params, passed by value as one __grid_constant__ argument: 8 pointers,
-# 9 int64 strides, 3 int32, 2 float32, 4 int32 (window, use_tma, lpt_across_heads), padding to the
-# 64-byte alignment of the two 128-byte tensor maps of k and v.
-_SM90_PARAMS = struct.Struct("<8Q9q3i2f4i20x128s128s")
+# 9 int64 strides, 3 int32, 2 float32, 3 int32 (window, use_tma), padding to the 64-byte alignment
+# of the two 128-byte tensor maps of k and v.
+_SM90_PARAMS = struct.Struct("<8Q9q3i2f3i24x128s128s")
 _NO_MAP = bytes(_tma.MAP_BYTES)
 # cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 8 pointers, 9 int64 strides, 2 int32, 2 float32,
 # 2 int32.
 _SM80_PARAMS = struct.Struct("<8Q9q2i2f2i")
 # cuda_src/scheduler.cuh: varlen_tile_schedule(cu_q, cu_k, workspace, batch, block_m, block_n,
-# left, right, tile_bound, in_order).
-_SCHEDULE_PARAMS = struct.Struct("<3Q7i")
+# left, right, tile_bound, in_order, heads, head_group, sms, ranks_bound).
+_SCHEDULE_PARAMS = struct.Struct("<3Q11i")
 _MAX_GRID_X = 2**31 - 1
 
 # cuLaunchKernel's `extra` keys: the parameters as one buffer.
@@ -71,11 +71,11 @@ _SM80_ARGS = _ParamBuffer(_SM80_PARAMS)
 _SCHEDULE_ARGS = _ParamBuffer(_SCHEDULE_PARAMS)
 
 
-def _launch_schedule(function, stream_ptr: int, cu_rows, cu_cols, batch: int, block_rows: int,
-                     block_cols: int, left: int, right: int, bound: int, in_order: int,
-                     workspace) -> None:
-    _SCHEDULE_ARGS.pack(cu_rows, cu_cols, workspace, batch, block_rows, block_cols, left, right,
-                        bound, in_order).launch(function, 1, SCHEDULE_THREADS, stream_ptr)
+def _launch_schedule(function, stream_ptr: int, cu_rows, cu_cols, schedule, workspace) -> None:
+    """``schedule``: varlen_tile_schedule's scalar arguments (batch, block_rows, block_cols, left,
+    right, tile_bound, in_order, heads, head_group, sms, ranks_bound)."""
+    _SCHEDULE_ARGS.pack(cu_rows, cu_cols, workspace, *schedule).launch(
+        function, 1, SCHEDULE_THREADS, stream_ptr)
 
 
 def tile_bound(total_q: int, batch: int, block_m: int) -> int:
@@ -89,8 +89,9 @@ def tile_bound(total_q: int, batch: int, block_m: int) -> int:
 
 def lpt_across_heads(total_k: int, heads_kv: int, head_dim: int, l2_bytes: int) -> bool:
     """Whether the persistent forward takes its work items in one longest-first order over all heads
-    rather than head by head (cuda_src/scheduler.cuh, PersistentScheduler): where K and V (16-bit)
-    fit in half of L2, the head-by-head order's L2 sharing is moot and its tail costs the most."""
+    rather than one K/V head's query heads at a time (cuda_src/scheduler.cuh, HeadOrder's lead
+    groups): where K and V (16-bit) fit in half of L2, the head-by-head order's L2 sharing is moot
+    and its tail costs the most."""
     return 2 * 2 * total_k * heads_kv * head_dim <= l2_bytes // 2
 
 
@@ -100,7 +101,7 @@ class ForwardLaunch:
     (cupy_varlen._api), so a repeated call only packs pointers and launches."""
 
     __slots__ = ("kernels", "spec", "grid", "workspace_entries", "schedule", "scalars",
-                 "map_args", "across")
+                 "map_args")
 
     def __init__(self, kernels, spec, *, q_strides, k_strides, v_strides, o_strides,
                  lse_head_stride: int, total_q: int, total_k: int, batch: int, heads: int,
@@ -114,17 +115,21 @@ class ForwardLaunch:
         self.kernels, self.spec = kernels, spec
         # int32 entries: a header and (sequence, tile) per query tile.
         self.workspace_entries = SCHEDULE_HEADER + 2 * bound
-        self.schedule = (batch, tiles.block_m, tiles.block_n, window[0], window[1], bound, 0)
+        heads_kv = heads // heads_per_kv
+        across = spec.persistent and lpt_across_heads(total_k, heads_kv, head_dim, l2_bytes)
+        # The persistent grid pulls real items (ranks = the tile count); the sm80 grid's CTAs are
+        # tile bound x heads and read the order head by head themselves.
+        self.schedule = (batch, tiles.block_m, tiles.block_n, window[0], window[1], bound, 0,
+                         heads, heads if across else heads_per_kv, num_sms,
+                         0 if spec.persistent else 1)
         strides = (q_strides[0], q_strides[1], k_strides[0], k_strides[1], v_strides[0],
                    v_strides[1], o_strides[0], o_strides[1], lse_head_stride)
         if spec.persistent:
-            heads_kv = heads // heads_per_kv
             self.scalars = strides + (heads_per_kv, heads, head_dim, scale, scale_log2,
                                       window[0], window[1])
             # tile_map's arguments after the pointer, for k and for v.
             self.map_args = tuple((spec.dtype, total_k, heads_kv, head_dim, s[0], s[1],
                                    tiles.block_n) for s in (k_strides, v_strides))
-            self.across = int(lpt_across_heads(total_k, heads_kv, head_dim, l2_bytes))
             self.grid = min(ctas, num_sms)
         else:
             self.scalars = strides + (heads_per_kv, head_dim, scale, scale_log2, window[0],
@@ -135,14 +140,14 @@ class ForwardLaunch:
                cu_k: int, workspace: int) -> None:
         """Launches on ``stream_ptr``; every argument is a device pointer (lse 0: not written)."""
         kernels, spec = self.kernels, self.spec
-        _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, *self.schedule, workspace)
+        _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, self.schedule, workspace)
         if spec.persistent:
             # Per call: a map holds its tensor's address (cached per pointer by tile_map).
             k_args, v_args = self.map_args
             k_map, v_map = _tma.tile_map(k, *k_args), _tma.tile_map(v, *v_args)
             use_tma = k_map is not None and v_map is not None
             _SM90_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, *self.scalars, int(use_tma),
-                            self.across, k_map if use_tma else _NO_MAP,
+                            k_map if use_tma else _NO_MAP,
                             v_map if use_tma else _NO_MAP).launch(
                 kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
         else:
@@ -173,7 +178,7 @@ class BackwardLaunch:
 
     def __init__(self, kernels, spec, *, strides: dict, lse_strides, total_q: int, total_k: int,
                  batch: int, heads: int, heads_kv: int, head_dim: int, scale: float,
-                 scale_log2: float, window):
+                 scale_log2: float, window, num_sms: int):
         t = spec.tiles
         self.kernels, self.spec, self.heads, self.total_q = kernels, spec, heads, total_q
         bound_k = tile_bound(total_k, batch, t.block_n)
@@ -195,10 +200,15 @@ class BackwardLaunch:
         left, right = window
         # Key tiles are scheduled as the forward schedules query tiles, with the roles swapped: the
         # transposed mask is the band with left and right exchanged.
-        # Ordered mode: each sequence's key tiles in order (a CTA waits only for earlier ones).
+        # Ordered mode: each sequence's key tiles in order (a CTA waits only for earlier ones), and
+        # two K/V heads a group (a key tile's predecessor in the dQ order is launched two CTAs
+        # before it, not one: a shorter wait for its hand-off, 0-6% faster on the H200,
+        # 2026-12-02). The sm90 grid reads the head order; the sm80 kernels go head by head.
+        group = min(2, heads_kv) if spec.ordered_dq else 1
         self.schedule_kv = (batch, t.block_n, t.block_m, right, left, bound_k,
-                            int(spec.ordered_dq))
-        self.schedule_q = (batch, t.block_m, t.dq_block_n, left, right, bound_q, 0)
+                            int(spec.ordered_dq), heads_kv, group, num_sms, 1)
+        self.schedule_q = (batch, t.block_m, t.dq_block_n, left, right, bound_q, 0, heads,
+                           heads // heads_kv, num_sms, 1)
         s = strides
         self.scalars = (*s["q"], *s["k"], *s["v"], *s["out"], *s["dout"], *s["dq"], *s["dk"],
                         *s["dv"], *lse_strides, total_q, heads, heads // heads_kv, head_dim,
@@ -242,10 +252,10 @@ class BackwardLaunch:
             q_map if use_qdo else _NO_MAP, do_map if use_qdo else _NO_MAP)
         if self.total_q:
             params.launch(kernels.preprocess, self.grid_prep, _PREP_THREADS, stream_ptr)
-        _launch_schedule(kernels.schedule, stream_ptr, cu_k, cu_q, *self.schedule_kv, ws_kv)
+        _launch_schedule(kernels.schedule, stream_ptr, cu_k, cu_q, self.schedule_kv, ws_kv)
         params.launch(kernels.main, self.grid_kv, spec.threads, stream_ptr, spec.smem_bytes)
         if spec.dq_kernel:
-            _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, *self.schedule_q, ws_after)
+            _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, self.schedule_q, ws_after)
             params.launch(kernels.dq, self.grid_q, spec.dq_threads, stream_ptr,
                           spec.dq_smem_bytes)
         elif self.total_q:

@@ -381,6 +381,30 @@ def test_sm90_80_query_tiles(bwd_kernel, load_path, dq_path, deterministic, monk
     check_backward(q, k, v, cu_q, cu_k, deterministic=deterministic)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("sms", [1, 40, 10**6])
+@pytest.mark.parametrize("head_dim,causal", [(64, False), (128, True)])
+def test_sm90_key_tile_head_order(bwd_kernel, sms, head_dim, causal, deterministic,
+                                  monkeypatch):
+    """The sm90 dK/dV grid takes its key tiles in the schedule's head order: lead groups of one K/V
+    head (ordered mode: two, the first of five heads' groups then whole), then a last group the
+    schedule widens by the batch's costs and the SM count (1: one group; 10**6: all heads; 40:
+    between). Every (key tile, head) once, and in ordered mode the dQ turns still wait only on
+    CTAs launched earlier (a wrong order would hang or double-count)."""
+    from cupy_varlen import _api
+
+    if bwd_kernel != "sm90":
+        pytest.skip("the head order belongs to the sm90 kernel's grid")
+    monkeypatch.setattr(_api, "_num_sms", lambda device: sms)
+    _api.clear_caches()  # no plan made under another order
+    try:
+        q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=10, heads_kv=5,
+                                          head_dim=head_dim, seed=sms % 97 + head_dim)
+        check_backward(q, k, v, cu_q, cu_k, causal=causal, deterministic=deterministic)
+    finally:
+        _api.clear_caches()
+
+
 def test_misaligned_inputs_and_outputs():
     """Inputs and preallocated gradients whose base is not 16-byte aligned (an odd storage offset)
     take the copy path: same gradients, and the caller's own dq/dk/dv are written and returned."""

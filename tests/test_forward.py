@@ -314,18 +314,27 @@ def test_long_batches_take_the_long_tiles(fwd_kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("across_heads", [False, True])
+@pytest.mark.parametrize("sms", [1, 40, 10**6])
 @pytest.mark.parametrize("causal", [False, True])
-def test_sm90_item_orders(fwd_kernel, across_heads, causal, monkeypatch):
-    """The persistent forward takes its items head by head, or in one longest-first order over all
-    heads where K and V fit in L2; both orders cover every (tile, head) once, with GQA groups."""
-    from cupy_varlen import _launch
+def test_sm90_item_orders(fwd_kernel, across_heads, sms, causal, monkeypatch):
+    """The persistent forward takes its items in the schedule's head order: lead groups of one K/V
+    head's query heads (or all heads where K and V fit in L2), then a last group the schedule
+    widens by the batch's costs and the SM count (here: 1 keeps it one group, 10**6 makes it all
+    heads, 40 something between on this batch). Every order covers each (tile, head) once, GQA
+    groups whole."""
+    from cupy_varlen import _api, _launch
 
     if fwd_kernel != "sm90":
         pytest.skip("the item order belongs to the persistent sm90 kernel")
     monkeypatch.setattr(_launch, "lpt_across_heads", lambda *args: across_heads)
-    q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=6, heads_kv=2, head_dim=64,
-                                      seed=3 + causal)
-    check_forward(q, k, v, cu_q, cu_k, causal=causal)
+    monkeypatch.setattr(_api, "_num_sms", lambda device: sms)
+    _api.clear_caches()  # no plan made under another order
+    try:
+        q, k, v, cu_q, cu_k = make_packed(RAGGED, RAGGED_K, heads=6, heads_kv=3, head_dim=64,
+                                          seed=3 + causal)
+        check_forward(q, k, v, cu_q, cu_k, causal=causal)
+    finally:
+        _api.clear_caches()
 
 
 @pytest.mark.parametrize("copies", ["tma", "cp.async only"])
