@@ -257,10 +257,14 @@ CV_DEVICE void produce(const BwdParams& p, const KeyTileWork& t, const Smem& sme
 
 CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& smem, int wg,
                        int ctid) {
-  const int lane = ctid & 31;
-  const int key_row0 = wg * kConsumerKeys + (ctid >> 5) * 16;  // this warp's first key in the tile
   const u32 k_rows = smem.k() + wg * kConsumerKeys * kPanelBytes;
   const u32 v_rows = smem.v() + wg * kConsumerKeys * kPanelBytes;
+  const int lane = ctid & 31;
+  // This warp's first key in the tile, from threadIdx.x rather than the uniform `wg`: from `wg`,
+  // the masking's per-thread arithmetic moved around enough to spill 4-80 bytes in the masked
+  // D128 tiles (NVRTC 12.9 and 13.5).
+  const int key_row0 =
+      ((int)threadIdx.x / kWarpgroupThreads - 1) * kConsumerKeys + (ctid >> 5) * 16;
   const TileMaskTest<kBlockM> mask_test(t.n0, t.n0 + t.keys_valid - 1, t.seq.q_len, t.band_t);
 
   float acc_dv[1][kDAtoms][4], acc_dk[1][kDAtoms][4];
@@ -448,7 +452,7 @@ varlen_bwd_dkdv(const __grid_constant__ BwdParams p) {
     }
   }
   __syncthreads();
-  const int wg = tid / kWarpgroupThreads;
+  const int wg = warpgroup_index();
   if (wg == 0) {
     warpgroup_reg_dealloc<kProducerRegs>();
     produce(p, t, smem, tid);

@@ -433,7 +433,7 @@ varlen_fwd(const __grid_constant__ Params p) {
     }
   }
   __syncthreads();
-  const int wg = tid / kWarpgroupThreads;
+  const int wg = warpgroup_index();
   if (wg == 0) {
     warpgroup_reg_dealloc<kProducerRegs>();
     produce(p, smem, tid);

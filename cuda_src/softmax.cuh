@@ -125,18 +125,16 @@ struct OnlineSoftmax {
 template <int kNAtoms, int kAhead>
 struct ColumnStats {
   static_assert(kAhead >= 0 && kAhead <= kNAtoms, "atoms loaded ahead");
-  u32 stats;
-  int col0, lane;
+  // This thread's first column's address; atom n's is 32 n bytes on, which ptxas folds into each
+  // load's offset (an index summed before scaling became an OR of disjoint bits, a LOP3 per atom).
+  u32 base;
   float2 ahead[kAhead > 0 ? kAhead : 1];
 
-  CV_DEVICE ColumnStats(u32 stats_, int col0_, int lane_)
-      : stats(stats_), col0(col0_), lane(lane_) {
+  CV_DEVICE ColumnStats(u32 stats, int col0, int lane) : base(stats + 4 * col0 + 8 * (lane & 3)) {
 #pragma unroll
     for (int n = 0; n < kAhead; ++n) ahead[n] = load(n);
   }
-  CV_DEVICE float2 load(int n) const {
-    return ld_shared_f32x2(stats + 4 * (col0 + 8 * n + 2 * (lane & 3)));
-  }
+  CV_DEVICE float2 load(int n) const { return ld_shared_f32x2(base + 32 * n); }
   CV_DEVICE float2 operator[](int n) const { return n < kAhead ? ahead[n] : load(n); }
 };
 

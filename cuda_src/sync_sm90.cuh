@@ -68,6 +68,13 @@ CV_DEVICE void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// The calling thread's warpgroup, broadcast from lane 0: the compiler then knows it is the same
+// across the warp and keeps what derives from it (a consumer's operand addresses, hence its wgmma
+// descriptors) in uniform registers. From threadIdx.x alone it moved every descriptor to uniform
+// registers before each wgmma (R2UR: 1.7 per HGMMA in the backward, none in FA4's; ncu, H200,
+// 2026-12-02).
+CV_DEVICE int warpgroup_index() { return __shfl_sync(0xffffffffu, threadIdx.x / 128, 0); }
+
 // Register reallocation between warpgroups (every thread of the warpgroup executes it).
 template <int kRegs>
 CV_DEVICE void warpgroup_reg_alloc() {
