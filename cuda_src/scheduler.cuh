@@ -198,59 +198,13 @@ varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict
   const unsigned full = 0xffffffffu;
   const int lane = threadIdx.x & 31;
   const AttnWindow window = {window_left, window_right};
-  if (in_order) {
-    // Sequence by sequence, each from its last tile (the ordered dQ additions of the backward go
-    // from the last key tile down and need every CTA's predecessors launched before it): rank =
-    // the tiles of the sequences before plus the tile's index from the end.
-    int* order = workspace + kScheduleHeader;
-    if (threadIdx.x == 0) max_cost = 0, total_cost = 0;
-    __syncthreads();
-    int before = 0;
-    for (int b0 = 0; b0 < batch; b0 += kScheduleThreads) {
-      const int b = b0 + threadIdx.x;
-      const int tiles = b < batch ? (load_seq_info(cu_seqlens_q, cu_seqlens_k, b).q_len +
-                                     block_m - 1) / block_m
-                                  : 0;
-      const int first = before + block_exclusive_sum(tiles, warp_totals);
-      for (int m = 0; m < tiles; ++m) {
-        order[2 * (first + tiles - 1 - m)] = b;
-        order[2 * (first + tiles - 1 - m) + 1] = m;
-      }
-      before += warp_totals[31];
-      __syncthreads();  // warp_totals is rewritten by the next round's sum
-    }
-    // The costs, for the head order only, spread over the block as the LPT passes do (one thread
-    // per sequence would walk a long sequence's tiles alone).
-    int my_max = 0;
-    unsigned long long my_cost = 0;
-    for_each_tile(cu_seqlens_q, cu_seqlens_k, batch, block_m,
-                  [&](bool valid, int, SeqInfo seq, int m) {
-                    if (!valid) return;
-                    const int cost = tile_cost(seq, m, block_m, block_n, window);
-                    my_max = max(my_max, cost);
-                    my_cost += cost;
-                  });
-    my_max = __reduce_max_sync(full, my_max);
-    for (int d = 16; d > 0; d >>= 1) my_cost += __shfl_xor_sync(full, my_cost, d);
-    if (lane == 0) {
-      atomicMax(&max_cost, my_max);
-      atomicAdd(&total_cost, my_cost);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      workspace[0] = before;
-      workspace[1] = tile_bound;
-      workspace[kWorkCounter] = 0;
-      HeadOrder::write(workspace, ranks_bound ? tile_bound : before, heads, head_group,
-                       last_group_heads(total_cost, max_cost, heads, head_group, sms));
-    }
-    return;
-  }
   for (int i = threadIdx.x; i < kCostBuckets; i += blockDim.x) bucket_count[i] = 0;
   if (threadIdx.x == 0) max_cost = num_tiles = 0, total_cost = 0;
   __syncthreads();
 
-  // The passes recompute costs rather than store them.
+  // The batch's totals (the tile count, the longest tile, the summed cost: the head order's last
+  // group and LPT's buckets), spread over the block: one thread per sequence would walk a long
+  // sequence's tiles alone. The passes after it recompute costs rather than store them.
   int my_max = 0, my_tiles = 0;
   unsigned long long my_cost = 0;
   for_each_tile(cu_seqlens_q, cu_seqlens_k, batch, block_m,
@@ -270,44 +224,64 @@ varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict
     atomicAdd(&total_cost, my_cost);
   }
   __syncthreads();
-  const int cost_cap = max(max_cost, 1);
 
-  for_each_tile(cu_seqlens_q, cu_seqlens_k, batch, block_m,
-                [&](bool valid, int, SeqInfo seq, int m) {
-                  if (valid)
-                    atomicAdd(&bucket_count[cost_bucket(
-                                  tile_cost(seq, m, block_m, block_n, window), cost_cap)], 1);
-                });
-  __syncthreads();
-
-  // Bucket k's first rank: the tiles of every costlier bucket come before it.
-  const int bucket = kCostBuckets - 1 - threadIdx.x;
-  const int count = bucket_count[bucket];
-  const int first_rank = block_exclusive_sum(count, warp_totals);
-  bucket_count[bucket] = first_rank;  // from here on: the bucket's next free rank
-  __syncthreads();
-
-  // Lanes holding tiles of one sequence in one bucket reserve their ranks with one atomic, the
-  // later tiles first.
   int* order = workspace + kScheduleHeader;
-  for_each_tile(cu_seqlens_q, cu_seqlens_k, batch, block_m,
-                [&](bool valid, int b, SeqInfo seq, int m) {
-                  const int bucket =
-                      valid ? cost_bucket(tile_cost(seq, m, block_m, block_n, window), cost_cap)
-                            : -1;
-                  const unsigned group =
-                      __match_any_sync(full, ((unsigned long long)(unsigned)b << 32) |
-                                                 (unsigned)bucket);
-                  if (!valid) return;
-                  const int leader = __ffs(group) - 1;
-                  int base = 0;
-                  if (lane == leader) base = atomicAdd(&bucket_count[bucket], __popc(group));
-                  base = __shfl_sync(group, base, leader);
-                  // Lanes above this one hold later tiles of the sequence: they go first.
-                  const int rank = base + __popc(group & ~((2u << lane) - 1u));
-                  order[2 * rank] = b;
-                  order[2 * rank + 1] = m;
-                });
+  if (in_order) {
+    // Sequence by sequence, each from its last tile (the ordered dQ additions of the backward go
+    // from the last key tile down and need every CTA's predecessors launched before it): rank =
+    // the tiles of the sequences before plus the tile's index from the end.
+    int before = 0;
+    for (int b0 = 0; b0 < batch; b0 += kScheduleThreads) {
+      const int b = b0 + threadIdx.x;
+      const int tiles = b < batch ? (load_seq_info(cu_seqlens_q, cu_seqlens_k, b).q_len +
+                                     block_m - 1) / block_m
+                                  : 0;
+      const int first = before + block_exclusive_sum(tiles, warp_totals);
+      for (int m = 0; m < tiles; ++m) {
+        order[2 * (first + tiles - 1 - m)] = b;
+        order[2 * (first + tiles - 1 - m) + 1] = m;
+      }
+      before += warp_totals[31];
+      __syncthreads();  // warp_totals is rewritten by the next round's sum
+    }
+  } else {
+    const int cost_cap = max(max_cost, 1);
+    for_each_tile(cu_seqlens_q, cu_seqlens_k, batch, block_m,
+                  [&](bool valid, int, SeqInfo seq, int m) {
+                    if (valid)
+                      atomicAdd(&bucket_count[cost_bucket(
+                                    tile_cost(seq, m, block_m, block_n, window), cost_cap)], 1);
+                  });
+    __syncthreads();
+
+    // Bucket k's first rank: the tiles of every costlier bucket come before it.
+    const int bucket = kCostBuckets - 1 - threadIdx.x;
+    const int count = bucket_count[bucket];
+    const int first_rank = block_exclusive_sum(count, warp_totals);
+    bucket_count[bucket] = first_rank;  // from here on: the bucket's next free rank
+    __syncthreads();
+
+    // Lanes holding tiles of one sequence in one bucket reserve their ranks with one atomic, the
+    // later tiles first.
+    for_each_tile(cu_seqlens_q, cu_seqlens_k, batch, block_m,
+                  [&](bool valid, int b, SeqInfo seq, int m) {
+                    const int bucket =
+                        valid ? cost_bucket(tile_cost(seq, m, block_m, block_n, window), cost_cap)
+                              : -1;
+                    const unsigned group =
+                        __match_any_sync(full, ((unsigned long long)(unsigned)b << 32) |
+                                                   (unsigned)bucket);
+                    if (!valid) return;
+                    const int leader = __ffs(group) - 1;
+                    int base = 0;
+                    if (lane == leader) base = atomicAdd(&bucket_count[bucket], __popc(group));
+                    base = __shfl_sync(group, base, leader);
+                    // Lanes above this one hold later tiles of the sequence: they go first.
+                    const int rank = base + __popc(group & ~((2u << lane) - 1u));
+                    order[2 * rank] = b;
+                    order[2 * rank + 1] = m;
+                  });
+  }
   if (threadIdx.x == 0) {
     workspace[0] = num_tiles;
     workspace[1] = tile_bound;
