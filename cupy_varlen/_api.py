@@ -502,11 +502,10 @@ class _BackwardPlan:
                    for x, shape, like, aside in zip(grads, self.shapes, (q, k, v), self.aside)]
         given = (dq, dk, dv)
         gp = [ptrs[8 + i] if t is given[i] else fw.ptr(t) for i, t in enumerate(targets)]
-        float_ws = fw.empty((launch.float_entries,), cu_q, "float32")
-        int_ws = fw.empty((launch.int_entries,), cu_q, "int32")
+        workspace = fw.empty((launch.workspace_entries,), cu_q, "int32")
         launch.launch(fw.stream_ptr(self.device), dout=ptrs[0], q=ptrs[1], k=ptrs[2], v=ptrs[3],
                       out=ptrs[4], lse=ptrs[5], cu_q=ptrs[6], cu_k=ptrs[7], dq=gp[0], dk=gp[1],
-                      dv=gp[2], float_ws=fw.ptr(float_ws), int_ws=fw.ptr(int_ws))
+                      dv=gp[2], workspace=fw.ptr(workspace))
         for grad, target in zip(grads, targets):
             if target is not grad:
                 fw.copy_into(grad, target)

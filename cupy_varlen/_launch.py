@@ -172,7 +172,7 @@ class BackwardLaunch:
 
     ``strides`` maps q, k, v, out, dout, dq, dk, dv to (row, head) strides in elements."""
 
-    __slots__ = ("kernels", "spec", "float_entries", "int_entries", "accum_bytes", "scalars",
+    __slots__ = ("kernels", "spec", "workspace_entries", "int_offset", "accum_bytes", "scalars",
                  "schedule_kv", "schedule_q", "grid_kv", "grid_q", "grid_prep", "grid_convert",
                  "dq_map_args", "q_map_args", "do_map_args", "heads", "total_q")
 
@@ -186,17 +186,21 @@ class BackwardLaunch:
         self.grid_kv, self.grid_q = bound_k * heads_kv, bound_q * heads
         if max(self.grid_kv, self.grid_q) > _MAX_GRID_X:
             raise ValueError("varlen_attn_backward: tiles x heads exceed one launch's grid")
-        # Scratch: float32 lse_log2 and delta (heads x total_q each) after, where the dK/dV kernel
-        # adds dQ (atomic and ordered modes), the dQ accumulator (first: its float4 accesses need
-        # the allocation's alignment); int32 the key-tile schedule and after it, with the dQ
-        # kernel, the query-tile schedule or, ordered, the counters of the dQ additions.
+        # Scratch, one allocation of 32-bit words (one allocation less per call): float32 lse_log2
+        # and delta (heads x total_q each) after, where the dK/dV kernel adds dQ (atomic and
+        # ordered modes), the dQ accumulator (first: its float4 accesses need the allocation's
+        # alignment); then, from a 16-byte boundary, int32 the key-tile schedule (its int2 entries
+        # need 8) and after it, with the dQ kernel, the query-tile schedule or, ordered, the
+        # counters of the dQ additions.
         self.accum_bytes = 0 if spec.dq_kernel else 4 * total_q * heads * head_dim
-        self.float_entries = max(1, 2 * heads * total_q + self.accum_bytes // 4)
-        self.int_entries = SCHEDULE_HEADER + 2 * bound_k
+        float_entries = -(-(2 * heads * total_q + self.accum_bytes // 4) // 4) * 4
+        int_entries = SCHEDULE_HEADER + 2 * bound_k
         if spec.dq_kernel:
-            self.int_entries += SCHEDULE_HEADER + 2 * bound_q
+            int_entries += SCHEDULE_HEADER + 2 * bound_q
         elif spec.ordered_dq:
-            self.int_entries += 2 * heads * total_q
+            int_entries += 2 * heads * total_q
+        self.int_offset = 4 * float_entries
+        self.workspace_entries = float_entries + int_entries
         left, right = window
         # Key tiles are scheduled as the forward schedules query tiles, with the roles swapped: the
         # transposed mask is the band with left and right exchanged.
@@ -227,11 +231,12 @@ class BackwardLaunch:
                 (spec.dtype, total_q, heads, head_dim, *s[name], t.block_m)
                 for name in ("q", "dout"))
 
-    def launch(self, stream_ptr: int, *, q, k, v, out, dout, dq, dk, dv, lse, float_ws, int_ws,
-               cu_q, cu_k) -> None:
-        """Launches on ``stream_ptr``; every argument is a device pointer, the workspaces of
-        ``float_entries`` float32 and ``int_entries`` int32."""
+    def launch(self, stream_ptr: int, *, q, k, v, out, dout, dq, dk, dv, lse, workspace, cu_q,
+               cu_k) -> None:
+        """Launches on ``stream_ptr``; every argument is a device pointer, ``workspace`` one of
+        ``workspace_entries`` 32-bit words."""
         kernels, spec = self.kernels, self.spec
+        float_ws, int_ws = workspace, workspace + self.int_offset
         dq_accum = 0 if spec.dq_kernel else float_ws
         lse_log2 = float_ws + self.accum_bytes
         delta = lse_log2 + 4 * self.heads * self.total_q

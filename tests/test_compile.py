@@ -541,3 +541,29 @@ def test_backward_params_packing_matches_the_kernel_struct():
     assert blob[512:640] == q_map and blob[640:768] == do_map
     # By-value structs with 64-byte aligned members go through kernelParams (see _ParamBuffer).
     assert _launch._BWD_ARGS.extra == 0 and _launch._BWD_ARGS.kernel_params != 0
+
+
+@pytest.mark.parametrize("deterministic,arch", [(False, "sm_90a"), (True, "sm_90a"),
+                                                (True, "sm_80")])
+def test_backward_workspace_is_one_allocation(deterministic, arch):
+    """The backward's scratch is one allocation: the fp32 part (dQ accumulator, lse_log2, delta)
+    first, the int32 part (schedules, ordered counters) from a 16-byte boundary after it."""
+    from cupy_varlen import _launch
+
+    total_q, total_k, heads, heads_kv, head_dim, batch = 1000, 1200, 6, 2, 64, 5
+    spec = _spec.choose_bwd_spec("bf16", head_dim, False, arch, deterministic)
+    strides = {name: (heads * head_dim, head_dim)
+               for name in ("q", "k", "v", "out", "dout", "dq", "dk", "dv")}
+    launch = _launch.BackwardLaunch(
+        None, spec, strides=strides, lse_strides=(total_q, 1), total_q=total_q, total_k=total_k,
+        batch=batch, heads=heads, heads_kv=heads_kv, head_dim=head_dim, scale=0.1,
+        scale_log2=0.1, window=(-1, -1), num_sms=132)
+    floats = 2 * heads * total_q + launch.accum_bytes // 4
+    ints = _launch.SCHEDULE_HEADER + 2 * _launch.tile_bound(total_k, batch, spec.tiles.block_n)
+    if spec.dq_kernel:
+        ints += _launch.SCHEDULE_HEADER + 2 * _launch.tile_bound(total_q, batch,
+                                                                 spec.tiles.block_m)
+    elif spec.ordered_dq:
+        ints += 2 * heads * total_q
+    assert launch.int_offset % 16 == 0 and launch.int_offset >= 4 * floats
+    assert 4 * launch.workspace_entries - launch.int_offset == 4 * ints
