@@ -229,7 +229,7 @@ varlen_bwd_dq(const __grid_constant__ BwdParams p) {
   int head;
   if (!decode_tile(p.schedule_q, p.heads_per_kv, blockIdx.x, work, head)) return;
   const int kv_head = head / p.heads_per_kv;
-  const SeqInfo seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, work.batch_idx);
+  const SeqInfo seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, nullptr, work.batch_idx);
   const int m0 = work.m_block * kBlockM;
   const int rows_valid = min(kBlockM, seq.q_len - m0);
   const int chunks_valid = p.head_dim / 8;

@@ -59,7 +59,7 @@ varlen_bwd_dkdv(const __grid_constant__ BwdParams p) {
   TileWork work;
   int kv_head;
   if (!decode_tile(p.schedule_kv, 1, blockIdx.x, work, kv_head)) return;
-  const SeqInfo seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, work.batch_idx);
+  const SeqInfo seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, nullptr, work.batch_idx);
   const int n0 = work.m_block * kBlockN;  // the schedule's rows are keys here
   const int keys_valid = min(kBlockN, seq.k_len - n0);
   const int chunks_valid = p.head_dim / 8;

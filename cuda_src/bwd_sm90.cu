@@ -149,7 +149,7 @@ CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
   // tile's predecessor in the dQ order is launched two CTAs before it, not one), the last group
   // widened where a head's work is short beside its longest tile (cupy_varlen/_launch.py).
   if (!decode_tile_in_head_order(p.schedule_kv, blockIdx.x, work, t.kv_head)) return false;
-  t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, work.batch_idx);
+  t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, nullptr, work.batch_idx);
   t.n0 = work.m_block * kBlockN;
   t.keys_valid = min(kBlockN, t.seq.k_len - t.n0);
   const MaskBand band = make_band(t.seq.q_len, t.seq.k_len, bwd_window(p));

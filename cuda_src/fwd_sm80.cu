@@ -53,7 +53,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, CV_MIN_BLOCKS)
 varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
            u16* __restrict__ out, float* __restrict__ lse,
            const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-           const int* __restrict__ schedule,
+           const int* __restrict__ schedule, const int* __restrict__ seqused_k,
            i64 q_row_stride, i64 q_head_stride, i64 k_row_stride, i64 k_head_stride,
            i64 v_row_stride, i64 v_head_stride, i64 o_row_stride, i64 o_head_stride,
            i64 lse_head_stride, int heads_per_kv, int head_dim, float scale, float scale_log2,
@@ -65,7 +65,7 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   int head;
   if (!decode_tile(schedule, heads_per_kv, blockIdx.x, work, head)) return;
   const int kv_head = head / heads_per_kv;
-  SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, work.batch_idx);
+  SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, work.batch_idx);
 #if CV_WINDOWED
   const AttnWindow window = {window_left, window_right};
 #else
@@ -163,7 +163,7 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   // Re-derive the tile's coordinates rather than hold them through the main loop (opaque() makes
   // the compiler reload them instead of keeping the first values live).
   decode_tile(schedule, heads_per_kv, opaque(blockIdx.x), work, head);
-  seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, work.batch_idx);
+  seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, nullptr, work.batch_idx);  // its query rows only
   m0 = work.m_block * kBlockM;
   rows_valid = min(kBlockM, seq.q_len - m0);
 

@@ -100,6 +100,7 @@ struct Params {
   const int* cu_seqlens_q;
   const int* cu_seqlens_k;
   int* workspace;
+  const int* seqused_k;  // null: every key of a sequence's slot (seqlen.cuh)
   i64 q_row_stride, q_head_stride, k_row_stride, k_head_stride;
   i64 v_row_stride, v_head_stride, o_row_stride, o_head_stride;
   i64 lse_head_stride;
@@ -109,7 +110,7 @@ struct Params {
   int use_tma;  // 1: tma_k and tma_v are valid maps of k and v (cupy_varlen/_tma.py)
   TensorMap tma_k, tma_v;
 };
-// The host packs this struct byte for byte (cupy_varlen/_launch.py, _SM90_PARAMS: 8 pointers,
+// The host packs this struct byte for byte (cupy_varlen/_launch.py, _SM90_PARAMS: 9 pointers,
 // 9 int64, 3 int32, 2 float, 3 int32, padding to 64 bytes, two 128-byte maps); a field added on one
 // side only changes the size.
 static_assert(sizeof(Params) == 448, "Params layout must match the host's packing");
@@ -202,7 +203,7 @@ CV_DEVICE WorkTile load_work(const Params& p, const PersistentScheduler& schedul
   if (scheduler.done(item)) return t;
   const TileWork w = scheduler.tile(item, t.head);
   t.kv_head = t.head / p.heads_per_kv;
-  t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, w.batch_idx);
+  t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k, w.batch_idx);
   t.m0 = w.m_block * kBlockM;
   derive_work(p, t);
   return t;

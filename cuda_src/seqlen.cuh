@@ -10,11 +10,18 @@ struct SeqInfo {
 
 // A decreasing pair of offsets is invalid input; reading it as an empty sequence keeps every access
 // inside the tensors (check_inputs=True reports it instead).
-CV_DEVICE SeqInfo load_seq_info(const int* cu_seqlens_q, const int* cu_seqlens_k, int batch_idx) {
+//
+// seqused_k (null: none) gives the keys of each sequence that take part, from the start of its slot
+// in cu_seqlens_k (a KV cache whose slots are longer than what is filled): k_len is that count,
+// and every mask aligns to it. A count outside [0, slot] is read as the nearest bound, so no key
+// outside the slot is ever read (check_inputs=True reports it instead).
+CV_DEVICE SeqInfo load_seq_info(const int* cu_seqlens_q, const int* cu_seqlens_k,
+                                const int* seqused_k, int batch_idx) {
   SeqInfo s;
   s.q_start = __ldg(cu_seqlens_q + batch_idx);
   s.q_len = max(__ldg(cu_seqlens_q + batch_idx + 1) - s.q_start, 0);
   s.k_start = __ldg(cu_seqlens_k + batch_idx);
   s.k_len = max(__ldg(cu_seqlens_k + batch_idx + 1) - s.k_start, 0);
+  if (seqused_k != nullptr) s.k_len = min(max(__ldg(seqused_k + batch_idx), 0), s.k_len);
   return s;
 }

@@ -87,7 +87,7 @@ def _strided_offsets(info) -> bool:
 
 def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                 causal=False, scale=None, window_size=(-1, -1), return_lse=False, out=None,
-                deterministic=False, check_inputs=False):
+                deterministic=False, check_inputs=False, seqused_k=None):
     r"""Attention over a packed batch of variable-length sequences.
 
     Sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key/value rows
@@ -134,6 +134,13 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             touch memory outside the tensors.
         out: optional preallocated (T_q, H, D) array of q's dtype and type (may be a strided
             view); written in place and returned. Must not overlap k or v.
+        seqused_k: optional int32 array of shape (B,) (a KV cache whose slots in
+            ``cu_seqlens_k`` are longer than what is filled): only the first ``seqused_k[b]``
+            keys of sequence b's slot take part, and causal and window alignment use that
+            length. Keys past it are never read. Inference only, as in torch: an autograd call
+            (inputs that require grad, grad mode on) raises. ``check_inputs=True`` also checks
+            ``0 <= seqused_k[b] <= cu_seqlens_k[b+1] - cu_seqlens_k[b]``; without it a count
+            outside that range is read as the nearest bound.
 
     Returns:
         ``out``, or ``(out, lse)`` with ``return_lse=True``. A query row with no allowed key
@@ -158,27 +165,29 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     if _needs_autograd(q, k, v):
         return _torch.varlen_attn_autograd(
             VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            scale, window_size, return_lse, out, deterministic, check_inputs)
+            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k)
     return _varlen_attn_eager(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, causal, scale, window_size, return_lse, out,
-                              deterministic, check_inputs)
+                              deterministic, check_inputs, seqused_k)
 
 
 def _varlen_attn(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                 scale, window_size, return_lse, out, deterministic, check_inputs):
+                 scale, window_size, return_lse, out, deterministic, check_inputs,
+                 seqused_k=None):
     """:func:`varlen_attn` for callers with other argument names (compat): errors speak
     ``names``."""
     if _needs_autograd(q, k, v):
         return _torch.varlen_attn_autograd(
             names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            scale, window_size, return_lse, out, deterministic, check_inputs)
+            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k)
     return _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, causal, scale, window_size, return_lse, out,
-                              deterministic, check_inputs)
+                              deterministic, check_inputs, seqused_k)
 
 
 def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       causal, scale, window_size, return_lse, out, deterministic, check_inputs):
+                       causal, scale, window_size, return_lse, out, deterministic, check_inputs,
+                       seqused_k=None):
     """varlen_attn without autograd: checks every argument, allocates and launches. Also the
     custom op's implementation, where it is the check that guards the kernels against a direct
     ``torch.ops`` call.
@@ -186,24 +195,27 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     A call whose signature (see :func:`_forward_key`) was checked and planned before skips the
     checks and runs its plan."""
     key = _forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, out, max_seqlen_q, max_seqlen_k,
-                       causal, scale, window_size, return_lse, deterministic, check_inputs)
+                       causal, scale, window_size, return_lse, deterministic, check_inputs,
+                       seqused_k)
     plan = _cached_plan(_forward_plans, key)
     if plan is not None:
-        return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, key[2])
+        return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, key[2])
     adopt = _arrays.adopt
-    q, k, v, cu_seqlens_q, cu_seqlens_k, out = (
-        adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out))
+    q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k = (
+        adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out),
+        adopt(seqused_k))
     fw = _checks.framework(names, q)
     (qi, ki, vi, cu_qi, cu_ki, oi, _causal, scale, left, right, return_lse, _deterministic,
      check_inputs) = _checks.check_forward_args(
         fw, names, fw.info, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         causal, scale, window_size, return_lse, out, deterministic, check_inputs)
+    ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, fw.info)
     batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi, cu_ki,
-                                 oi, max_seqlen_q, max_seqlen_k, check_inputs)
-    plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse)
+                                 oi, max_seqlen_q, max_seqlen_k, check_inputs, seqused_k, ui)
+    plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui)
     if key is not None:
         _remember(_forward_plans, key[0], plan)
-    return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out)
+    return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +277,7 @@ def _is_index(x) -> bool:
 
 
 def _forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_size, return_lse,
-                 deterministic, check_inputs):
+                 deterministic, check_inputs, seqused_k=None):
     """(key, framework, pointers) of a forward call that may run a cached plan, or None.
 
     max_seqlen_q/k only take part in checks: any valid value shares the plan. check_inputs=True
@@ -273,7 +285,7 @@ def _forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_s
     if check_inputs is not False or not (_is_index(max_q) and _is_index(max_k)) \
             or type(window_size) is not tuple:
         return None
-    signature = _signature((q, k, v, cu_q, cu_k, out))
+    signature = _signature((q, k, v, cu_q, cu_k, out, seqused_k))
     if signature is None:
         return None
     fw, layouts, ptrs = signature
@@ -318,10 +330,10 @@ class _ForwardPlan:
     __slots__ = ("device", "out_shape", "lse_shape", "copies", "out_aside", "launch", "scale",
                  "left", "right", "batch")
 
-    def run(self, fw, q, k, v, cu_q, cu_k, out, ptrs):
+    def run(self, fw, q, k, v, cu_q, cu_k, out, seqused_k, ptrs):
         if self.copies is not None:
-            (q, k, v, cu_q, cu_k), ptrs = _copy_marked(fw, (q, k, v, cu_q, cu_k), ptrs,
-                                                       self.copies)
+            (q, k, v, cu_q, cu_k, _out, seqused_k), ptrs = _copy_marked(
+                fw, (q, k, v, cu_q, cu_k, out, seqused_k), ptrs, self.copies)
         result = fw.empty(self.out_shape, q) if out is None else out
         lse = None if self.lse_shape is None else fw.empty(self.lse_shape, q, "float32")
         launch = self.launch
@@ -331,15 +343,16 @@ class _ForwardPlan:
             workspace = fw.empty((launch.workspace_entries,), cu_q, "int32")
             launch.launch(fw.stream_ptr(self.device), ptrs[0], ptrs[1], ptrs[2],
                           ptrs[5] if target is out else fw.ptr(target),
-                          0 if lse is None else fw.ptr(lse), ptrs[3], ptrs[4], fw.ptr(workspace))
+                          0 if lse is None else fw.ptr(lse), ptrs[3], ptrs[4], fw.ptr(workspace),
+                          ptrs[6])
             if target is not result:
                 fw.copy_into(result, target)
         return result if lse is None else (result, lse)
 
 
-def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse):
+def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui=None):
     """The plan of a forward whose arguments have been checked (their infos, scale resolved,
-    causal folded into the window)."""
+    causal folded into the window; ``ui`` seqused_k's info or None)."""
     total_q, heads, head_dim = qi.shape
     plan = _ForwardPlan()
     plan.device, plan.batch = qi.device, batch
@@ -347,7 +360,7 @@ def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, retur
     plan.out_shape = qi.shape
     plan.lse_shape = (heads, total_q) if return_lse else None
     copies = (_needs_copy(qi), _needs_copy(ki), _needs_copy(vi), _strided_offsets(cu_qi),
-              _strided_offsets(cu_ki))
+              _strided_offsets(cu_ki), False, ui is not None and _strided_offsets(ui))
     plan.copies = copies if any(copies) else None
     plan.out_aside = oi is not None and not _aligned(oi)
     plan.launch = None

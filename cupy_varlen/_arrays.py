@@ -74,6 +74,12 @@ class Framework:
         and read back in one transfer (this synchronizes: check_inputs=True only)."""
         raise NotImplementedError
 
+    def used_summary(self, used, cu) -> tuple:
+        """(smallest count, largest count minus its slot) of seqused_k ``used`` against the slots
+        of the offsets ``cu`` (one longer), reduced on the device and read back in one transfer
+        (check_inputs=True only). A batch of no sequences gives (0, 0)."""
+        raise NotImplementedError
+
 
 class TorchFramework(Framework):
     name = "torch"
@@ -146,6 +152,12 @@ class TorchFramework(Framework):
             steps = torch.zeros(1, dtype=cu.dtype, device=cu.device)
         return tuple(torch.stack([cu[0], cu[-1], steps.min(), steps.max()]).tolist())
 
+    def used_summary(self, used, cu):
+        if used.numel() == 0:
+            return 0, 0
+        excess = used - (cu[1:] - cu[:-1])
+        return tuple(self._torch.stack([used.min(), excess.max()]).tolist())
+
 
 class CupyFramework(Framework):
     name = "cupy"
@@ -195,6 +207,13 @@ class CupyFramework(Framework):
             if steps.size == 0:
                 steps = cupy.zeros(1, dtype=cu.dtype)
             return tuple(int(x) for x in cupy.stack([cu[0], cu[-1], steps.min(), steps.max()]).get())
+
+    def used_summary(self, used, cu):
+        if used.size == 0:
+            return 0, 0
+        with used.device:
+            excess = used - (cu[1:] - cu[:-1])
+            return tuple(int(x) for x in cupy.stack([used.min(), excess.max()]).get())
 
 
 _CUPY = CupyFramework()

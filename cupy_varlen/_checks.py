@@ -189,6 +189,22 @@ def check_cu_seqlens(fw, names, cu_q, cu_k, describe):
     return cu_qi, cu_ki
 
 
+def check_seqused_k(fw, names, seqused_k, cu_qi, describe):
+    """seqused_k: None, or int32 of shape (batch,) (one per sequence of cu_seqlens_q). Returns its
+    info or None."""
+    if seqused_k is None:
+        return None
+    _check_array_type(fw, names, "seqused_k", seqused_k)
+    info = describe(seqused_k)
+    if info.dtype != "int32":
+        fail(TypeError, names, "seqused_k", f"must be int32, got {info.dtype}")
+    batch = cu_qi.shape[0] - 1
+    if info.shape != (batch,):
+        fail(ValueError, names, "seqused_k",
+             f"must be 1-D with one count per sequence ({batch}), got shape {info.shape}")
+    return info
+
+
 def check_attention_args(fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, causal, scale, window_size, deterministic,
                          check_max_seqlen=check_int):
@@ -264,17 +280,24 @@ def check_offsets(fw, names, name, cu, total, tensor_name, max_name, max_seqlen)
 
 
 def check_launch(fw, names, cu_q, cu_k, qi, ki, vi, cu_qi, cu_ki, oi, max_seqlen_q, max_seqlen_k,
-                 check_inputs) -> int:
+                 check_inputs, seqused_k=None, ui=None) -> int:
     """The forward's checks that need real arrays (after :func:`check_forward_args`): tokens
-    without sequences, device placement and, with ``check_inputs``, the offsets' values. Returns
-    the number of sequences."""
+    without sequences, device placement and, with ``check_inputs``, the offsets' values (and
+    seqused_k's, ``ui`` its info). Returns the number of sequences."""
     total_q, total_k = qi.shape[0], ki.shape[0]
     batch = check_batch(names, cu_qi, total_q, total_k)
     check_devices(names, (("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
-                          ("cu_seqlens_k", cu_ki), ("out", oi)))
+                          ("cu_seqlens_k", cu_ki), ("out", oi), ("seqused_k", ui)))
     if check_inputs:
         check_offsets(fw, names, "cu_seqlens_q", cu_q, total_q, "q", "max_seqlen_q", max_seqlen_q)
         check_offsets(fw, names, "cu_seqlens_k", cu_k, total_k, "k", "max_seqlen_k", max_seqlen_k)
+        if seqused_k is not None:
+            smallest, excess = fw.used_summary(seqused_k, cu_k)
+            if smallest < 0:
+                fail(ValueError, names, "seqused_k", f"must not be negative, got {smallest}")
+            if excess > 0:
+                fail(ValueError, names, "seqused_k",
+                     f"exceeds a sequence's slot in {names('cu_seqlens_k')} by {excess} keys")
     return batch
 
 

@@ -14,17 +14,17 @@ SCHEDULE_THREADS = 1024  # cuda_src/scheduler.cuh: kScheduleThreads
 SCHEDULE_HEADER = 16  # cuda_src/scheduler.cuh: kScheduleHeader
 # Every kernel's parameters, packed as the kernel lays them out (each at its natural alignment;
 # these formats need no padding between fields).
-# cuda_src/fwd_sm90.cu: struct Params, passed by value as one __grid_constant__ argument: 8 pointers,
-# 9 int64 strides, 3 int32, 2 float32, 3 int32 (window, use_tma), padding to the 64-byte alignment
-# of the two 128-byte tensor maps of k and v.
-_SM90_PARAMS = struct.Struct("<8Q9q3i2f3i24x128s128s")
+# cuda_src/fwd_sm90.cu: struct Params, passed by value as one __grid_constant__ argument: 9 pointers
+# (the last seqused_k, 0 for none), 9 int64 strides, 3 int32, 2 float32, 3 int32 (window, use_tma),
+# padding to the 64-byte alignment of the two 128-byte tensor maps of k and v.
+_SM90_PARAMS = struct.Struct("<9Q9q3i2f3i16x128s128s")
 _NO_MAP = bytes(_tma.MAP_BYTES)
-# cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 8 pointers, 9 int64 strides, 2 int32, 2 float32,
-# 2 int32.
-_SM80_PARAMS = struct.Struct("<8Q9q2i2f2i")
-# cuda_src/scheduler.cuh: varlen_tile_schedule(cu_q, cu_k, workspace, batch, block_m, block_n,
-# left, right, tile_bound, in_order, heads, head_group, sms, ranks_bound).
-_SCHEDULE_PARAMS = struct.Struct("<3Q11i")
+# cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 9 pointers (the last seqused_k), 9 int64 strides,
+# 2 int32, 2 float32, 2 int32.
+_SM80_PARAMS = struct.Struct("<9Q9q2i2f2i")
+# cuda_src/scheduler.cuh: varlen_tile_schedule(cu_q, cu_k, seqused_k, workspace, batch, block_m,
+# block_n, left, right, tile_bound, in_order, heads, head_group, sms, ranks_bound).
+_SCHEDULE_PARAMS = struct.Struct("<4Q11i")
 _MAX_GRID_X = 2**31 - 1
 
 # cuLaunchKernel's `extra` keys: the parameters as one buffer.
@@ -71,10 +71,11 @@ _SM80_ARGS = _ParamBuffer(_SM80_PARAMS)
 _SCHEDULE_ARGS = _ParamBuffer(_SCHEDULE_PARAMS)
 
 
-def _launch_schedule(function, stream_ptr: int, cu_rows, cu_cols, schedule, workspace) -> None:
+def _launch_schedule(function, stream_ptr: int, cu_rows, cu_cols, seqused_cols, schedule,
+                     workspace) -> None:
     """``schedule``: varlen_tile_schedule's scalar arguments (batch, block_rows, block_cols, left,
     right, tile_bound, in_order, heads, head_group, sms, ranks_bound)."""
-    _SCHEDULE_ARGS.pack(cu_rows, cu_cols, workspace, *schedule).launch(
+    _SCHEDULE_ARGS.pack(cu_rows, cu_cols, seqused_cols, workspace, *schedule).launch(
         function, 1, SCHEDULE_THREADS, stream_ptr)
 
 
@@ -137,21 +138,25 @@ class ForwardLaunch:
             self.grid = ctas
 
     def launch(self, stream_ptr: int, q: int, k: int, v: int, out: int, lse: int, cu_q: int,
-               cu_k: int, workspace: int) -> None:
-        """Launches on ``stream_ptr``; every argument is a device pointer (lse 0: not written)."""
+               cu_k: int, workspace: int, seqused_k: int = 0) -> None:
+        """Launches on ``stream_ptr``; every argument is a device pointer (lse 0: not written;
+        seqused_k 0: none)."""
         kernels, spec = self.kernels, self.spec
-        _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, self.schedule, workspace)
+        _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, seqused_k, self.schedule,
+                         workspace)
         if spec.persistent:
             # Per call: a map holds its tensor's address (cached per pointer by tile_map).
             k_args, v_args = self.map_args
             k_map, v_map = _tma.tile_map(k, *k_args), _tma.tile_map(v, *v_args)
             use_tma = k_map is not None and v_map is not None
-            _SM90_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, *self.scalars, int(use_tma),
+            _SM90_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, seqused_k, *self.scalars,
+                            int(use_tma),
                             k_map if use_tma else _NO_MAP,
                             v_map if use_tma else _NO_MAP).launch(
                 kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
         else:
-            _SM80_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, *self.scalars).launch(
+            _SM80_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, seqused_k,
+                            *self.scalars).launch(
                 kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
 
 
@@ -257,10 +262,11 @@ class BackwardLaunch:
             q_map if use_qdo else _NO_MAP, do_map if use_qdo else _NO_MAP)
         if self.total_q:
             params.launch(kernels.preprocess, self.grid_prep, _PREP_THREADS, stream_ptr)
-        _launch_schedule(kernels.schedule, stream_ptr, cu_k, cu_q, self.schedule_kv, ws_kv)
+        _launch_schedule(kernels.schedule, stream_ptr, cu_k, cu_q, 0, self.schedule_kv, ws_kv)
         params.launch(kernels.main, self.grid_kv, spec.threads, stream_ptr, spec.smem_bytes)
         if spec.dq_kernel:
-            _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, self.schedule_q, ws_after)
+            _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, 0, self.schedule_q,
+                             ws_after)
             params.launch(kernels.dq, self.grid_q, spec.dq_threads, stream_ptr,
                           spec.dq_smem_bytes)
         elif self.total_q:

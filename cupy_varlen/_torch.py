@@ -27,6 +27,8 @@ Two properties of the forward are deliberate:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import _api, _arrays, _checks
@@ -85,6 +87,7 @@ def _varlen_attn_op(
     window_right: int,
     deterministic: bool = False,
     check_inputs: bool = False,
+    seqused_k: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # The op is callable directly (torch.ops.cupy_varlen.varlen_attn) and from compiled graphs,
     # whose arguments were checked on fake tensors at trace time at most: the eager
@@ -94,12 +97,13 @@ def _varlen_attn_op(
     # deterministic is a forward argument only so that setup_context can hand it to the backward.
     return _api._varlen_attn_eager(
         VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-        scale, (window_left, window_right), True, None, deterministic, check_inputs)
+        scale, (window_left, window_right), True, None, deterministic, check_inputs, seqused_k)
 
 
 @_varlen_attn_op.register_fake
 def _varlen_attn_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                      scale, window_left, window_right, deterministic=False, check_inputs=False):
+                      scale, window_left, window_right, deterministic=False, check_inputs=False,
+                      seqused_k=None):
     # Contiguous, like the eager path's allocation: compiled code trusts these strides.
     out = q.new_empty(q.shape)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -157,7 +161,9 @@ def _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse, scalars):
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right, deterministic,
-     _check_inputs) = inputs
+     _check_inputs, seqused_k) = inputs
+    if seqused_k is not None:  # as torch's varlen_attn: no backward for a partially used cache
+        raise RuntimeError("varlen_attn: seqused_k is an inference-only parameter")
     _save_for_backward(ctx, q, k, v, cu_q, cu_k, *output,
                        (max_q, max_k, causal, scale, left, right, deterministic))
 
@@ -165,8 +171,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _varlen_attn_backward_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.scalars)
-    # cu_seqlens_q/k, max_seqlen_q/k, causal, scale, window_left/right, deterministic, check_inputs
-    return (dq, dk, dv) + (None,) * 10
+    # cu_seqlens_q/k, max_seqlen_q/k, causal, scale, window_left/right, deterministic, check_inputs,
+    # seqused_k
+    return (dq, dk, dv) + (None,) * 11
 
 
 _varlen_attn_op.register_autograd(_backward, setup_context=_setup_context)
@@ -184,7 +191,7 @@ class _EagerVarlenAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, deterministic, prepared):
         plan, ptrs = prepared
-        out, lse = _api._run_on_device(plan, _FW, q, k, v, cu_q, cu_k, None, ptrs=ptrs)
+        out, lse = _api._run_on_device(plan, _FW, q, k, v, cu_q, cu_k, None, None, ptrs=ptrs)
         _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse,
                            (max_q, max_k, causal, plan.scale, plan.left, plan.right,
                             deterministic))
@@ -299,7 +306,7 @@ def _check_max_seqlen(names, name, value):
 
 def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          causal, scale, window_size, return_lse, out, deterministic,
-                         check_inputs):
+                         check_inputs, seqused_k=None):
     """:func:`cupy_varlen.varlen_attn` for torch tensors that autograd records, torch compiles or
     a dispatch mode watches. Same arguments (positional, with ``names`` for the messages) and
     results.
@@ -324,6 +331,13 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     # Nothing else needs to see the op: no dispatch mode (fake tensors, FlopCounterMode, ...), no
     # profiler.
     direct = real and _EAGER_FAST_PATH and not _dispatch_modes() and not _profiling()
+    if seqused_k is not None:
+        if _grad_enabled() and any(isinstance(x, _Tensor) and x.requires_grad for x in (q, k, v)):
+            raise RuntimeError(
+                f"{names.function}: {names('seqused_k')} is an inference-only parameter (no "
+                "backward): call under torch.no_grad() or with inputs that do not require grad")
+        # Here only while tracing or watched: the op carries it.
+        direct = False
     key = None
     if direct and out is None and (return_lse is True or return_lse is False):
         # The forward always returns lse (the backward needs it): the plan of return_lse=True.
@@ -341,12 +355,13 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         fw, names, fw.info if real else fw.meta, q, k, v, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k, causal, scale, window_size, return_lse, out, deterministic,
         check_inputs, _check_max_seqlen)
+    ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, fw.info if real else fw.meta)
     if real:
         # The op checks these again (it must, see _varlen_attn_op), but with varlen_attn's names;
         # here they speak the caller's. The offsets' values (a device round trip) only once.
         batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi,
                                      cu_ki, oi, max_seqlen_q, max_seqlen_k,
-                                     check_inputs and direct)
+                                     check_inputs and direct, seqused_k, ui)
     if direct:
         plan = _api._plan_forward(qi, ki, vi, cu_qi, cu_ki, None, batch, scale, left, right, True)
         if key is not None:
@@ -358,7 +373,7 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
             _teach_active_flop_counters()
         result, lse = _varlen_attn_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, causal, scale, left, right, deterministic,
-                                      check_inputs)
+                                      check_inputs, seqused_k)
     if out is not None:
         result = out.copy_(result)
     return (result, lse) if return_lse else result

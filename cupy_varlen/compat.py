@@ -22,10 +22,13 @@ code that builds one for torch keeps working. What differs, all checked against 
   treats a bound ``>= max_k`` as unbounded, which only differs from the true window when ``max_k``
   is smaller than a real sequence. ``max_q``/``max_k`` are checked for type only and never change
   the result (torch sizes its grid from them, so a too-small value gives wrong output there).
-- **Not supported** (raise ``NotImplementedError`` naming the argument): ``seqused_k``,
-  ``block_table`` (paged KV cache, inference-only in torch too), ``cu_seq_k=None`` (meaningful only
-  with them) and ``num_splits`` other than None or 1. ``num_splits=1`` asks for batch-invariant
-  results, which these kernels always give: they never split a row's keys across blocks.
+- **seqused_k** (a KV cache whose slots are longer than what is filled) is supported, inference
+  only as in torch (an autograd call raises ``RuntimeError``).
+- **Not supported yet** (raise ``NotImplementedError`` naming the argument): ``block_table``
+  (paged KV cache, inference-only in torch too) and ``cu_seq_k=None`` (meaningful only with it).
+- **num_splits**: any value >= 1 or None is accepted, and the keys of a row are never split across
+  blocks: every result is batch-invariant, what ``num_splits=1`` asks for, and ``N > 1`` ("at
+  most N") is met with one.
 - **Determinism**: the backward is bitwise deterministic when
   ``torch.use_deterministic_algorithms(True)`` is in effect at the forward call (torch reads the
   flag when the backward runs).
@@ -66,19 +69,19 @@ def _resolve(names, query, key, cu_seq_k, window_size, enable_gqa, seqused_k, bl
              num_splits):
     """torch's argument rules, mapped onto cupy_varlen.varlen_attn's keywords."""
     function = names.function
-    for name, value in (("seqused_k", seqused_k), ("block_table", block_table)):
-        if value is not None:
-            raise NotImplementedError(
-                f"{function}: {name} (paged / partially filled KV cache) is not supported by "
-                f"cupy_varlen; use torch.nn.attention.varlen.{function} for it")
+    if block_table is not None:
+        raise NotImplementedError(
+            f"{function}: block_table (paged KV cache) is not supported by cupy_varlen yet; use "
+            f"torch.nn.attention.varlen.{function} for it")
     if cu_seq_k is None:
         raise NotImplementedError(
-            f"{function}: cu_seq_k=None (only meaningful with seqused_k/block_table) is not "
-            "supported by cupy_varlen")
-    if num_splits is not None and num_splits != 1:
-        raise NotImplementedError(
-            f"{function}: num_splits={num_splits} is not supported: cupy_varlen never splits the "
-            "keys of a row (num_splits=1 and None are accepted)")
+            f"{function}: cu_seq_k=None (only meaningful with block_table) is not supported by "
+            "cupy_varlen yet")
+    if num_splits is not None and (isinstance(num_splits, bool)
+                                   or not isinstance(num_splits, numbers.Integral)):
+        raise TypeError(f"{function}: num_splits must be None or an int, got {num_splits!r}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"{function}: num_splits must be None or >= 1, got {num_splits}")
     # torch's own head-count check and messages: code that passes here passes there. Where query
     # or key is not a 3-D tensor, the validation that follows names it.
     if getattr(query, "ndim", None) == 3 and getattr(key, "ndim", None) == 3:
@@ -116,7 +119,7 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
                                      seqused_k, block_table, num_splits)
     want_lse = return_aux is not None and bool(return_aux.lse)
     return _api._varlen_attn(names, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, False,
-                             scale, window, want_lse, None, deterministic, False)
+                             scale, window, want_lse, None, deterministic, False, seqused_k)
 
 
 def varlen_attn_out(out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
@@ -129,4 +132,4 @@ def varlen_attn_out(out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
                                      seqused_k, block_table, num_splits)
     want_lse = return_aux is not None and bool(return_aux.lse)
     return _api._varlen_attn(names, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, False,
-                             scale, window, want_lse, out, deterministic, False)
+                             scale, window, want_lse, out, deterministic, False, seqused_k)

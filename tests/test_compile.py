@@ -434,13 +434,14 @@ def test_sm90_params_packing_matches_the_kernel_struct():
     source = (_build.SOURCE_DIR / "fwd_sm90.cu").read_text()
     assert f"sizeof(Params) == {packer.size}" in source
     k_map, v_map = bytes(range(128)), bytes(range(128, 256))
-    blob = packer.pack(*range(1, 18), 18, 19, 20, 0.5, 0.25, -1, 7, 1, k_map, v_map)
+    blob = packer.pack(*range(1, 19), 19, 20, 21, 0.5, 0.25, -1, 7, 1, k_map, v_map)
     assert struct.unpack_from("<Q", blob, 0)[0] == 1  # q
-    assert struct.unpack_from("<q", blob, 64)[0] == 9  # q_row_stride, after 8 pointers
-    assert struct.unpack_from("<3i", blob, 136) == (18, 19, 20)  # heads_per_kv, num_heads, head_dim
-    assert struct.unpack_from("<2f", blob, 148) == (0.5, 0.25)  # scale, scale_log2
-    assert struct.unpack_from("<2i", blob, 156) == (-1, 7)  # window
-    assert struct.unpack_from("<i", blob, 164)[0] == 1  # use_tma
+    assert struct.unpack_from("<Q", blob, 64)[0] == 9  # seqused_k, the last pointer
+    assert struct.unpack_from("<q", blob, 72)[0] == 10  # q_row_stride, after 9 pointers
+    assert struct.unpack_from("<3i", blob, 144) == (19, 20, 21)  # heads_per_kv, num_heads, head_dim
+    assert struct.unpack_from("<2f", blob, 156) == (0.5, 0.25)  # scale, scale_log2
+    assert struct.unpack_from("<2i", blob, 164) == (-1, 7)  # window
+    assert struct.unpack_from("<i", blob, 172)[0] == 1  # use_tma
     # The maps are alignas(64): at 192 and 320, after the padding.
     assert blob[192:320] == k_map and blob[320:448] == v_map
 
@@ -455,7 +456,7 @@ def test_param_buffers_hold_the_packed_bytes_per_thread():
 
     from cupy_varlen import _launch
 
-    fields = (11, 12, 13, 4, 128, 64, -1, 0, 99, 1, 16, 2, 132, 1)
+    fields = (11, 12, 0, 13, 4, 128, 64, -1, 0, 99, 1, 16, 2, 132, 1)
     args = _launch._SCHEDULE_ARGS.pack(*fields)
     assert args.buf.raw == _launch._SCHEDULE_PARAMS.pack(*fields)
     extra = (ctypes.c_void_p * 5).from_address(args.extra)
@@ -465,8 +466,8 @@ def test_param_buffers_hold_the_packed_bytes_per_thread():
     assert args.kernel_params == 0
 
     maps = bytes(range(128)), bytes(range(128, 256))
-    sm90 = _launch._SM90_ARGS.pack(*range(1, 18), 1, 16, 64, 0.5, 0.25, -1, 0, 1, *maps)
-    assert sm90.buf.raw == _launch._SM90_PARAMS.pack(*range(1, 18), 1, 16, 64, 0.5, 0.25, -1, 0,
+    sm90 = _launch._SM90_ARGS.pack(*range(1, 19), 1, 16, 64, 0.5, 0.25, -1, 0, 1, *maps)
+    assert sm90.buf.raw == _launch._SM90_PARAMS.pack(*range(1, 19), 1, 16, 64, 0.5, 0.25, -1, 0,
                                                      1, *maps)
     assert sm90.extra == 0
     assert (ctypes.c_void_p * 1).from_address(sm90.kernel_params)[0] == ctypes.addressof(sm90.buf)

@@ -359,3 +359,110 @@ def test_sm90_key_tiles_by_tma_and_by_cp_async(fwd_kernel, copies, head_dim, hea
     else:
         monkeypatch.setattr(_tma, "tile_map", lambda *args: None)
     check_forward(q, k, v, cu_q, cu_k, causal=causal)
+
+
+# --------------------------------------------------------------------------------------------------
+# seqused_k: a KV cache whose slots in cu_seqlens_k are longer than what is filled.
+
+
+def _cache_with_poisoned_tails(lens_q, slots, used, heads_kv, head_dim, seed):
+    """Packed q and a k/v cache whose rows past each slot's used count are NaN (a kernel that read
+    one would put NaN in the output), and seqused_k."""
+    q, k, v, cu_q, cu_k = make_packed(lens_q, slots, heads=4, heads_kv=heads_kv,
+                                      head_dim=head_dim, seed=seed)
+    for b, n in enumerate(used):
+        start, end = cu_k[b].item(), cu_k[b + 1].item()
+        k[start + n:end] = math.nan
+        v[start + n:end] = math.nan
+    return q, k, v, cu_q, cu_k, torch.tensor(used, dtype=torch.int32, device=q.device)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (40, 8)])
+@pytest.mark.parametrize("heads_kv,head_dim", [(4, 64), (1, 128)])
+def test_seqused_k_reads_only_the_used_keys(window, heads_kv, head_dim):
+    """Decode rows (one query), chunked prefill (fewer queries than used keys), an empty used
+    count, a full slot and a slot longer than many key tiles; masks align to the used count; the
+    NaN past it is never read."""
+    lens_q = [1, 1, 37, 0, 64, 130, 1, 5]
+    slots = [300, 64, 200, 10, 64, 256, 1000, 7]
+    used = [257, 0, 150, 3, 64, 200, 999, 7]
+    q, k, v, cu_q, cu_k, seqused = _cache_with_poisoned_tails(lens_q, slots, used, heads_kv,
+                                                              head_dim, seed=head_dim + heads_kv)
+    check_forward(q, k, v, cu_q, cu_k, window_size=window, seqused_k=seqused)
+
+
+def test_seqused_k_equals_the_trimmed_batch():
+    """A cache used up to seqused_k gives the bits of the same batch packed without the unused
+    rows (every tile is computed alone, whatever the slot lengths around it)."""
+    lens_q, slots, used = [3, 130, 1], [500, 131, 64], [300, 130, 1]
+    q, k, v, cu_q, cu_k, seqused = _cache_with_poisoned_tails(lens_q, slots, used, 2, 64, seed=5)
+    keep = torch.cat([torch.arange(cu_k[b].item(), cu_k[b].item() + n, device=k.device)
+                      for b, n in enumerate(used)])
+    cu_used = cu_seqlens(used)
+    for causal in (False, True):
+        got = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 130, 500, causal=causal,
+                                      seqused_k=seqused)
+        trimmed = cupy_varlen.varlen_attn(q, k[keep], v[keep], cu_q, cu_used, 130, 300,
+                                          causal=causal)
+        assert torch.equal(got, trimmed)
+
+
+def test_seqused_k_check_inputs_and_clamping():
+    """check_inputs=True names seqused_k for a negative count or one past its slot; without it
+    such counts read as the nearest bound (no key outside the slot is read)."""
+    lens_q, slots = [2, 3], [10, 20]
+    q, k, v, cu_q, cu_k = make_packed(lens_q, slots, heads=2, head_dim=64, seed=9)
+    for bad, needle in (([-1, 5], "must not be negative"), ([11, 5], "exceeds a sequence's slot")):
+        used = torch.tensor(bad, dtype=torch.int32, device=q.device)
+        with pytest.raises(ValueError, match=f"varlen_attn: seqused_k {needle}"):
+            cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 20, seqused_k=used,
+                                    check_inputs=True)
+    clamped = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 20,
+                                      seqused_k=torch.tensor([-4, 99], dtype=torch.int32,
+                                                             device=q.device))
+    expected = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 20,
+                                       seqused_k=torch.tensor([0, 20], dtype=torch.int32,
+                                                              device=q.device))
+    assert torch.equal(clamped, expected)
+
+
+def test_seqused_k_strided_and_cupy():
+    """A strided seqused_k view is copied first; CuPy arrays take it too; a CUDA graph replays a
+    decode step after seqused_k grew in place."""
+    import cupy
+
+    lens_q, slots = [1, 1, 1], [64, 300, 129]
+    q, k, v, cu_q, cu_k = make_packed(lens_q, slots, heads=4, heads_kv=2, head_dim=128, seed=4)
+    wide = torch.tensor([[10, 0], [200, 0], [129, 0]], dtype=torch.int32, device=q.device)
+    strided = wide[:, 0]
+    assert strided.stride(0) == 2
+    got = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, 300, seqused_k=strided)
+    ref = varlen_attn_reference(q, k, v, cu_q, cu_k, seqused_k=strided.contiguous())
+    assert rel_error(got, ref) <= 1e-2
+    as_cupy = [cupy.from_dlpack(x) for x in (q, k, v, cu_q, cu_k, strided.contiguous())]
+    got_cupy = cupy_varlen.varlen_attn(*as_cupy[:5], 1, 300, seqused_k=as_cupy[5])
+    assert torch.equal(torch.from_dlpack(got_cupy), got)
+
+    used = strided.contiguous()
+    out = torch.empty_like(q)
+    cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, 300, seqused_k=used, out=out)  # plan, compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, 300, seqused_k=used, out=out)
+    used.copy_(torch.tensor([64, 300, 5], dtype=torch.int32, device=q.device))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = varlen_attn_reference(q, k, v, cu_q, cu_k, seqused_k=used)
+    assert rel_error(out, ref) <= 1e-2
+
+
+def test_seqused_k_is_inference_only():
+    """As torch's varlen_attn: with inputs that require grad (grad mode on) seqused_k raises,
+    naming it; under no_grad the same call runs."""
+    q, k, v, cu_q, cu_k = make_packed([2, 3], [10, 20], heads=2, head_dim=64, seed=3)
+    used = torch.tensor([4, 20], dtype=torch.int32, device=q.device)
+    q.requires_grad_()
+    with pytest.raises(RuntimeError, match="varlen_attn: seqused_k is an inference-only"):
+        cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 20, seqused_k=used)
+    with torch.no_grad():
+        cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 20, seqused_k=used)

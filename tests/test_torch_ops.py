@@ -89,11 +89,13 @@ def reference_kernels(monkeypatch):
             self.shape, self.scale, self.left, self.right = qi.shape, scale, left, right
             self.batch, self.return_lse = batch, return_lse
 
-        def run(self, fw, q, k, v, cu_q, cu_k, out, ptrs):
+        def run(self, fw, q, k, v, cu_q, cu_k, out, seqused_k, ptrs):
             window = (self.left, self.right)
-            calls.append(dict(kind="forward", scale=self.scale, window=window))
+            calls.append(dict(kind="forward", scale=self.scale, window=window,
+                              seqused_k=seqused_k))
             o, lse_ref = varlen_attn_reference(q, k, v, cu_q, cu_k, scale=self.scale,
-                                               window_size=window, return_lse=True)
+                                               window_size=window, return_lse=True,
+                                               seqused_k=seqused_k)
             result = fw.empty(self.shape, q) if out is None else out
             result.copy_(o)
             return (result, lse_ref.float()) if self.return_lse else result
@@ -111,7 +113,8 @@ def reference_kernels(monkeypatch):
             return tuple(g.to(x.dtype) if given is None else given.copy_(g)
                          for g, given, x in zip(grads, (dq, dk, dv), (q, k, v)))
 
-    def plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse):
+    def plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse,
+                     ui=None):
         return ForwardPlan(qi, batch, scale, left, right, return_lse)
 
     def plan_backward(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, grads, batch, scale, left, right,
@@ -518,7 +521,11 @@ def test_compat_maps_arguments(captured):
     assert call.pop("names").function == "varlen_attn"
     assert call == dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=16,
                         max_seqlen_k=16, causal=False, scale=None, window_size=(-1, -1),
-                        return_lse=False, out=None, deterministic=False, check_inputs=False)
+                        return_lse=False, out=None, deterministic=False, check_inputs=False,
+                        seqused_k=None)
+    used = torch.tensor([5, 3, 0, 9], dtype=torch.int32)
+    compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, seqused_k=used)
+    assert captured[-1]["seqused_k"] is used
     compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, scale=0.5,
                        window_size=(-7, 0), return_aux=compat.AuxRequest(lse=True), num_splits=1)
     call = captured[-1]
@@ -545,9 +552,7 @@ def test_compat_maps_arguments(captured):
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(seqused_k=torch.tensor([3], dtype=torch.int32)), "seqused_k"),
     (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
-    (dict(num_splits=2), "num_splits"),
 ])
 def test_compat_rejects_what_it_cannot_honour(kw, needle):
     q, k, v, cu_q, cu_k = cpu_packed(heads_kv=4, requires_grad=False)
@@ -635,13 +640,18 @@ def test_compat_out_errors(call_path, change, exc, needle):
 
 @pytest.mark.parametrize("function", ["varlen_attn", "varlen_attn_out"])
 @pytest.mark.parametrize("kw,needle", [
-    (dict(num_splits=2), "num_splits=2"), (dict(seqused_k=torch.ones(4)), "seqused_k"),
+    (dict(num_splits=0), "num_splits must be None or >= 1, got 0"),
+    (dict(num_splits=1.5), "num_splits must be None or an int"),
+    (dict(seqused_k=torch.ones(4)), "seqused_k must be int32"),
+    (dict(seqused_k=torch.ones(3, dtype=torch.int32)), re.escape("seqused_k must be 1-D with one count per sequence")),
+    (dict(block_table=torch.ones(2, 1, dtype=torch.int32)), "block_table"),
     (dict(window_size=(1, 2, 3)), "window_size must have length 2"),
 ])
 def test_compat_own_rules_name_the_function(function, kw, needle):
     q, k, v, cu_q, cu_k = cpu_packed(requires_grad=False)
     leading = (torch.empty_like(q),) if function == "varlen_attn_out" else ()
-    with pytest.raises((NotImplementedError, ValueError), match=f"^{function}: {needle}"):
+    with pytest.raises((NotImplementedError, ValueError, TypeError),
+                       match=f"^{function}: {needle}"):
         getattr(compat, function)(*leading, q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, **kw)
 
 
@@ -1100,3 +1110,49 @@ def test_flop_counter_matches_torch_varlen_cuda():
         totals[name] = (inference.get_total_flops(), training.get_total_flops())
     entries = 16 * (300 * 300 + 1024 * 1024 + 77 * 77)
     assert totals["ours"] == totals["torch"] == (4 * entries * 128, 14 * entries * 128)
+
+
+# --------------------------------------------------------------------------------------------------
+# seqused_k through every entry point (the kernels replaced by the reference; GPU runs of the real
+# kernels are in tests/test_forward.py).
+
+
+@pytest.mark.parametrize("entry", ["varlen_attn", "compat"])
+def test_seqused_k_reaches_the_kernels(reference_kernels, entry):
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=False)
+    used = torch.tensor([5, 1, 0, 9], dtype=torch.int32)
+    if entry == "compat":
+        got = compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True,
+                                 window_size=(-1, 0), seqused_k=used)
+    else:
+        got = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, causal=True, seqused_k=used)
+    assert reference_kernels[-1]["seqused_k"] is used
+    expected = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=True, seqused_k=used)
+    assert torch.allclose(got.double(), expected, atol=1e-3)
+    # A plan made without seqused_k never serves a call with it: the key holds its layout.
+    key_without = _api._forward_key(q, k, v, cu_q, cu_k, None, 16, 16, True, None, (-1, -1),
+                                    False, False, False)
+    key_with = _api._forward_key(q, k, v, cu_q, cu_k, None, 16, 16, True, None, (-1, -1),
+                                 False, False, False, used)
+    assert key_without[0] != key_with[0]
+
+
+@pytest.mark.parametrize("entry", ["varlen_attn", "compat"])
+def test_seqused_k_is_inference_only_on_every_autograd_path(reference_kernels, call_path, entry):
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=call_path != "eager")
+    used = torch.tensor([5, 1, 0, 9], dtype=torch.int32)
+
+    def call():
+        if entry == "compat":
+            return compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True,
+                                      seqused_k=used)
+        return cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, seqused_k=used)
+
+    if call_path == "eager":
+        call()
+        return
+    with pytest.raises(RuntimeError, match="varlen_attn: seqused_k is an inference-only"):
+        call()
+    with torch.no_grad():
+        call()
+    assert reference_kernels[-1]["seqused_k"] is used
