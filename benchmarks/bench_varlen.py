@@ -1113,6 +1113,13 @@ def plot_results(payload, png_paths):
     handles = [Patch(color=colors(mi), label=m) for mi, m in enumerate(methods)]
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=n_m,
               fontsize=8, frameon=False)
+    save_figure(fig, png_paths)
+
+
+def save_figure(fig, png_paths) -> None:
+    """Lays out, writes to every path (directories made) and closes a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     for p in png_paths:
         Path(p).parent.mkdir(parents=True, exist_ok=True)
@@ -1174,17 +1181,28 @@ def parse_args(argv=None):
     ap.add_argument("--flex-compile-limit", type=float, default=60.0, metavar="S",
                     help="mark flex unavailable when its first (compiling) call exceeds S "
                          "seconds; 0: no limit")
-    ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/"
-                                             "<device>_<date>_<HHMM>.json)")
+    add_output_args(ap, "<device>_<date>_<HHMM>.json")
+    args = ap.parse_args(argv)
+    # cupy_varlen first: compile timing.
+    order_methods(ap, args, METHODS)
+    return args
+
+
+def add_output_args(ap, default_name: str) -> None:
+    """--out, --plot and --from-json, as every benchmark here takes them."""
+    ap.add_argument("--out", type=Path, help=f"JSON path (default benchmarks/results/"
+                                             f"{default_name})")
     ap.add_argument("--plot", action="store_true", help="also save a PNG bar chart")
     ap.add_argument("--from-json", type=Path, metavar="PATH",
                     help="no benchmarking: print the tables of a saved JSON (and --plot it)")
-    args = ap.parse_args(argv)
-    args.methods = [m for m in METHODS if m in args.methods]  # cupy_varlen first: compile timing
+
+
+def order_methods(ap, args, methods) -> None:
+    """--methods in ``methods``' order; every --require among them."""
+    args.methods = [m for m in methods if m in args.methods]
     missing = [m for m in args.require if m not in args.methods]
     if missing:
         ap.error(f"--require {' '.join(missing)}: not among --methods")
-    return args
 
 
 def required_failures(record, required) -> list:
