@@ -138,6 +138,17 @@ struct ColumnStats {
   CV_DEVICE float2 operator[](int n) const { return n < kAhead ? ahead[n] : load(n); }
 };
 
+// ColumnStats without a held address: each atom's is formed where it is loaded, from values the
+// kernel keeps anyway. For the sm80 dK/dV kernel at head dim 96-128, at 255 registers, where the
+// one held address spills 8-16 bytes.
+struct ColumnStatsAt {
+  u32 stats;
+  int col0, lane;
+  CV_DEVICE float2 operator[](int n) const {
+    return ld_shared_f32x2(stats + 4 * (col0 + 8 * n + 2 * (lane & 3)));
+  }
+};
+
 // Calls f(m, n, i, stat) for every element (m, n, i) of a transposed tile, with stat its column's.
 template <int kMAtoms, int kNAtoms, class Stats, class F>
 CV_DEVICE void for_each_with_column_stat(const Stats& stats, F f) {
@@ -154,19 +165,17 @@ CV_DEVICE void for_each_with_column_stat(const Stats& stats, F f) {
   }
 }
 
-template <int kMAtoms, int kNAtoms, int kAhead>
-CV_DEVICE void probabilities_backward(float (&s)[kMAtoms][kNAtoms][4],
-                                      const ColumnStats<kNAtoms, kAhead>& lse_log2,
+template <int kMAtoms, int kNAtoms, class Stats>
+CV_DEVICE void probabilities_backward(float (&s)[kMAtoms][kNAtoms][4], const Stats& lse_log2,
                                       float scale_log2) {
   for_each_with_column_stat<kMAtoms, kNAtoms>(lse_log2, [&](int m, int n, int i, float l) {
     s[m][n][i] = fast_exp2(fmaf(s[m][n][i], scale_log2, -l));
   });
 }
 
-template <int kMAtoms, int kNAtoms, int kAhead>
+template <int kMAtoms, int kNAtoms, class Stats>
 CV_DEVICE void scores_gradient(const float (&p)[kMAtoms][kNAtoms][4],
-                               float (&dp)[kMAtoms][kNAtoms][4],
-                               const ColumnStats<kNAtoms, kAhead>& delta) {
+                               float (&dp)[kMAtoms][kNAtoms][4], const Stats& delta) {
   for_each_with_column_stat<kMAtoms, kNAtoms>(delta, [&](int m, int n, int i, float d) {
     dp[m][n][i] = p[m][n][i] * (dp[m][n][i] - d);
   });
@@ -213,6 +222,6 @@ CV_DEVICE void scores_gradient_packed(const u32 (&p)[kNAtoms / 2][4], float (&dp
 template <int kMAtoms, int kNAtoms>
 CV_DEVICE void softmax_backward(float (&s)[kMAtoms][kNAtoms][4], float (&dp)[kMAtoms][kNAtoms][4],
                                 u32 lse_log2, u32 delta, int col0, float scale_log2, int lane) {
-  probabilities_backward(s, ColumnStats<kNAtoms, 0>(lse_log2, col0, lane), scale_log2);
-  scores_gradient(s, dp, ColumnStats<kNAtoms, 0>(delta, col0, lane));
+  probabilities_backward(s, ColumnStatsAt{lse_log2, col0, lane}, scale_log2);
+  scores_gradient(s, dp, ColumnStatsAt{delta, col0, lane});
 }
