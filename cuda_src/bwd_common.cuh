@@ -6,7 +6,7 @@
 //
 // Kernels (the tile scheduler comes from scheduler.cuh):
 //  - varlen_bwd_preprocess: delta and lse in log2 units per (query row, head); zeroes the fp32 dQ
-//    accumulator in atomic mode.
+//    accumulator in atomic and ordered modes.
 //  - varlen_bwd_dkdv (bwd_sm80.cu on mma.sync, bwd_sm90.cu on wgmma): one CTA per (key tile of one
 //    sequence, K/V head). K and V stay in shared memory while the CTA walks every query tile the
 //    mask lets it see, for every query head of the group, so dK and dV (GQA: summed over the
@@ -14,6 +14,8 @@
 //    forward's with the roles of queries and keys swapped.
 //  - atomic mode (CV_DQ_ATOMIC=1): the dK/dV CTA also forms dS K for each query tile and adds it to
 //    the fp32 accumulator with atomics; varlen_bwd_dq_convert then scales and rounds it into dq.
+//    The accumulator's layout is the family's (bwd_sm80.cu: row-major; bwd_sm90.cu: the
+//    consumers' fragments, a whole query tile at a time), and so is its dq_convert.
 //  - deterministic mode (CV_DQ_ATOMIC=0): varlen_bwd_dq, one CTA per (query tile, head), streams
 //    the key tiles and recomputes S and dP to form dQ in registers: no atomics, bitwise repeatable
 //    gradients, for two extra GEMMs per tile pair.
@@ -59,7 +61,7 @@ struct BwdParams {
   const float* lse;  // the forward's, (heads, total_q) with strides
   float* lse_log2;   // (heads, total_q), contiguous: lse * log2(e), +inf where lse is -inf
   float* delta;      // (heads, total_q), contiguous
-  float* dq_accum;   // (total_q, heads, head_dim) fp32, atomic and ordered modes
+  float* dq_accum;   // fp32, atomic and ordered modes, in the family's layout (dq_accum_floats)
   const int* cu_seqlens_q;
   const int* cu_seqlens_k;
   const int* schedule_kv;  // key tiles (scheduler.cuh layout, keys as rows)
@@ -72,21 +74,19 @@ struct BwdParams {
   i64 dq_row_stride, dq_head_stride, dk_row_stride, dk_head_stride, dv_row_stride, dv_head_stride;
   i64 lse_head_stride, lse_row_stride;
   i64 total_q;
+  i64 dq_accum_floats;  // the accumulator's size, a multiple of 4 (0 without one)
   int heads, heads_per_kv, head_dim;
   float scale, scale_log2;
   int window_left, window_right;
-  int use_dq_map;   // 1: dq_map is a valid map of dq_accum (cupy_varlen/_tma.py)
+  int batch;
   int use_qdo_map;  // 1: q_map and do_map are valid maps of q and dout
-  // dq_accum as (total_q, heads, head_dim) fp32, 64-row x 32-column boxes with the 128-byte
-  // swizzle: the sm90 dK/dV kernel adds its dQ partials through it with TMA reductions.
-  TensorMap dq_map;
   // q and dout as (total_q, heads, head_dim), kBlockM-row x 64-element boxes with the 128-byte
   // swizzle (QTile's panels): the sm90 dK/dV kernel's TMA loads of whole query tiles.
   TensorMap q_map, do_map;
 };
-// The host packs this byte for byte (cupy_varlen/_launch.py, _BWD_PARAMS: 17 pointers, 19 int64,
-// 3 int32, 2 float, 4 int32, padding to the maps' 64-byte alignment, three 128-byte maps).
-static_assert(sizeof(BwdParams) == 768, "BwdParams layout must match the host's packing");
+// The host packs this byte for byte (cupy_varlen/_launch.py, _BWD_PARAMS: 17 pointers, 20 int64,
+// 3 int32, 2 float, 4 int32, padding to the maps' 64-byte alignment, two 128-byte maps).
+static_assert(sizeof(BwdParams) == 640, "BwdParams layout must match the host's packing");
 
 CV_DEVICE AttnWindow bwd_window(const BwdParams& p) {
 #if CV_WINDOWED
@@ -104,6 +104,10 @@ constexpr int kPrepLanes = 8;
 
 extern "C" __global__ void __launch_bounds__(kPrepThreads)
 varlen_bwd_preprocess(const BwdParams p) {
+  // The dQ accumulator, whatever the family's layout, as float4s over the whole grid.
+  for (i64 i = (i64)blockIdx.x * kPrepThreads + threadIdx.x; i < p.dq_accum_floats / 4;
+       i += (i64)gridDim.x * kPrepThreads)
+    reinterpret_cast<float4*>(p.dq_accum)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   const i64 item = ((i64)blockIdx.x * kPrepThreads + threadIdx.x) / kPrepLanes;
   const int sub = threadIdx.x % kPrepLanes;
   // No early return: the lanes of a row reduce with shuffles over the whole warp.
@@ -114,16 +118,11 @@ varlen_bwd_preprocess(const BwdParams p) {
   if (valid) {
     const u16* o = p.out + row * p.o_row_stride + head * p.o_head_stride;
     const u16* d = p.dout + row * p.do_row_stride + head * p.do_head_stride;
-    float* dq_row = p.dq_accum ? p.dq_accum + (row * p.heads + head) * p.head_dim : nullptr;
     for (int c = sub; c < p.head_dim / 8; c += kPrepLanes) {
       const uint4 a = *reinterpret_cast<const uint4*>(o + 8 * c);
       const uint4 b = *reinterpret_cast<const uint4*>(d + 8 * c);
       acc += dot_halves(a.x, b.x) + dot_halves(a.y, b.y) + dot_halves(a.z, b.z) +
              dot_halves(a.w, b.w);
-      if (dq_row) {
-        reinterpret_cast<float4*>(dq_row + 8 * c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-        reinterpret_cast<float4*>(dq_row + 8 * c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-      }
     }
   }
 #pragma unroll
@@ -180,34 +179,7 @@ CV_DEVICE void load_stats_async(u32 dst, const float* src, int n, int count, int
   }
 }
 
-#if CV_DQ_ATOMIC
-// ---------------------------------------------------------------------------------------------
-// dq = scale * accumulator, rounded to 16 bits: one thread per 8 elements.
-
-constexpr int kConvertThreads = 256;
-
-extern "C" __global__ void __launch_bounds__(kConvertThreads)
-varlen_bwd_dq_convert(const BwdParams p) {
-  const int chunks = p.head_dim / 8;
-  const i64 idx = (i64)blockIdx.x * kConvertThreads + threadIdx.x;
-  if (idx >= p.total_q * p.heads * chunks) return;
-  const i64 row_head = idx / chunks;
-  const int chunk = (int)(idx - row_head * chunks);
-  const i64 row = row_head / p.heads;
-  const int head = (int)(row_head - row * p.heads);
-  const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row_head * p.head_dim + 8 * chunk);
-  const float4 a = src[0], b = src[1];
-  const float s = p.scale;
-  uint4 packed;
-  packed.x = pack_float2(a.x * s, a.y * s);
-  packed.y = pack_float2(a.z * s, a.w * s);
-  packed.z = pack_float2(b.x * s, b.y * s);
-  packed.w = pack_float2(b.z * s, b.w * s);
-  *reinterpret_cast<uint4*>(p.dq + row * p.dq_row_stride + head * p.dq_head_stride + 8 * chunk) =
-      packed;
-}
-
-#else
+#if !CV_DQ_ATOMIC
 // ---------------------------------------------------------------------------------------------
 // Deterministic dQ: one CTA per (query tile, head), 16 query rows per warp, key tiles streamed
 // through a ring of CV_DQ_STAGES K/V slot pairs.

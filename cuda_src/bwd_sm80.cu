@@ -1,5 +1,5 @@
-// FlashAttention-2 backward, the dK/dV kernel (and atomic dQ) on mma.sync tensor cores (sm_80+);
-// the algorithm, the parameters and the other kernels are in bwd_common.cuh.
+// FlashAttention-2 backward, the dK/dV kernel (and atomic dQ with its conversion) on mma.sync
+// tensor cores (sm_80+); the algorithm, the parameters and the other kernels are in bwd_common.cuh.
 //
 // P^T and dS^T are staged in shared memory (16-bit) between the GEMM that makes them (warps over
 // keys x queries) and the GEMMs that consume them (warps over keys x head dim for dK/dV, queries x
@@ -191,3 +191,32 @@ varlen_bwd_dkdv(const __grid_constant__ BwdParams p) {
       k_smem, p.dk + (i64)(seq.k_start + n0) * p.dk_row_stride + (i64)kv_head * p.dk_head_stride,
       p.dk_row_stride, keys_valid, chunks_valid, tid);
 }
+
+#if CV_DQ_ATOMIC
+// ---------------------------------------------------------------------------------------------
+// The accumulator is (total_q, heads, head_dim), row-major. dq = scale * accumulator, rounded to
+// 16 bits: one thread per 8 elements.
+
+constexpr int kConvertThreads = 256;
+
+extern "C" __global__ void __launch_bounds__(kConvertThreads)
+varlen_bwd_dq_convert(const BwdParams p) {
+  const int chunks = p.head_dim / 8;
+  const i64 idx = (i64)blockIdx.x * kConvertThreads + threadIdx.x;
+  if (idx >= p.total_q * p.heads * chunks) return;
+  const i64 row_head = idx / chunks;
+  const int chunk = (int)(idx - row_head * chunks);
+  const i64 row = row_head / p.heads;
+  const int head = (int)(row_head - row * p.heads);
+  const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row_head * p.head_dim + 8 * chunk);
+  const float4 a = src[0], b = src[1];
+  const float s = p.scale;
+  uint4 packed;
+  packed.x = pack_float2(a.x * s, a.y * s);
+  packed.y = pack_float2(a.z * s, a.w * s);
+  packed.z = pack_float2(b.x * s, b.y * s);
+  packed.w = pack_float2(b.z * s, b.w * s);
+  *reinterpret_cast<uint4*>(p.dq + row * p.dq_row_stride + head * p.dq_head_stride + 8 * chunk) =
+      packed;
+}
+#endif

@@ -13,7 +13,8 @@
 //      P^T, then dV += P^T dO             (A from registers: P never leaves them)
 //      dS^T, then dK += dS^T Q            (A from registers; dK and dV stay in registers throughout)
 //      dS^T to shared memory, dQ = dS K   (wgmma, both operands MN-major in shared memory)
-//    and dQ's fp32 partial goes to the accumulator with vector atomics. dQ needs all 128 keys, so
+//    and dQ's fp32 partial goes to the accumulator: staged in shared memory as the registers hold
+//    it (fragment order, 16-byte stores), then added by one bulk reduction. dQ needs all 128 keys, so
 //    the two consumers meet at a named barrier once per query tile; dQ's work is split between them
 //    by head-dim columns when a query tile is one wgmma M (64 rows), by rows when it is two (128).
 // The GEMM for dV is issued before dS is computed and the one for dK before dS is stored, so the
@@ -46,6 +47,16 @@ constexpr bool kDqSwapAB = kBlockM % 64 != 0;
 constexpr bool kDqSplitRows = kBlockM == 2 * 64;
 constexpr int kDqN = kDqSplitRows ? kHeadDim : kHeadDim / kConsumers;
 constexpr int kDqRows = kDqSwapAB ? kBlockM : 64;  // query rows of a consumer's dQ partial
+// Swapped, the accumulator holds dQ^T: 64 head-dim rows x kBlockM queries.
+constexpr int kDqAccN = kDqSwapAB ? kBlockM : kDqN;
+// The dQ accumulator (BwdParams::dq_accum) in this family's layout: per (query-tile slot, head) one
+// chunk of kBlockM x kHeadDim floats, consumer c's fragments (stage_fragments_f32's order) in its
+// c-th half. Sequence b's tiles take the slots from first_dq_slot(b) on: the slots are query rows
+// padded by kBlockM per sequence (FA3's dQ accumulator), so a tile's rows past its sequence's end
+// land in its own slot, and no two sequences share one.
+constexpr int kDqChunkFloats = kDqRows * kDqN;
+static_assert(kConsumers * kDqChunkFloats == kBlockM * kHeadDim,
+              "the consumers' dQ partials tile the query tile");
 // lse and delta atoms a consumer reads before the GEMM wait that precedes their use: all of a
 // 64-query tile's. Larger tiles read all of delta ahead (P is packed to 16 bits by then) but
 // little lse (beside S^T and dP^T): two atoms at 80 queries, none at 128 (d64), which also keeps
@@ -80,9 +91,9 @@ struct SharedStorage {
   // dS^T (or dS), twice: a consumer may store the next tile's while the other still reads this
   // one.
   alignas(kSwizzleAtomBytes) unsigned char ds[2][DsTile::kBytes];
-  // Each consumer's dQ partial of its last query tile, staged for the TMA reductions: kDqRows rows
-  // x kDqN fp32 in 32-column panels (stage_accumulator_f32's layout).
-  alignas(kSwizzleAtomBytes) unsigned char dq[kConsumers][kDqRows * kDqN * 4];
+  // Each consumer's dQ partial of its last query tile in fragment order, staged for the bulk
+  // reduction.
+  alignas(kSwizzleAtomBytes) unsigned char dq[kConsumers][kDqChunkFloats * 4];
 #endif
   alignas(16) unsigned char stats[kStages][kStatBytes];  // lse_log2 and delta per query tile
   u64 kv_full;  // K and V landed
@@ -128,10 +139,14 @@ typedef PipelineState<kStages> QPipe;
 constexpr int kConsumerBarrier = 1;
 constexpr int kDqStageBarrier = 2;  // + consumer index
 
+// Sequence b's first slot of the dQ accumulator (kDqChunkFloats above).
+CV_DEVICE i64 first_dq_slot(i64 q_start, int b) { return (q_start + (i64)b * kBlockM) / kBlockM; }
+
 // Everything about this CTA's key tile, derived identically by producer and consumers.
 struct KeyTileWork {
   int kv_head;
   SeqInfo seq;
+  i64 dq_slot0;  // first_dq_slot of the sequence
   int n0, keys_valid;
   MaskBand band_t;  // the mask seen from the keys (see bwd_sm80.cu)
   QueryTileWalk walk;
@@ -150,6 +165,7 @@ CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
   // widened where a head's work is short beside its longest tile (cupy_varlen/_launch.py).
   if (!decode_tile_in_head_order(p.schedule_kv, blockIdx.x, work, t.kv_head)) return false;
   t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, nullptr, work.batch_idx);
+  t.dq_slot0 = first_dq_slot(t.seq.q_start, work.batch_idx);
   t.n0 = work.m_block * kBlockN;
   t.keys_valid = min(kBlockN, t.seq.k_len - t.n0);
   const MaskBand band = make_band(t.seq.q_len, t.seq.k_len, bwd_window(p));
@@ -298,7 +314,7 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     // The last tile's dQ additions, issued at its end, land while S^T and dP^T are computed: then
     // the next key tile's turn there. (At the staging, an iteration later, each key tile of a full
     // mask would wait a whole iteration longer than the one before it.)
-    if (ctid == 0 && p.use_dq_map && it > 0) {
+    if (ctid == 0 && it > 0) {
       bulk_wait_group<0>();
       pass_turn(dq_order_slot(p, t, t.head(p, it - 1), t.m0(it - 1), wg));
     }
@@ -333,8 +349,6 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     named_barrier_sync(kConsumerBarrier, kConsumerThreads);
     const int q_row0 = kDqSplitRows ? wg * 64 : 0;  // this consumer's dQ rows and columns
     const int d0 = kDqSplitRows ? 0 : wg * kDqN;
-    // Swapped: dq holds dQ^T, 64 head-dim rows (d0 on) x kBlockM queries.
-    constexpr int kDqAccN = kDqSwapAB ? kBlockM : kDqN;
     float dq[1][kDqAccN / 8][4];
     float(&dq_flat)[kDqAccN / 2] = reinterpret_cast<float(&)[kDqAccN / 2]>(dq);
     if constexpr (kDqSwapAB)
@@ -354,48 +368,23 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     // for the dQ staging.
     if constexpr (kDqSwapAB) fence_registers(pa);
     const int head = t.head(p, it);
-    const int rows_valid = t.seq.q_len - m0 - q_row0;
-    // Ordered mode too: the zero rows a tile past its sequence's end adds to the next sequence's
-    // accumulator (outside that sequence's order) change nothing, as an accumulator that starts at
-    // +0 is never -0.
-    if (p.use_dq_map) {
-      // Staged in shared memory and added by TMA reductions (one thread, asynchronous) instead of
-      // a vector atomic per pair of elements from every thread.
-      const u32 staging = smem.dq(wg);
-      if (ctid == 0) bulk_wait_group_read<0>();  // the last tile's reductions have read it
-      named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
-      if constexpr (kDqSwapAB)
-        stage_accumulator_f32_transposed<kDqRows>(dq, staging, (ctid >> 5) * 16, rows_valid, lane);
-      else
-        stage_accumulator_f32(dq, staging, (ctid >> 5) * 16, rows_valid, lane);
-      fence_proxy_async();  // the generic-proxy stores before the TMA unit reads them
-      named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
-      if (ctid == 0) {
+    // The whole partial goes out, rows past the sequence's end included: they land in this
+    // sequence's own slot, which no other sequence adds to and dq_convert reads only up to the
+    // sequence's end.
+    const u32 staging = smem.dq(wg);
+    if (ctid == 0) bulk_wait_group_read<0>();  // the last tile's reduction has read it
+    named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
+    stage_fragments_f32(dq, staging, ctid);
+    fence_proxy_async();  // the generic-proxy stores before the bulk copy reads them
+    named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
+    if (ctid == 0) {
 #if CV_DQ_ORDERED
-        wait_for_turn(p, t, head, m0, wg);
+      wait_for_turn(p, t, head, m0, wg);
 #endif
-        reduce_add_tile_bulk<kDqN / 32, kDqRows>(staging, p.dq_map, d0, head,
-                                                 t.seq.q_start + m0 + q_row0);
-      }
-    } else {
-#if CV_DQ_ORDERED
-      if (ctid == 0) wait_for_turn(p, t, head, m0, wg);
-      named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
-#endif
-      const i64 row_stride = (i64)p.heads * p.head_dim;
-      float* const dst = p.dq_accum + (i64)(t.seq.q_start + m0 + q_row0) * row_stride +
-                         (i64)head * p.head_dim;
-      if constexpr (kDqSwapAB)
-        add_fragments_atomic_transposed(dq, dst, row_stride, rows_valid, (ctid >> 5) * 16 + d0,
-                                        lane);
-      else
-        add_fragments_atomic(dq, dst, row_stride, rows_valid, p.head_dim, (ctid >> 5) * 16, d0,
-                             lane);
-#if CV_DQ_ORDERED
-      __threadfence();  // every thread's additions, before its arrival below
-      named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
-      if (ctid == 0) pass_turn(dq_order_slot(p, t, head, m0, wg));
-#endif
+      reduce_add_bulk(p.dq_accum + ((t.dq_slot0 + m0 / kBlockM) * p.heads + head) *
+                                       (i64)(kBlockM * kHeadDim) +
+                          wg * kDqChunkFloats,
+                      staging, kDqChunkFloats * 4);
     }
 #endif
     wgmma_wait<0>();
@@ -411,7 +400,7 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
   if (ctid == 0) {
     bulk_wait_group<0>();
 #if CV_DQ_ORDERED
-    if (p.use_dq_map && t.n_iters > 0)
+    if (t.n_iters > 0)
       pass_turn(dq_order_slot(p, t, t.head(p, t.n_iters - 1), t.m0(t.n_iters - 1), wg));
 #endif
   }
@@ -461,3 +450,58 @@ varlen_bwd_dkdv(const __grid_constant__ BwdParams p) {
     consume(p, t, smem, wg - 1, tid % kWarpgroupThreads);
   }
 }
+
+#if CV_DQ_ATOMIC
+// ---------------------------------------------------------------------------------------------
+// dq = scale * accumulator, rounded to 16 bits: one CTA per (slot, head), thread t of consumer c
+// reading back the fragments that consumer's thread t staged, then writing them as the
+// consumers' own epilogue writes dK (stage, then 16-byte rows).
+
+extern "C" __global__ void __launch_bounds__(kConsumerThreads)
+varlen_bwd_dq_convert(const BwdParams p) {
+  __shared__ __align__(128) unsigned char tile_raw[QTile::kBytes];
+  const i64 slot = blockIdx.x / p.heads;
+  const int head = (int)(blockIdx.x - slot * p.heads);
+  // The sequence whose slots hold this one: the last b with first_dq_slot(b) <= slot (the first
+  // slots strictly increase with b).
+  int lo = 0, hi = p.batch - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (first_dq_slot(p.cu_seqlens_q[mid], mid) <= slot) lo = mid; else hi = mid - 1;
+  }
+  const int q_start = p.cu_seqlens_q[lo];
+  const int m0 = (int)(slot - first_dq_slot(q_start, lo)) * kBlockM;
+  const int rows_valid = min(kBlockM, p.cu_seqlens_q[lo + 1] - q_start - m0);
+  if (rows_valid <= 0) return;  // padding between two sequences' slots: the same for the CTA
+
+  const int wg = threadIdx.x / kWarpgroupThreads, ctid = threadIdx.x % kWarpgroupThreads;
+  const int lane = ctid & 31, warp_row0 = (ctid >> 5) * 16;
+  const float4* src = reinterpret_cast<const float4*>(
+      p.dq_accum + (slot * p.heads + head) * (i64)(kBlockM * kHeadDim) + wg * kDqChunkFloats);
+  float dq[1][kDqAccN / 8][4];
+#pragma unroll
+  for (int n = 0; n < kDqAccN / 8; ++n) {
+    const float4 v = src[n * kWarpgroupThreads + ctid];
+    dq[0][n][0] = v.x * p.scale;
+    dq[0][n][1] = v.y * p.scale;
+    dq[0][n][2] = v.z * p.scale;
+    dq[0][n][3] = v.w * p.scale;
+  }
+  const u32 tile = smem_addr(tile_raw);
+  if constexpr (kDqSwapAB) {
+    // dQ^T: rows are head-dim columns d0 + warp_row0 + ..., columns the tile's queries.
+    u32 packed[kDqAccN / 16][4];
+    pack_a_fragments(dq, packed);
+    stage_a_fragments_transposed<QTile>(packed, tile, wg * kDqN + warp_row0, lane);
+  } else {
+    const int q_row0 = kDqSplitRows ? wg * 64 : 0;
+    const int d0 = kDqSplitRows ? 0 : wg * kDqN;
+    stage_fragments<QTile>(dq, tile, q_row0 + warp_row0, d0 / 8, lane);
+  }
+  __syncthreads();
+  const i64 row0 = q_start + m0;
+  write_staged_tile<QTile, kConsumerThreads>(
+      tile, p.dq + row0 * p.dq_row_stride + (i64)head * p.dq_head_stride, p.dq_row_stride,
+      rows_valid, p.head_dim / 8, threadIdx.x);
+}
+#endif

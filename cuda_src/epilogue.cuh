@@ -97,113 +97,17 @@ CV_DEVICE void store_output_fragments(const float (&acc_o)[kMAtoms][kDAtoms][4],
     }
 }
 
-// Writes a warpgroup's fp32 accumulator (64 rows, warp w holding rows 16w..16w+15; 8 kNAtoms
-// columns) into panels of 32 columns x 64 rows of 128 bytes, each 16-byte chunk of a row at
-// position chunk ^ (row % 8): the 128-byte swizzle that TMA reads (reduce_add_tile_bulk). Rows at
-// or past rows_valid are written as zeros, whatever the accumulator holds: the tile's rows may
-// overlap the next sequence's in global memory, and 0 * NaN from a non-finite key must not reach
-// them.
-// Bank conflicts: an 8-byte store is served per half-warp, four rows whose XOR keys differ only in
-// their low two bits. Were every lane to store the same atom, rows r and r ^ 1 would hit the same
-// two chunks {c, c + 1} (2 wavefronts where 1 does). So the lanes holding a chunk's upper half
-// (quad >= 2) store atom n + 2 while the others store atom n, and the reverse in the next store:
-// chunks c ^ r and (c + 5) ^ r, distinct over the four rows.
-template <bool kClip, int kNAtoms>
-CV_DEVICE void stage_accumulator_rows(const float (&acc)[1][kNAtoms][4], u32 base, int warp_row0,
-                                       int rows_valid, int lane) {
-  const int group = lane >> 2, quad = lane & 3;
-  const bool upper = quad >= 2;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = warp_row0 + group + 8 * h;
-    const bool valid = !kClip || row < rows_valid;
-    const u32 row_base = base + row * 128 + (quad & 1) * 8;
-#pragma unroll
-    for (int n = 0; n < kNAtoms; n += 4)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        // Store j of the panel: atoms j and j ^ 2 trade places between the lane halves.
-        const int atom_lo = n + j, atom_hi = n + (j ^ 2);
-        const int atom = upper ? atom_hi : atom_lo;
-        const int chunk = 2 * (atom % 4) + (quad >> 1);  // columns 8 atom + 2 quad, +1
-        const u32 addr = row_base + (n / 4) * 64 * 128 + ((chunk ^ (row & 7)) << 4);
-        const float a = upper ? acc[0][atom_hi][2 * h] : acc[0][atom_lo][2 * h];
-        const float b = upper ? acc[0][atom_hi][2 * h + 1] : acc[0][atom_lo][2 * h + 1];
-        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(valid ? a : 0.f),
-                     "f"(valid ? b : 0.f));
-      }
-  }
-}
-
-// As the transposed staging below: whole tiles skip the row test and its selects.
+// Writes a warpgroup's fp32 accumulator to shared memory in fragment order: atom n of thread t
+// (its four floats) at 16 (128 n + t), one 16-byte store per atom, consecutive threads on
+// consecutive 16-byte words (no bank conflicts). Whoever reads it back knows the fragments'
+// layout (bwd_sm90.cu's dq_convert).
 template <int kNAtoms>
-CV_DEVICE void stage_accumulator_f32(const float (&acc)[1][kNAtoms][4], u32 base, int warp_row0,
-                                     int rows_valid, int lane) {
-  static_assert(kNAtoms % 4 == 0, "whole 32-column panels");
-  if (rows_valid >= warp_row0 + 16)
-    stage_accumulator_rows<false>(acc, base, warp_row0, rows_valid, lane);
-  else
-    stage_accumulator_rows<true>(acc, base, warp_row0, rows_valid, lane);
-}
-
-// stage_accumulator_f32 for a transposed accumulator (dQ^T: rows = the warpgroup's 64 head-dim
-// columns, warp w holding 16w..16w+15; columns = kRows query rows in 8 kNAtoms): element (d, q) goes
-// to row q, column d of the same 32-column panels, here kRows rows each. Rows q at or past
-// rows_valid are written as zeros. One 4-byte store per element; per store the warp's 32 lanes
-// cover 4 rows (q = 8n + 2 quad + e, swizzle keys of one parity) x 8 columns (two chunks), eight
-// distinct chunks after the XOR: one wavefront.
-template <bool kClip, int kRows, int kNAtoms>
-CV_DEVICE void stage_transposed_f32(const float (&acc)[1][kNAtoms][4], u32 base, int warp_row0,
-                                    int rows_valid, int lane) {
-  const int group = lane >> 2, quad = lane & 3;
+CV_DEVICE void stage_fragments_f32(const float (&acc)[1][kNAtoms][4], u32 base, int ctid) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int d = warp_row0 + group + 8 * h;  // within the warpgroup's 64 columns
-    const u32 column = base + (d / 32) * kRows * 128 + (d & 3) * 4;
-    const int chunk = (d % 32) / 4;
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      // Row 8n + r, r = 2 quad + e < 8: its swizzle key is r for every n, so one address per
-      // (h, e) and a compile-time step of 8 rows.
-      const int r = 2 * quad + e;
-      const u32 addr = column + r * 128 + ((chunk ^ r) << 4);
-#pragma unroll
-      for (int n = 0; n < kNAtoms; ++n) {
-        const float x = !kClip || 8 * n + r < rows_valid ? acc[0][n][2 * h + e] : 0.f;
-        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr + n * 8 * 128), "f"(x));
-      }
-    }
-  }
-}
-
-// Whole tiles (all but a sequence's last) skip the per-element row test: a compare and a select
-// per store, on the consumers' critical path while the dK GEMM runs.
-template <int kRows, int kNAtoms>
-CV_DEVICE void stage_accumulator_f32_transposed(const float (&acc)[1][kNAtoms][4], u32 base,
-                                                int warp_row0, int rows_valid, int lane) {
-  static_assert(kNAtoms * 8 == kRows, "one accumulator column per tile row");
-  lane = opaque(lane);  // recomputed here, not hoisted out of the caller's loop
-  if (rows_valid >= kRows)
-    stage_transposed_f32<false, kRows>(acc, base, warp_row0, rows_valid, lane);
-  else
-    stage_transposed_f32<true, kRows>(acc, base, warp_row0, rows_valid, lane);
-}
-
-// add_fragments_atomic for a transposed accumulator (rows = columns col0 + 16w + ... of dst,
-// columns = dst's rows 8n + ...): one atomic add per element, rows at or past rows_valid skipped.
-template <int kNAtoms>
-CV_DEVICE void add_fragments_atomic_transposed(const float (&acc)[1][kNAtoms][4], float* dst,
-                                               i64 row_stride, int rows_valid, int col0, int lane) {
-  const int group = lane >> 2, quad = lane & 3;
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-#pragma unroll
-    for (int n = 0; n < kNAtoms; ++n)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int row = 8 * n + 2 * quad + e;
-        if (row < rows_valid) atomicAdd(dst + row * row_stride + col0 + group + 8 * h, acc[0][n][2 * h + e]);
-      }
+  for (int n = 0; n < kNAtoms; ++n)
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(base + (n * 128 + ctid) * 16),
+                 "f"(acc[0][n][0]), "f"(acc[0][n][1]), "f"(acc[0][n][2]), "f"(acc[0][n][3])
+                 : "memory");
 }
 
 // dst[0] += a, dst[1] += b (dst 8-byte aligned). Hopper reduces both in one vector instruction,

@@ -90,24 +90,15 @@ struct alignas(64) TensorMap {
   unsigned char bytes[128];
 };
 
-// Adds a staged fp32 tile to global memory with TMA reductions (cp.reduce.async.bulk.tensor .add):
-// kPanels panels of 32 columns, each kPanelRows rows x 128 bytes with the 128-byte swizzle (see
-// stage_accumulator_f32), to columns [col0, col0 + 32 kPanels) of rows [row0, row0 + kPanelRows)
-// of head `head`. Elements outside the map's tensor are skipped. The adds are atomic per element
-// and asynchronous: the issuing thread commits them as one bulk group, and must wait for its reads
-// (bulk_wait_group_read) before the staging buffer is written again.
-template <int kPanels, int kPanelRows>
-CV_DEVICE void reduce_add_tile_bulk(u32 smem_base, const TensorMap& map, int col0, int head,
-                                    int row0) {
-  const u64 desc = reinterpret_cast<u64>(&map);
-#pragma unroll
-  for (int panel = 0; panel < kPanels; ++panel)
-    asm volatile(
-        "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group"
-        " [%0, {%1, %2, %3}], [%4];\n"
-        ::"l"(desc), "r"(col0 + 32 * panel), "r"(head), "r"(row0),
-        "r"(smem_base + panel * kPanelRows * 128)
-        : "memory");
+// Adds `bytes` of fp32 staged in shared memory to the same layout in global memory with one bulk
+// reduction (cp.reduce.async.bulk .add.f32, no tensor map): both addresses 16-byte aligned, bytes a
+// multiple of 16. The adds are atomic per element and asynchronous: the issuing thread commits them
+// as one bulk group, and must wait for its reads (bulk_wait_group_read) before the staging buffer
+// is written again.
+CV_DEVICE void reduce_add_bulk(float* dst, u32 src, u32 bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               ::"l"(dst), "r"(src), "r"(bytes)
+               : "memory");
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
 

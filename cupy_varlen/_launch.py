@@ -161,13 +161,22 @@ class ForwardLaunch:
 
 
 # cuda_src/bwd_common.cuh: struct BwdParams (both backward families), by value: 17 pointers,
-# 19 int64, 3 int32, 2 float32, 4 int32 (window, use_dq_map, use_qdo_map), padding to the 64-byte
-# alignment of the 128-byte tensor maps of the dQ accumulator, q and dout. Through kernelParams,
-# as the forward's Params.
-_BWD_PARAMS = struct.Struct("<17Q19q3i2f4i60x128s128s128s")
+# 20 int64 (strides, total_q, the dQ accumulator's size), 3 int32, 2 float32, 4 int32 (window,
+# batch, use_qdo_map), padding to the 64-byte alignment of the 128-byte tensor maps of q and dout.
+# Through kernelParams, as the forward's Params.
+_BWD_PARAMS = struct.Struct("<17Q20q3i2f4i52x128s128s")
 _BWD_ARGS = _ParamBuffer(_BWD_PARAMS, by_struct=True)
 _PREP_THREADS = 256  # cuda_src/bwd_common.cuh: kPrepThreads (8 lanes per row and head)
-_CONVERT_THREADS = 256  # cuda_src/bwd_common.cuh: kConvertThreads (one thread per 8 elements)
+# The dQ conversion's block: bwd_sm80.cu's kConvertThreads (one thread per 8 elements), bwd_sm90.cu's
+# kConsumerThreads (one CTA per query-tile slot and head).
+_CONVERT_THREADS = 256
+
+
+def dq_accum_slots(total_q: int, batch: int, block_m: int) -> int:
+    """Query-tile slots of the sm90 family's dQ accumulator (cuda_src/bwd_sm90.cu, kDqChunkFloats):
+    sequence b's tiles start at slot (q_start + b block_m) // block_m, so the last slot in use is
+    at most (total_q + batch block_m - 1) // block_m."""
+    return (total_q + batch * block_m - 1) // block_m + 1
 
 
 class BackwardLaunch:
@@ -179,7 +188,7 @@ class BackwardLaunch:
 
     __slots__ = ("kernels", "spec", "workspace_entries", "int_offset", "accum_bytes", "scalars",
                  "schedule_kv", "schedule_q", "grid_kv", "grid_q", "grid_prep", "grid_convert",
-                 "dq_map_args", "q_map_args", "do_map_args", "heads", "total_q")
+                 "q_map_args", "do_map_args", "heads", "total_q")
 
     def __init__(self, kernels, spec, *, strides: dict, lse_strides, total_q: int, total_k: int,
                  batch: int, heads: int, heads_kv: int, head_dim: int, scale: float,
@@ -193,11 +202,19 @@ class BackwardLaunch:
             raise ValueError("varlen_attn_backward: tiles x heads exceed one launch's grid")
         # Scratch, one allocation of 32-bit words (one allocation less per call): float32 lse_log2
         # and delta (heads x total_q each) after, where the dK/dV kernel adds dQ (atomic and
-        # ordered modes), the dQ accumulator (first: its float4 accesses need the allocation's
-        # alignment); then, from a 16-byte boundary, int32 the key-tile schedule (its int2 entries
-        # need 8) and after it, with the dQ kernel, the query-tile schedule or, ordered, the
-        # counters of the dQ additions.
-        self.accum_bytes = 0 if spec.dq_kernel else 4 * total_q * heads * head_dim
+        # ordered modes), the dQ accumulator (first: its float4 and bulk accesses need the
+        # allocation's alignment); then, from a 16-byte boundary, int32 the key-tile schedule (its
+        # int2 entries need 8) and after it, with the dQ kernel, the query-tile schedule or,
+        # ordered, the counters of the dQ additions. The accumulator is row-major on the sm80
+        # family; on the sm90 family whole query tiles in fragment order, one per slot and head.
+        slots = dq_accum_slots(total_q, batch, t.block_m) if total_q else 0
+        if spec.dq_kernel:
+            accum_floats = 0
+        elif spec.kernel == "sm90":
+            accum_floats = slots * heads * t.block_m * spec.head_dim_tile
+        else:
+            accum_floats = total_q * heads * head_dim
+        self.accum_bytes = 4 * accum_floats
         float_entries = -(-(2 * heads * total_q + self.accum_bytes // 4) // 4) * 4
         int_entries = SCHEDULE_HEADER + 2 * bound_k
         if spec.dq_kernel:
@@ -220,18 +237,17 @@ class BackwardLaunch:
                            heads // heads_kv, num_sms, 1)
         s = strides
         self.scalars = (*s["q"], *s["k"], *s["v"], *s["out"], *s["dout"], *s["dq"], *s["dk"],
-                        *s["dv"], *lse_strides, total_q, heads, heads // heads_kv, head_dim,
-                        scale, scale_log2, left, right)
+                        *s["dv"], *lse_strides, total_q, accum_floats, heads, heads // heads_kv,
+                        head_dim, scale, scale_log2, left, right, batch)
         rows = total_q * heads
         self.grid_prep = -(-rows * 8 // _PREP_THREADS)
-        self.grid_convert = -(-rows * (head_dim // 8) // _CONVERT_THREADS)
-        # The sm90 dK/dV kernel adds dQ partials by TMA reductions where the accumulator has a map,
-        # and loads whole query tiles of q and dout by TMA where both have one.
-        self.dq_map_args = self.q_map_args = self.do_map_args = None
+        self.grid_convert = (slots * heads if spec.kernel == "sm90"
+                             else -(-rows * (head_dim // 8) // _CONVERT_THREADS))
+        if self.grid_convert > _MAX_GRID_X:
+            raise ValueError("varlen_attn_backward: the dQ conversion exceeds one launch's grid")
+        # The sm90 dK/dV kernel loads whole query tiles of q and dout by TMA where both have a map.
+        self.q_map_args = self.do_map_args = None
         if spec.kernel == "sm90" and total_q > 0:
-            if not spec.dq_kernel:
-                self.dq_map_args = ("fp32", total_q, heads, head_dim, heads * head_dim, head_dim,
-                                    spec.dq_partial_rows)
             self.q_map_args, self.do_map_args = (
                 (spec.dtype, total_q, heads, head_dim, *s[name], t.block_m)
                 for name in ("q", "dout"))
@@ -249,7 +265,6 @@ class BackwardLaunch:
         # After the key-tile schedule: the query-tile schedule or the ordered mode's counters.
         ws_after = int_ws + 4 * (SCHEDULE_HEADER + 2 * self.schedule_kv[5])
         # Per call: a map holds its tensor's address (cached per pointer by tile_map).
-        dq_map = None if self.dq_map_args is None else _tma.tile_map(dq_accum, *self.dq_map_args)
         q_map = do_map = None
         if self.q_map_args is not None:
             q_map = _tma.tile_map(q, *self.q_map_args)
@@ -258,8 +273,8 @@ class BackwardLaunch:
         params = _BWD_ARGS.pack(
             q, k, v, out, dout, dq, dk, dv, lse, lse_log2, delta, dq_accum, cu_q, cu_k, ws_kv,
             ws_after if spec.dq_kernel else 0, ws_after if spec.ordered_dq else 0,
-            *self.scalars, int(dq_map is not None), int(use_qdo), dq_map or _NO_MAP,
-            q_map if use_qdo else _NO_MAP, do_map if use_qdo else _NO_MAP)
+            *self.scalars, int(use_qdo), q_map if use_qdo else _NO_MAP,
+            do_map if use_qdo else _NO_MAP)
         if self.total_q:
             params.launch(kernels.preprocess, self.grid_prep, _PREP_THREADS, stream_ptr)
         _launch_schedule(kernels.schedule, stream_ptr, cu_k, cu_q, 0, self.schedule_kv, ws_kv)

@@ -430,13 +430,6 @@ class BwdSpec(_KernelSpec):
                 raise ValueError(f"{self} needs {size} B of shared memory in its {name} kernel")
 
     @property
-    def dq_partial_rows(self) -> int:
-        """Query rows of one consumer's dQ partial in the sm90 kernel (the TMA reduction box):
-        64, or the whole query tile where it is no multiple of 64 (dQ computed transposed)."""
-        block_m = self.tiles.block_m
-        return block_m if block_m % 64 else 64
-
-    @property
     def ordered_dq(self) -> bool:
         """Deterministic on the sm90 family: the dK/dV kernel adds dQ as in atomic mode, each
         query tile's partials in key-tile order (cuda_src/bwd_common.cuh, ordered mode)."""

@@ -100,16 +100,16 @@ def test_backward_dispatch_covers_every_head_dim_and_mode():
 def test_sm90_backward_query_tile_width():
     """80 queries per step at head dim 128 without a mask in bf16, in both dQ modes (FA4's width);
     64 with a mask or in fp16; 128 at head dim 64. The 80-query tiles fill exactly the 227 KB of
-    shared memory, with the dQ partial's TMA box as tall as the tile."""
+    shared memory."""
     for det in (False, True):
         full = _spec.choose_bwd_spec("bf16", 128, False, "sm_90a", det)
-        assert (full.tiles.block_m, full.dq_partial_rows) == (80, 80)
+        assert full.tiles.block_m == 80
         assert full.smem_bytes == _spec.SMEM_LIMIT["sm_90a"] == 232_448
         for other in (_spec.choose_bwd_spec("bf16", 128, True, "sm_90a", det),
                       _spec.choose_bwd_spec("fp16", 128, False, "sm_90a", det)):
-            assert (other.tiles.block_m, other.dq_partial_rows) == (64, 64)
+            assert other.tiles.block_m == 64
         d64 = _spec.choose_bwd_spec("bf16", 64, False, "sm_90a", det)
-        assert (d64.tiles.block_m, d64.dq_partial_rows) == (128, 64)
+        assert d64.tiles.block_m == 128
         # Both modes keep the dS buffers and the dQ staging: ordered mode adds like atomic mode.
         assert d64.smem_bytes == _spec.choose_bwd_spec("bf16", 64, False, "sm_90a",
                                                         not det).smem_bytes
@@ -517,8 +517,8 @@ def test_tensor_maps_only_for_addressable_tensors(monkeypatch):
 
 
 def test_backward_params_packing_matches_the_kernel_struct():
-    """The backward kernels share one by-value BwdParams struct: 17 pointers, 19 int64 (strides
-    and total_q), 3 int32, 2 float, 4 int32, and the tensor maps of the dQ accumulator, q and
+    """The backward kernels share one by-value BwdParams struct: 17 pointers, 20 int64 (strides,
+    total_q and the dQ accumulator's size), 3 int32, 2 float, 4 int32, and the tensor maps of q and
     dout from its 64-byte alignment on. Its size is static_asserted in the source."""
     import struct
 
@@ -527,19 +527,19 @@ def test_backward_params_packing_matches_the_kernel_struct():
     packer = _launch._BWD_PARAMS
     source = (_build.SOURCE_DIR / "bwd_common.cuh").read_text()
     assert f"sizeof(BwdParams) == {packer.size}" in source
-    dq_map, q_map, do_map = bytes(range(128)), bytes(range(1, 129)), bytes(range(2, 130))
-    blob = packer.pack(*range(1, 37), 37, 38, 39, 0.5, 0.25, -1, 7, 1, 1, dq_map, q_map, do_map)
+    q_map, do_map = bytes(range(1, 129)), bytes(range(2, 130))
+    blob = packer.pack(*range(1, 38), 38, 39, 40, 0.5, 0.25, -1, 7, 5, 1, q_map, do_map)
     assert struct.unpack_from("<Q", blob, 0)[0] == 1  # q
     assert struct.unpack_from("<Q", blob, 120)[0] == 16  # schedule_q
     assert struct.unpack_from("<Q", blob, 128)[0] == 17  # dq_order, the last pointer
     assert struct.unpack_from("<q", blob, 136)[0] == 18  # q_row_stride
     assert struct.unpack_from("<q", blob, 280)[0] == 36  # total_q
-    assert struct.unpack_from("<3i", blob, 288) == (37, 38, 39)  # heads, heads_per_kv, head_dim
-    assert struct.unpack_from("<2f", blob, 300) == (0.5, 0.25)  # scale, scale_log2
-    assert struct.unpack_from("<2i", blob, 308) == (-1, 7)  # window
-    assert struct.unpack_from("<2i", blob, 316) == (1, 1)  # use_dq_map, use_qdo_map
-    assert blob[384:512] == dq_map  # alignas(64), after the padding
-    assert blob[512:640] == q_map and blob[640:768] == do_map
+    assert struct.unpack_from("<q", blob, 288)[0] == 37  # dq_accum_floats
+    assert struct.unpack_from("<3i", blob, 296) == (38, 39, 40)  # heads, heads_per_kv, head_dim
+    assert struct.unpack_from("<2f", blob, 308) == (0.5, 0.25)  # scale, scale_log2
+    assert struct.unpack_from("<2i", blob, 316) == (-1, 7)  # window
+    assert struct.unpack_from("<2i", blob, 324) == (5, 1)  # batch, use_qdo_map
+    assert blob[384:512] == q_map and blob[512:640] == do_map  # alignas(64), after the padding
     # By-value structs with 64-byte aligned members go through kernelParams (see _ParamBuffer).
     assert _launch._BWD_ARGS.extra == 0 and _launch._BWD_ARGS.kernel_params != 0
 
@@ -568,3 +568,29 @@ def test_backward_workspace_is_one_allocation(deterministic, arch):
         ints += 2 * heads * total_q
     assert launch.int_offset % 16 == 0 and launch.int_offset >= 4 * floats
     assert 4 * launch.workspace_entries - launch.int_offset == 4 * ints
+
+
+@pytest.mark.parametrize("block_m", [64, 80, 128])
+def test_sm90_dq_accumulator_slots_are_disjoint_and_bounded(block_m):
+    """The sm90 family's dQ accumulator holds whole query tiles, sequence b's from slot
+    (q_start + b block_m) // block_m on (cuda_src/bwd_sm90.cu, first_dq_slot). Each sequence's
+    last slot lies below the next sequence's first, empty sequences included (dq_convert finds a
+    slot's sequence as the last whose first slot is at or before it), and below the host's
+    dq_accum_slots."""
+    import numpy as np
+
+    from cupy_varlen import _launch
+
+    rng = np.random.default_rng(block_m)
+    for trial in range(300):
+        batch = int(rng.integers(1, 40))
+        lens = (rng.integers(0, 3, batch) if trial % 3 == 0 else  # empty and one-row sequences
+                rng.integers(1, 4 * block_m, batch) if trial % 3 == 1 else
+                rng.choice([0, 1, block_m - 1, block_m, block_m + 1, 5 * block_m], batch))
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(int)
+        first = [(int(cu[b]) + b * block_m) // block_m for b in range(batch + 1)]
+        bound = _launch.dq_accum_slots(int(cu[-1]), batch, block_m)
+        for b in range(batch):
+            last = first[b] + -(-int(lens[b]) // block_m) - 1
+            assert first[b] < first[b + 1] and last < first[b + 1]
+            assert last < bound
