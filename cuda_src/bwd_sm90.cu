@@ -152,10 +152,9 @@ struct KeyTileWork {
   QueryTileWalk walk;
   int n_iters;
 
-  CV_DEVICE int head(const BwdParams& p, int it) const {
-    return kv_head * p.heads_per_kv + walk.head_in_group(it);
+  CV_DEVICE int head(const BwdParams& p, const QueryTileCursor& at) const {
+    return kv_head * p.heads_per_kv + at.head_in_group;
   }
-  CV_DEVICE int m0(int it) const { return walk.m0(it); }
 };
 
 CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
@@ -186,9 +185,11 @@ CV_DEVICE int* dq_order_slot(const BwdParams& p, const KeyTileWork& t, int head,
 
 // Waits for this key tile's turn at query tile m0 (its place, from the last, among the key tiles
 // that see the query tile: the range the forward walks for it), then orders the global memory they
-// wrote before this thread's own additions (TMA reductions included, hence the proxy fence).
-// (No timeout: a trap on the wait path made ptxas spill kilobytes of the consumers.)
-CV_DEVICE void wait_for_turn(const BwdParams& p, const KeyTileWork& t, int head, int m0, int wg) {
+// wrote before this thread's own additions (bulk reductions included, hence the proxy fence).
+// Returns the counter, for pass_turn. (No timeout: a trap on the wait path made ptxas spill
+// kilobytes of the consumers.)
+CV_DEVICE int* wait_for_turn(const BwdParams& p, const KeyTileWork& t, int head, int m0,
+                             int wg) {
   // The last of those key tiles is key_block_range's n_block_max - 1 for the query tile: the tile
   // of its last row's last allowed key (the band's upper edge is -band_t.lo).
 #if CV_WINDOWED
@@ -201,6 +202,7 @@ CV_DEVICE void wait_for_turn(const BwdParams& p, const KeyTileWork& t, int head,
   int* const order = dq_order_slot(p, t, head, m0, wg);
   while (ld_acquire_gpu(order) != turn) __nanosleep(64);
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  return order;
 }
 
 // After this thread's additions are complete: the next key tile's turn.
@@ -233,12 +235,12 @@ CV_DEVICE void produce(const BwdParams& p, const KeyTileWork& t, const Smem& sme
   mbarrier_arrive_on_copies(smem.kv_full());
 
   // One step per query tile: the step count is the ring position.
-  for (QPipe q_pipe; q_pipe.count < t.n_iters; q_pipe.advance()) {
-    const int it = q_pipe.count;
+  QueryTileCursor at = t.walk.begin();
+  for (QPipe q_pipe; q_pipe.count < t.n_iters; q_pipe.advance(), t.walk.advance(at)) {
     const int stage = q_pipe.index();
     q_pipe.wait_empty(smem.q_empty(stage));
-    const int head = t.head(p, it);
-    const int m0 = t.m0(it);
+    const int head = t.head(p, at);
+    const int m0 = at.m_block * kBlockM;
     const int rows = t.seq.q_len - m0;
     const i64 row0 = t.seq.q_start + m0;
     const u32 full = smem.q_full(stage);
@@ -292,13 +294,17 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
   mbarrier_wait(smem.kv_full(), 0);
 
   // One step per query tile: the step count is the ring position.
-  for (QPipe q_pipe; q_pipe.count < t.n_iters; q_pipe.advance()) {
+#if CV_DQ_ORDERED
+  int* pending_turn = nullptr;  // thread 0: the counter its last additions will advance
+#endif
+  QueryTileCursor at = t.walk.begin();
+  for (QPipe q_pipe; q_pipe.count < t.n_iters; q_pipe.advance(), t.walk.advance(at)) {
     const int it = q_pipe.count;
     const int stage = q_pipe.index();
     const u32 q_slot = smem.q(stage);
     const u32 do_slot = smem.dout(stage);
     const u32 stats = smem.stats(stage);
-    const int m0 = t.m0(it);
+    const int m0 = at.m_block * kBlockM;
     q_pipe.wait_full(smem.q_full(stage));
     fence_proxy_async();  // the copies, observed through the barrier, before wgmma reads them
 
@@ -314,9 +320,9 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     // The last tile's dQ additions, issued at its end, land while S^T and dP^T are computed: then
     // the next key tile's turn there. (At the staging, an iteration later, each key tile of a full
     // mask would wait a whole iteration longer than the one before it.)
-    if (ctid == 0 && it > 0) {
+    if (ctid == 0 && pending_turn) {
       bulk_wait_group<0>();
-      pass_turn(dq_order_slot(p, t, t.head(p, it - 1), t.m0(it - 1), wg));
+      pass_turn(pending_turn);
     }
 #endif
     wgmma_wait<1>();  // S^T is done; dP^T may still run
@@ -367,7 +373,7 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     // P's registers are free from here (its GEMM, dV's, is done): the 80-query tile needs them
     // for the dQ staging.
     if constexpr (kDqSwapAB) fence_registers(pa);
-    const int head = t.head(p, it);
+    const int head = t.head(p, at);
     // The whole partial goes out, rows past the sequence's end included: they land in this
     // sequence's own slot, which no other sequence adds to and dq_convert reads only up to the
     // sequence's end.
@@ -379,9 +385,9 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
     if (ctid == 0) {
 #if CV_DQ_ORDERED
-      wait_for_turn(p, t, head, m0, wg);
+      pending_turn = wait_for_turn(p, t, head, m0, wg);
 #endif
-      reduce_add_bulk(p.dq_accum + ((t.dq_slot0 + m0 / kBlockM) * p.heads + head) *
+      reduce_add_bulk(p.dq_accum + ((t.dq_slot0 + at.m_block) * p.heads + head) *
                                        (i64)(kBlockM * kHeadDim) +
                           wg * kDqChunkFloats,
                       staging, kDqChunkFloats * 4);
@@ -400,8 +406,7 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
   if (ctid == 0) {
     bulk_wait_group<0>();
 #if CV_DQ_ORDERED
-    if (t.n_iters > 0)
-      pass_turn(dq_order_slot(p, t, t.head(p, t.n_iters - 1), t.m0(t.n_iters - 1), wg));
+    if (pending_turn) pass_turn(pending_turn);
 #endif
   }
 #endif
