@@ -137,6 +137,15 @@ varlen_bwd_preprocess(const BwdParams p) {
   }
 }
 
+// A position of the walk, advanced a step at a time (QueryTileWalk::advance): no division by the
+// runtime tile count per step, whose I2F / MUFU.RCP chain the sm90 consumers' first mask test of
+// each step waited on (ncu, H200, 2026-12-02: 7% of the causal D128 backward's warp samples).
+struct QueryTileCursor {
+  int m_block;  // the query tile's index in its sequence
+  int head_in_group;
+  int left;  // steps left on this query head
+};
+
 // The steps of a dK/dV CTA: every query tile of range (in kBlockM units) for each query head of
 // the GQA group. Each key tile starts its walk at a different query tile (rotated by the key tile's
 // index): with a full mask, the CTAs of one (sequence, head) would otherwise all add into the same
@@ -147,15 +156,6 @@ varlen_bwd_preprocess(const BwdParams p) {
 // tiles from its first, so the key tiles of a query tile reach it in their order, the last one first
 // (causal: key tile n's first query tile is about n, which only key tiles <= n see), and each waits
 // only for its predecessor's addition.
-// A position of the walk, advanced a step at a time (QueryTileWalk::advance): no division by the
-// runtime tile count per step, whose I2F / MUFU.RCP chain the sm90 consumers' first mask test of
-// each step waited on (ncu, H200, 2026-12-02: 7% of the causal D128 backward's warp samples).
-struct QueryTileCursor {
-  int m_block;  // the query tile's index in its sequence
-  int head_in_group;
-  int left;  // steps left on this query head
-};
-
 struct QueryTileWalk {
   int n_block_min, m_blocks, rotation, steps;
   QueryTileWalk() = default;
