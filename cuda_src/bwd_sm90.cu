@@ -13,8 +13,9 @@
 //      P^T, then dV += P^T dO             (A from registers: P never leaves them)
 //      dS^T, then dK += dS^T Q            (A from registers; dK and dV stay in registers throughout)
 //      dS^T to shared memory, dQ = dS K   (wgmma, both operands MN-major in shared memory)
-//    and dQ's fp32 partial goes to the accumulator: staged in shared memory as the registers hold
-//    it (fragment order, 16-byte stores), then added by one bulk reduction. dQ needs all 128 keys, so
+//    and dQ's fp32 partial goes to the accumulator: each warp stages its part in shared memory as
+//    its registers hold it (fragment order, 16-byte stores) and adds it with one bulk reduction,
+//    no barrier beyond the warp's own. dQ needs all 128 keys, so
 //    the two consumers meet at a named barrier once per query tile; dQ's work is split between them
 //    by head-dim columns when a query tile is one wgmma M (64 rows), by rows when it is two (128).
 // The GEMM for dV is issued before dS is computed and the one for dK before dS is stored, so the
@@ -50,11 +51,15 @@ constexpr int kDqRows = kDqSwapAB ? kBlockM : 64;  // query rows of a consumer's
 // Swapped, the accumulator holds dQ^T: 64 head-dim rows x kBlockM queries.
 constexpr int kDqAccN = kDqSwapAB ? kBlockM : kDqN;
 // The dQ accumulator (BwdParams::dq_accum) in this family's layout: per (query-tile slot, head) one
-// chunk of kBlockM x kHeadDim floats, consumer c's fragments (stage_fragments_f32's order) in its
-// c-th half. Sequence b's tiles take the slots from first_dq_slot(b) on: the slots are query rows
-// padded by kBlockM per sequence (FA3's dQ accumulator), so a tile's rows past its sequence's end
-// land in its own slot, and no two sequences share one.
+// chunk of kBlockM x kHeadDim floats, consumer c's in its c-th half, warp w's fragments
+// (stage_fragments_f32's order) in the w-th quarter of that. Sequence b's tiles take the slots from
+// first_dq_slot(b) on: the slots are query rows padded by kBlockM per sequence (FA3's dQ
+// accumulator), so a tile's rows past its sequence's end land in its own slot, and no two
+// sequences share one.
 constexpr int kDqChunkFloats = kDqRows * kDqN;
+constexpr int kConsumerWarps = kWarpgroupThreads / 32;
+constexpr int kDqWarpFloats = kDqChunkFloats / kConsumerWarps;
+static_assert(kDqWarpFloats == kDqAccN / 8 * 32 * 4, "a warp's part is its fragments");
 static_assert(kConsumers * kDqChunkFloats == kBlockM * kHeadDim,
               "the consumers' dQ partials tile the query tile");
 // lse and delta atoms a consumer reads before the GEMM wait that precedes their use: all of a
@@ -134,10 +139,8 @@ struct Smem {
 };
 typedef PipelineState<kStages> QPipe;
 
-// Named barriers (0 is __syncthreads'): the consumers' meeting points, and each consumer's own
-// around its dQ staging buffer.
+// The named barrier of the consumers' meeting points (0 is __syncthreads').
 constexpr int kConsumerBarrier = 1;
-constexpr int kDqStageBarrier = 2;  // + consumer index
 
 // Sequence b's first slot of the dQ accumulator (kDqChunkFloats above).
 CV_DEVICE i64 first_dq_slot(i64 q_start, int b) { return (q_start + (i64)b * kBlockM) / kBlockM; }
@@ -178,7 +181,7 @@ CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
 
 #if CV_DQ_ORDERED
 // Ordered dQ additions (bwd_common.cuh): the counter of consumer `wg`'s half of query tile m0's dQ
-// (head `head`): how many key tiles have added their partials.
+// (head `head`): how many of the key tiles' warps have added their parts, kConsumerWarps a tile.
 CV_DEVICE int* dq_order_slot(const BwdParams& p, const KeyTileWork& t, int head, int m0, int wg) {
   return p.dq_order + ((i64)head * p.total_q + t.seq.q_start + m0) * 2 + wg;
 }
@@ -200,12 +203,15 @@ CV_DEVICE int* wait_for_turn(const BwdParams& p, const KeyTileWork& t, int head,
 #endif
   const int turn = key_last / kBlockN - t.n0 / kBlockN;
   int* const order = dq_order_slot(p, t, head, m0, wg);
-  while (ld_acquire_gpu(order) != turn) __nanosleep(64);
+  // The count runs ahead of the turn once this tile's faster warps pass theirs, and reaches it
+  // only through the tiles before: hence the test.
+  while (ld_acquire_gpu(order) < turn * kConsumerWarps) __nanosleep(64);
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
   return order;
 }
 
-// After this thread's additions are complete: the next key tile's turn.
+// After this warp's additions are complete: one of the kConsumerWarps passes that make the next key
+// tile's turn.
 CV_DEVICE void pass_turn(int* order) {
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
   red_release_gpu_add(order, 1);
@@ -295,7 +301,7 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
 
   // One step per query tile: the step count is the ring position.
 #if CV_DQ_ORDERED
-  int* pending_turn = nullptr;  // thread 0: the counter its last additions will advance
+  int* pending_turn = nullptr;  // a warp's lane 0: the counter its last additions will advance
 #endif
   QueryTileCursor at = t.walk.begin();
   for (QPipe q_pipe; q_pipe.count < t.n_iters; q_pipe.advance(), t.walk.advance(at)) {
@@ -323,7 +329,7 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     // The last tile's dQ additions, issued at its end, land while S^T and dP^T are computed: then
     // the next key tile's turn there. (At the staging, an iteration later, each key tile of a full
     // mask would wait a whole iteration longer than the one before it.)
-    if (ctid == 0 && pending_turn) {
+    if (lane == 0 && pending_turn) {
       bulk_wait_group<0>();
       pass_turn(pending_turn);
     }
@@ -380,20 +386,21 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     // The whole partial goes out, rows past the sequence's end included: they land in this
     // sequence's own slot, which no other sequence adds to and dq_convert reads only up to the
     // sequence's end.
-    const u32 staging = smem.dq(wg);
-    if (ctid == 0) bulk_wait_group_read<0>();  // the last tile's reduction has read it
-    named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
-    stage_fragments_f32(dq, staging, ctid);
+    const int warp = ctid >> 5;
+    const u32 staging = smem.dq(wg) + warp * kDqWarpFloats * 4;
+    if (lane == 0) bulk_wait_group_read<0>();  // the last tile's reduction has read it
+    __syncwarp();
+    stage_fragments_f32(dq, staging, lane);
     fence_proxy_async();  // the generic-proxy stores before the bulk copy reads them
-    named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
-    if (ctid == 0) {
+    __syncwarp();
+    if (lane == 0) {
 #if CV_DQ_ORDERED
       pending_turn = wait_for_turn(p, t, head, m0, wg);
 #endif
       reduce_add_bulk(p.dq_accum + ((t.dq_slot0 + at.m_block) * p.heads + head) *
                                        (i64)(kBlockM * kHeadDim) +
-                          wg * kDqChunkFloats,
-                      staging, kDqChunkFloats * 4);
+                          wg * kDqChunkFloats + warp * kDqWarpFloats,
+                      staging, kDqWarpFloats * 4);
     }
 #endif
     wgmma_wait<0>();
@@ -406,7 +413,7 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
 #if CV_DQ_ATOMIC
   // The staging buffer must stay until the reductions have read it, and their adds must be done
   // before the dQ conversion reads the accumulator.
-  if (ctid == 0) {
+  if (lane == 0) {
     bulk_wait_group<0>();
 #if CV_DQ_ORDERED
     if (pending_turn) pass_turn(pending_turn);
@@ -485,11 +492,12 @@ varlen_bwd_dq_convert(const BwdParams p) {
   const int wg = threadIdx.x / kWarpgroupThreads, ctid = threadIdx.x % kWarpgroupThreads;
   const int lane = ctid & 31, warp_row0 = (ctid >> 5) * 16;
   const float4* src = reinterpret_cast<const float4*>(
-      p.dq_accum + (slot * p.heads + head) * (i64)(kBlockM * kHeadDim) + wg * kDqChunkFloats);
+      p.dq_accum + (slot * p.heads + head) * (i64)(kBlockM * kHeadDim) + wg * kDqChunkFloats +
+      (ctid >> 5) * kDqWarpFloats);
   float dq[1][kDqAccN / 8][4];
 #pragma unroll
   for (int n = 0; n < kDqAccN / 8; ++n) {
-    const float4 v = src[n * kWarpgroupThreads + ctid];
+    const float4 v = src[n * 32 + lane];
     dq[0][n][0] = v.x * p.scale;
     dq[0][n][1] = v.y * p.scale;
     dq[0][n][2] = v.z * p.scale;
