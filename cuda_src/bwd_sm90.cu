@@ -13,8 +13,9 @@
 //      P^T, then dV += P^T dO             (A from registers: P never leaves them)
 //      dS^T, then dK += dS^T Q            (A from registers; dK and dV stay in registers throughout)
 //      dS^T to shared memory, dQ = dS K   (wgmma, both operands MN-major in shared memory)
-//    and dQ's fp32 partial goes to the accumulator: staged in shared memory as the registers hold
-//    it (fragment order, 16-byte stores), then added by one bulk reduction. dQ needs all 128 keys, so
+//    and dQ's fp32 partial goes to the accumulator: each warp stages its part in shared memory as
+//    its registers hold it (fragment order, 16-byte stores) and adds it with one bulk reduction,
+//    no barrier beyond the warp's own. dQ needs all 128 keys, so
 //    the two consumers meet at a named barrier once per query tile; dQ's work is split between them
 //    by head-dim columns when a query tile is one wgmma M (64 rows), by rows when it is two (128).
 // The GEMM for dV is issued before dS is computed and the one for dK before dS is stored, so the
@@ -50,11 +51,15 @@ constexpr int kDqRows = kDqSwapAB ? kBlockM : 64;  // query rows of a consumer's
 // Swapped, the accumulator holds dQ^T: 64 head-dim rows x kBlockM queries.
 constexpr int kDqAccN = kDqSwapAB ? kBlockM : kDqN;
 // The dQ accumulator (BwdParams::dq_accum) in this family's layout: per (query-tile slot, head) one
-// chunk of kBlockM x kHeadDim floats, consumer c's fragments (stage_fragments_f32's order) in its
-// c-th half. Sequence b's tiles take the slots from first_dq_slot(b) on: the slots are query rows
-// padded by kBlockM per sequence (FA3's dQ accumulator), so a tile's rows past its sequence's end
-// land in its own slot, and no two sequences share one.
+// chunk of kBlockM x kHeadDim floats, consumer c's in its c-th half, warp w's fragments
+// (stage_fragments_f32's order) in the w-th quarter of that. Sequence b's tiles take the slots from
+// first_dq_slot(b) on: the slots are query rows padded by kBlockM per sequence (FA3's dQ
+// accumulator), so a tile's rows past its sequence's end land in its own slot, and no two
+// sequences share one.
 constexpr int kDqChunkFloats = kDqRows * kDqN;
+constexpr int kConsumerWarps = kWarpgroupThreads / 32;
+constexpr int kDqWarpFloats = kDqChunkFloats / kConsumerWarps;
+static_assert(kDqWarpFloats == kDqAccN / 8 * 32 * 4, "a warp's part is its fragments");
 static_assert(kConsumers * kDqChunkFloats == kBlockM * kHeadDim,
               "the consumers' dQ partials tile the query tile");
 // lse and delta atoms a consumer reads before the GEMM wait that precedes their use: all of a
@@ -134,10 +139,8 @@ struct Smem {
 };
 typedef PipelineState<kStages> QPipe;
 
-// Named barriers (0 is __syncthreads'): the consumers' meeting points, and each consumer's own
-// around its dQ staging buffer.
+// The named barrier of the consumers' meeting points (0 is __syncthreads').
 constexpr int kConsumerBarrier = 1;
-constexpr int kDqStageBarrier = 2;  // + consumer index
 
 // Sequence b's first slot of the dQ accumulator (kDqChunkFloats above).
 CV_DEVICE i64 first_dq_slot(i64 q_start, int b) { return (q_start + (i64)b * kBlockM) / kBlockM; }
@@ -152,10 +155,9 @@ struct KeyTileWork {
   QueryTileWalk walk;
   int n_iters;
 
-  CV_DEVICE int head(const BwdParams& p, int it) const {
-    return kv_head * p.heads_per_kv + walk.head_in_group(it);
+  CV_DEVICE int head(const BwdParams& p, const QueryTileCursor& at) const {
+    return kv_head * p.heads_per_kv + at.head_in_group;
   }
-  CV_DEVICE int m0(int it) const { return walk.m0(it); }
 };
 
 CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
@@ -179,16 +181,18 @@ CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
 
 #if CV_DQ_ORDERED
 // Ordered dQ additions (bwd_common.cuh): the counter of consumer `wg`'s half of query tile m0's dQ
-// (head `head`): how many key tiles have added their partials.
+// (head `head`): how many of the key tiles' warps have added their parts, kConsumerWarps a tile.
 CV_DEVICE int* dq_order_slot(const BwdParams& p, const KeyTileWork& t, int head, int m0, int wg) {
   return p.dq_order + ((i64)head * p.total_q + t.seq.q_start + m0) * 2 + wg;
 }
 
 // Waits for this key tile's turn at query tile m0 (its place, from the last, among the key tiles
 // that see the query tile: the range the forward walks for it), then orders the global memory they
-// wrote before this thread's own additions (TMA reductions included, hence the proxy fence).
-// (No timeout: a trap on the wait path made ptxas spill kilobytes of the consumers.)
-CV_DEVICE void wait_for_turn(const BwdParams& p, const KeyTileWork& t, int head, int m0, int wg) {
+// wrote before this thread's own additions (bulk reductions included, hence the proxy fence).
+// Returns the counter, for pass_turn. (No timeout: a trap on the wait path made ptxas spill
+// kilobytes of the consumers.)
+CV_DEVICE int* wait_for_turn(const BwdParams& p, const KeyTileWork& t, int head, int m0,
+                             int wg) {
   // The last of those key tiles is key_block_range's n_block_max - 1 for the query tile: the tile
   // of its last row's last allowed key (the band's upper edge is -band_t.lo).
 #if CV_WINDOWED
@@ -199,11 +203,15 @@ CV_DEVICE void wait_for_turn(const BwdParams& p, const KeyTileWork& t, int head,
 #endif
   const int turn = key_last / kBlockN - t.n0 / kBlockN;
   int* const order = dq_order_slot(p, t, head, m0, wg);
-  while (ld_acquire_gpu(order) != turn) __nanosleep(64);
+  // The count runs ahead of the turn once this tile's faster warps pass theirs, and reaches it
+  // only through the tiles before: hence the test.
+  while (ld_acquire_gpu(order) < turn * kConsumerWarps) __nanosleep(64);
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  return order;
 }
 
-// After this thread's additions are complete: the next key tile's turn.
+// After this warp's additions are complete: one of the kConsumerWarps passes that make the next key
+// tile's turn.
 CV_DEVICE void pass_turn(int* order) {
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
   red_release_gpu_add(order, 1);
@@ -233,12 +241,12 @@ CV_DEVICE void produce(const BwdParams& p, const KeyTileWork& t, const Smem& sme
   mbarrier_arrive_on_copies(smem.kv_full());
 
   // One step per query tile: the step count is the ring position.
-  for (QPipe q_pipe; q_pipe.count < t.n_iters; q_pipe.advance()) {
-    const int it = q_pipe.count;
+  QueryTileCursor at = t.walk.begin();
+  for (QPipe q_pipe; q_pipe.count < t.n_iters; q_pipe.advance(), t.walk.advance(at)) {
     const int stage = q_pipe.index();
     q_pipe.wait_empty(smem.q_empty(stage));
-    const int head = t.head(p, it);
-    const int m0 = t.m0(it);
+    const int head = t.head(p, at);
+    const int m0 = at.m_block * kBlockM;
     const int rows = t.seq.q_len - m0;
     const i64 row0 = t.seq.q_start + m0;
     const u32 full = smem.q_full(stage);
@@ -292,16 +300,24 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
   mbarrier_wait(smem.kv_full(), 0);
 
   // One step per query tile: the step count is the ring position.
-  for (QPipe q_pipe; q_pipe.count < t.n_iters; q_pipe.advance()) {
+#if CV_DQ_ORDERED
+  int* pending_turn = nullptr;  // a warp's lane 0: the counter its last additions will advance
+#endif
+  QueryTileCursor at = t.walk.begin();
+  for (QPipe q_pipe; q_pipe.count < t.n_iters; q_pipe.advance(), t.walk.advance(at)) {
     const int it = q_pipe.count;
     const int stage = q_pipe.index();
     const u32 q_slot = smem.q(stage);
     const u32 do_slot = smem.dout(stage);
     const u32 stats = smem.stats(stage);
-    const int m0 = t.m0(it);
+    const int m0 = at.m_block * kBlockM;
     q_pipe.wait_full(smem.q_full(stage));
     fence_proxy_async();  // the copies, observed through the barrier, before wgmma reads them
 
+    // Read before the GEMMs are issued: after, the loads queue behind the GEMMs' operand reads in
+    // the shared-memory pipe, and the first branch after the S^T wait waited for them (7% of the
+    // causal D128 backward's warp samples, ncu, H200, 2026-12-02).
+    const ColumnStats<kQAtoms, kStatsAhead> lse_log2(stats, 0, lane);
     float s[1][kQAtoms][4], dp[1][kQAtoms][4];
     float(&s_flat)[kBlockM / 2] = reinterpret_cast<float(&)[kBlockM / 2]>(s);
     float(&dp_flat)[kBlockM / 2] = reinterpret_cast<float(&)[kBlockM / 2]>(dp);
@@ -309,14 +325,13 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
                                        kBlockM * kPanelBytes);
     wgmma_ss_kmajor<kBlockM, kHeadDim>(dp_flat, v_rows, KTile::kRowCount * kPanelBytes, do_slot,
                                        kBlockM * kPanelBytes);
-    const ColumnStats<kQAtoms, kStatsAhead> lse_log2(stats, 0, lane);  // read while S^T is computed
 #if CV_DQ_ORDERED
     // The last tile's dQ additions, issued at its end, land while S^T and dP^T are computed: then
     // the next key tile's turn there. (At the staging, an iteration later, each key tile of a full
     // mask would wait a whole iteration longer than the one before it.)
-    if (ctid == 0 && it > 0) {
+    if (lane == 0 && pending_turn) {
       bulk_wait_group<0>();
-      pass_turn(dq_order_slot(p, t, t.head(p, it - 1), t.m0(it - 1), wg));
+      pass_turn(pending_turn);
     }
 #endif
     wgmma_wait<1>();  // S^T is done; dP^T may still run
@@ -367,24 +382,25 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
     // P's registers are free from here (its GEMM, dV's, is done): the 80-query tile needs them
     // for the dQ staging.
     if constexpr (kDqSwapAB) fence_registers(pa);
-    const int head = t.head(p, it);
+    const int head = t.head(p, at);
     // The whole partial goes out, rows past the sequence's end included: they land in this
     // sequence's own slot, which no other sequence adds to and dq_convert reads only up to the
     // sequence's end.
-    const u32 staging = smem.dq(wg);
-    if (ctid == 0) bulk_wait_group_read<0>();  // the last tile's reduction has read it
-    named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
-    stage_fragments_f32(dq, staging, ctid);
+    const int warp = ctid >> 5;
+    const u32 staging = smem.dq(wg) + warp * kDqWarpFloats * 4;
+    if (lane == 0) bulk_wait_group_read<0>();  // the last tile's reduction has read it
+    __syncwarp();
+    stage_fragments_f32(dq, staging, lane);
     fence_proxy_async();  // the generic-proxy stores before the bulk copy reads them
-    named_barrier_sync(kDqStageBarrier + wg, kWarpgroupThreads);
-    if (ctid == 0) {
+    __syncwarp();
+    if (lane == 0) {
 #if CV_DQ_ORDERED
-      wait_for_turn(p, t, head, m0, wg);
+      pending_turn = wait_for_turn(p, t, head, m0, wg);
 #endif
-      reduce_add_bulk(p.dq_accum + ((t.dq_slot0 + m0 / kBlockM) * p.heads + head) *
+      reduce_add_bulk(p.dq_accum + ((t.dq_slot0 + at.m_block) * p.heads + head) *
                                        (i64)(kBlockM * kHeadDim) +
-                          wg * kDqChunkFloats,
-                      staging, kDqChunkFloats * 4);
+                          wg * kDqChunkFloats + warp * kDqWarpFloats,
+                      staging, kDqWarpFloats * 4);
     }
 #endif
     wgmma_wait<0>();
@@ -397,11 +413,10 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
 #if CV_DQ_ATOMIC
   // The staging buffer must stay until the reductions have read it, and their adds must be done
   // before the dQ conversion reads the accumulator.
-  if (ctid == 0) {
+  if (lane == 0) {
     bulk_wait_group<0>();
 #if CV_DQ_ORDERED
-    if (t.n_iters > 0)
-      pass_turn(dq_order_slot(p, t, t.head(p, t.n_iters - 1), t.m0(t.n_iters - 1), wg));
+    if (pending_turn) pass_turn(pending_turn);
 #endif
   }
 #endif
@@ -477,11 +492,12 @@ varlen_bwd_dq_convert(const BwdParams p) {
   const int wg = threadIdx.x / kWarpgroupThreads, ctid = threadIdx.x % kWarpgroupThreads;
   const int lane = ctid & 31, warp_row0 = (ctid >> 5) * 16;
   const float4* src = reinterpret_cast<const float4*>(
-      p.dq_accum + (slot * p.heads + head) * (i64)(kBlockM * kHeadDim) + wg * kDqChunkFloats);
+      p.dq_accum + (slot * p.heads + head) * (i64)(kBlockM * kHeadDim) + wg * kDqChunkFloats +
+      (ctid >> 5) * kDqWarpFloats);
   float dq[1][kDqAccN / 8][4];
 #pragma unroll
   for (int n = 0; n < kDqAccN / 8; ++n) {
-    const float4 v = src[n * kWarpgroupThreads + ctid];
+    const float4 v = src[n * 32 + lane];
     dq[0][n][0] = v.x * p.scale;
     dq[0][n][1] = v.y * p.scale;
     dq[0][n][2] = v.z * p.scale;

@@ -97,15 +97,14 @@ CV_DEVICE void store_output_fragments(const float (&acc_o)[kMAtoms][kDAtoms][4],
     }
 }
 
-// Writes a warpgroup's fp32 accumulator to shared memory in fragment order: atom n of thread t
-// (its four floats) at 16 (128 n + t), one 16-byte store per atom, consecutive threads on
-// consecutive 16-byte words (no bank conflicts). Whoever reads it back knows the fragments'
-// layout (bwd_sm90.cu's dq_convert).
+// Writes a warp's fp32 accumulator to shared memory in fragment order: atom n of lane l (its four
+// floats) at 16 (32 n + l), one 16-byte store per atom, the lanes on consecutive 16-byte words (no
+// bank conflicts). Whoever reads it back knows the fragments' layout (bwd_sm90.cu's dq_convert).
 template <int kNAtoms>
-CV_DEVICE void stage_fragments_f32(const float (&acc)[1][kNAtoms][4], u32 base, int ctid) {
+CV_DEVICE void stage_fragments_f32(const float (&acc)[1][kNAtoms][4], u32 base, int lane) {
 #pragma unroll
   for (int n = 0; n < kNAtoms; ++n)
-    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(base + (n * 128 + ctid) * 16),
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(base + (n * 32 + lane) * 16),
                  "f"(acc[0][n][0]), "f"(acc[0][n][1]), "f"(acc[0][n][2]), "f"(acc[0][n][3])
                  : "memory");
 }
