@@ -25,3 +25,24 @@ CV_DEVICE SeqInfo load_seq_info(const int* cu_seqlens_q, const int* cu_seqlens_k
   if (seqused_k != nullptr) s.k_len = min(max(__ldg(seqused_k + batch_idx), 0), s.k_len);
   return s;
 }
+
+// A paged cache (no cu_seqlens_k): the keys live in pages that a block table names, k_start is 0
+// and the slot is the table's k_capacity keys (its pages per sequence x page size), the bound that
+// the sequence's count in seqused_k is clamped to.
+CV_DEVICE SeqInfo load_paged_seq_info(const int* cu_seqlens_q, const int* seqused_k,
+                                      int batch_idx, int k_capacity) {
+  SeqInfo s;
+  s.q_start = __ldg(cu_seqlens_q + batch_idx);
+  s.q_len = max(__ldg(cu_seqlens_q + batch_idx + 1) - s.q_start, 0);
+  s.k_start = 0;
+  s.k_len = min(max(__ldg(seqused_k + batch_idx), 0), k_capacity);
+  return s;
+}
+
+// Either, as the schedule kernel meets them: a null cu_seqlens_k means a paged cache.
+CV_DEVICE SeqInfo load_any_seq_info(const int* cu_seqlens_q, const int* cu_seqlens_k,
+                                    const int* seqused_k, int batch_idx, int k_capacity) {
+  return cu_seqlens_k != nullptr
+             ? load_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, batch_idx)
+             : load_paged_seq_info(cu_seqlens_q, seqused_k, batch_idx, k_capacity);
+}

@@ -84,6 +84,38 @@ CV_DEVICE void load_tile_async(u32 smem_base, const u16* gmem, i64 row_stride, i
   }
 }
 
+// load_tile_async for keys that live in the pages of a paged cache: tile row r is the sequence's key
+// key0 + r, row (key0 + r) % page_size of page table[(key0 + r) / page_size]; `pool` points at the
+// head's elements of page 0, row 0. Rows at or past rows_valid are zero-filled without reading the
+// table or the pool, so no page past the sequence's count is touched. One division per row: the
+// gather path for any page size.
+template <int kRows, int kHeadDim, int kThreads>
+CV_DEVICE void load_tile_paged_async(u32 smem_base, const u16* pool, i64 page_stride,
+                                     i64 row_stride, const int* table, int page_size, int key0,
+                                     int rows_valid, int chunks_valid, int tid) {
+  typedef SmemTile<kRows, kHeadDim> Tile;
+  constexpr int kChunks = Tile::kChunksPerRow;
+  constexpr int kLanesPerRow = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
+  constexpr int kRowStep = kThreads / kLanesPerRow;
+  static_assert(kRows % kRowStep == 0, "tile rows must divide evenly among threads");
+  tid = opaque(tid);
+  const int chunk = tid % kLanesPerRow;
+  const int row0 = tid / kLanesPerRow;
+  if (kChunks != kLanesPerRow && chunk >= kChunks) return;
+#pragma unroll
+  for (int i = 0; i < kRows / kRowStep; ++i) {
+    const int row = row0 + i * kRowStep;
+    const bool valid = row < rows_valid && chunk < chunks_valid;
+    const u16* src = pool;
+    if (valid) {
+      const int key = key0 + row;
+      const int page = __ldg(table + key / page_size);
+      src = pool + page * page_stride + (key % page_size) * row_stride + chunk * 8;
+    }
+    cp_async_16(smem_base + Tile::offset(row, chunk), src, valid);
+  }
+}
+
 // A CUtensorMap built on the host (cupy_varlen/_tma.py) and passed inside the kernel's
 // __grid_constant__ parameters: 128 opaque bytes the TMA unit reads, 64-byte aligned.
 struct alignas(64) TensorMap {

@@ -80,6 +80,13 @@ class Framework:
         (check_inputs=True only). A batch of no sequences gives (0, 0)."""
         raise NotImplementedError
 
+    def paged_summary(self, used, table, page_size) -> tuple:
+        """(smallest count, largest count, smallest page, largest page) of a paged cache: the
+        counts seqused_k ``used`` and the entries of block table ``table`` that those counts
+        reach (ceil(count / page_size) per row), in one transfer (check_inputs=True only). No
+        sequence, or no page reached, reads as 0 there."""
+        raise NotImplementedError
+
 
 class TorchFramework(Framework):
     name = "torch"
@@ -158,6 +165,17 @@ class TorchFramework(Framework):
         excess = used - (cu[1:] - cu[:-1])
         return tuple(self._torch.stack([used.min(), excess.max()]).tolist())
 
+    def paged_summary(self, used, table, page_size):
+        torch = self._torch
+        if used.numel() == 0:
+            return 0, 0, 0, 0
+        pages = (used.clamp(min=0) + page_size - 1) // page_size
+        reached = torch.arange(table.shape[1], device=table.device)[None, :] < pages[:, None]
+        entries = table[reached]
+        if entries.numel() == 0:
+            entries = torch.zeros(1, dtype=table.dtype, device=table.device)
+        return tuple(torch.stack([used.min(), used.max(), entries.min(), entries.max()]).tolist())
+
 
 class CupyFramework(Framework):
     name = "cupy"
@@ -214,6 +232,18 @@ class CupyFramework(Framework):
         with used.device:
             excess = used - (cu[1:] - cu[:-1])
             return tuple(int(x) for x in cupy.stack([used.min(), excess.max()]).get())
+
+    def paged_summary(self, used, table, page_size):
+        if used.size == 0:
+            return 0, 0, 0, 0
+        with used.device:
+            pages = (cupy.maximum(used, 0) + page_size - 1) // page_size
+            reached = cupy.arange(table.shape[1])[None, :] < pages[:, None]
+            entries = table[reached]
+            if entries.size == 0:
+                entries = cupy.zeros(1, dtype=table.dtype)
+            return tuple(int(x) for x in cupy.stack(
+                [used.min(), used.max(), entries.min(), entries.max()]).get())
 
 
 _CUPY = CupyFramework()

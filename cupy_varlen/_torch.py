@@ -191,7 +191,8 @@ class _EagerVarlenAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, deterministic, prepared):
         plan, ptrs = prepared
-        out, lse = _api._run_on_device(plan, _FW, q, k, v, cu_q, cu_k, None, None, ptrs=ptrs)
+        out, lse = _api._run_on_device(plan, _FW, q, k, v, cu_q, cu_k, None, None, None,
+                                       ptrs=ptrs)
         _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse,
                            (max_q, max_k, causal, plan.scale, plan.left, plan.right,
                             deterministic))
