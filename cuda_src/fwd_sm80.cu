@@ -14,9 +14,9 @@
 //    top of iteration i (their slots were freed by iteration i - 1), needing kStages >= 2.
 //
 // A paged KV cache (CV_PAGED): k and v are page pools (pages, page_size, H_kv, D) that
-// block_table names per sequence (row b: its pages in key order), cu_seqlens_k is null and
-// seqused_k gives each sequence's key count (load_paged_seq_info); K/V tiles are gathered a row
-// at a time (load_tile_paged_async), for any page size.
+// block_table names per sequence (row b: its pages in key order), each sequence's key count from
+// cu_seqlens_k's differences and seqused_k (either may be null; load_paged_seq_info); K/V tiles
+// are gathered a row at a time (load_tile_paged_async), for any page size.
 //
 // Specialization (-D from cupy_varlen/_spec.py): CV_HEAD_DIM (head-dim tile), CV_BLOCK_M,
 // CV_BLOCK_N, CV_SUB_N, CV_WARPS, CV_STAGES, CV_WINDOWED, CV_MIN_BLOCKS, CV_QK_UNROLL,
@@ -72,7 +72,8 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   if (!decode_tile(schedule, heads_per_kv, blockIdx.x, work, head)) return;
   const int kv_head = head / heads_per_kv;
 #if CV_PAGED
-  SeqInfo seq = load_paged_seq_info(cu_seqlens_q, seqused_k, work.batch_idx, k_capacity);
+  SeqInfo seq =
+      load_paged_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, work.batch_idx, k_capacity);
 #else
   SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, work.batch_idx);
 #endif
@@ -184,7 +185,7 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   decode_tile(schedule, heads_per_kv, opaque(blockIdx.x), work, head);
   // Its query rows only.
 #if CV_PAGED
-  seq = load_paged_seq_info(cu_seqlens_q, seqused_k, work.batch_idx, 0);
+  seq = load_paged_seq_info(cu_seqlens_q, nullptr, nullptr, work.batch_idx, 0);
 #else
   seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, nullptr, work.batch_idx);
 #endif

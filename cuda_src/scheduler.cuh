@@ -188,7 +188,7 @@ CV_DEVICE void for_each_tile(const int* __restrict__ cu_seqlens_q,
 
 // minBlocks 1: one block runs at a time, so it may use 64 registers per thread (without it ptxas
 // aims at two resident blocks on sm_90, caps itself at 32 and spills). k_capacity: a paged cache's
-// keys per sequence, where cu_seqlens_k is null (load_any_seq_info).
+// keys per sequence, or -1 without one (load_any_seq_info).
 extern "C" __global__ void __launch_bounds__(kScheduleThreads, 1)
 varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
                      const int* __restrict__ seqused_k, int* __restrict__ workspace, int batch,

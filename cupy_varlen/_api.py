@@ -144,11 +144,13 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         block_table: optional int32 array (B, max_pages_per_seq), contiguous along its rows: a
             paged KV cache. k and v are then page pools (num_pages, page_size, H_kv, D), any page
             size >= 1; sequence b's key j is row ``j % page_size`` of page
-            ``block_table[b, j // page_size]``. Needs ``seqused_k`` (the keys' counts) and
-            ``cu_seqlens_k=None``. Pages may come in any order and be shared between sequences;
-            pages and rows past a sequence's count are never read. Inference only. A count
-            beyond the table's pages x page_size is read as that bound; ``check_inputs=True``
-            reports it, a count beyond ``max_seqlen_k`` and a page outside the pool instead.
+            ``block_table[b, j // page_size]``. Each sequence's key count comes from
+            ``seqused_k`` or, as in FlashAttention-2, from the steps of ``cu_seqlens_k`` (which
+            then index no rows; None allowed), the smaller where both are given. Pages may come
+            in any order and be shared between sequences; pages and rows past a sequence's
+            count are never read. Inference only. A count beyond the table's pages x page_size
+            is read as that bound; ``check_inputs=True`` reports it, a count beyond
+            ``max_seqlen_k`` and a page outside the pool instead.
 
     Returns:
         ``out``, or ``(out, lse)`` with ``return_lse=True``. A query row with no allowed key
@@ -240,23 +242,24 @@ def _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         raise RuntimeError(f"{names.function}: {names('block_table')} is an inference-only "
                            "parameter (no backward through a paged cache)")
     adopt = _arrays.adopt
-    q, k, v, cu_seqlens_q, out, seqused_k, block_table = (
-        adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(out), adopt(seqused_k),
-        adopt(block_table))
+    q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, block_table = (
+        adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out),
+        adopt(seqused_k), adopt(block_table))
     fw = _checks.framework(names, q)
     (qi, ki, vi, cu_qi, _cu_ki, oi, _causal, scale, left, right, return_lse, _deterministic,
      check_inputs) = _checks.check_forward_args(
         fw, names, fw.info, q, k, v, cu_seqlens_q, None, max_seqlen_q, max_seqlen_k, causal,
         scale, window_size, return_lse, out, False, check_inputs, paged=True)
-    bi, page_size = _checks.check_paged(fw, names, block_table, seqused_k, cu_seqlens_k, cu_qi,
-                                        ki, fw.info)
+    bi, _page_size, cu_ki = _checks.check_paged(fw, names, block_table, seqused_k, cu_seqlens_k,
+                                                cu_qi, ki, fw.info)
     ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, fw.info)
-    batch = _checks.check_launch(fw, names, cu_seqlens_q, None, qi, ki, vi, cu_qi, None, oi,
-                                 max_seqlen_q, max_seqlen_k, check_inputs, seqused_k, ui,
+    batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi, cu_ki,
+                                 oi, max_seqlen_q, max_seqlen_k, check_inputs, seqused_k, ui,
                                  block_table, bi)
-    plan = _plan_forward(qi, ki, vi, cu_qi, None, oi, batch, scale, left, right, return_lse, ui,
+    plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui,
                          bi)
-    return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, None, out, seqused_k, block_table)
+    return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k,
+                          block_table)
 
 
 # --------------------------------------------------------------------------------------------------

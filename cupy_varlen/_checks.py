@@ -176,19 +176,21 @@ def check_like(fw, names, name, x, like_name, like, describe):
     return info
 
 
+def _check_offsets_array(fw, names, name, x, describe):
+    """One offsets array's type, dtype and shape; returns its info."""
+    _check_array_type(fw, names, name, x)
+    info = describe(x)
+    if info.dtype != "int32":
+        fail(TypeError, names, name, f"must be int32, got {info.dtype}")
+    if len(info.shape) != 1 or info.shape[0] < 1:
+        fail(ValueError, names, name, f"must be 1-D of length batch + 1, got shape {info.shape}")
+    return info
+
+
 def check_cu_seqlens(fw, names, cu_q, cu_k, describe):
     """The two offsets arrays' type, dtype and shape; returns their infos."""
-    infos = []
-    for name, x in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        _check_array_type(fw, names, name, x)
-        info = describe(x)
-        if info.dtype != "int32":
-            fail(TypeError, names, name, f"must be int32, got {info.dtype}")
-        if len(info.shape) != 1 or info.shape[0] < 1:
-            fail(ValueError, names, name,
-                 f"must be 1-D of length batch + 1, got shape {info.shape}")
-        infos.append(info)
-    cu_qi, cu_ki = infos
+    cu_qi, cu_ki = (_check_offsets_array(fw, names, name, x, describe)
+                    for name, x in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)))
     if cu_qi.shape != cu_ki.shape:
         fail(ValueError, names, "cu_seqlens_k",
              f"length {cu_ki.shape[0]} differs from {names('cu_seqlens_q')}'s {cu_qi.shape[0]}")
@@ -213,13 +215,17 @@ def check_seqused_k(fw, names, seqused_k, cu_qi, describe):
 
 def check_paged(fw, names, block_table, seqused_k, cu_seqlens_k, cu_qi, ki, describe):
     """A paged cache's block table: int32 (batch, pages per sequence), contiguous along its rows,
-    with seqused_k (the keys' counts) and without cu_seqlens_k. Returns (its info, page size)."""
-    if seqused_k is None:
-        fail(ValueError, names, "block_table", f"needs {names('seqused_k')}: the paged cache's "
-             "key counts per sequence")
+    with the keys' counts per sequence from seqused_k or cu_seqlens_k's differences (or both: the
+    smaller). Returns (its info, page size, cu_seqlens_k's info or None)."""
+    if seqused_k is None and cu_seqlens_k is None:
+        fail(ValueError, names, "block_table", f"needs {names('seqused_k')} or "
+             f"{names('cu_seqlens_k')}: the paged cache's key counts per sequence")
+    cu_ki = None
     if cu_seqlens_k is not None:
-        fail(ValueError, names, "cu_seqlens_k", f"must be None with {names('block_table')}: the "
-             f"keys' counts come from {names('seqused_k')}")
+        cu_ki = _check_offsets_array(fw, names, "cu_seqlens_k", cu_seqlens_k, describe)
+        if cu_ki.shape != cu_qi.shape:
+            fail(ValueError, names, "cu_seqlens_k", f"length {cu_ki.shape[0]} differs from "
+                 f"{names('cu_seqlens_q')}'s {cu_qi.shape[0]}")
     _check_array_type(fw, names, "block_table", block_table)
     info = describe(block_table)
     if info.dtype != "int32":
@@ -236,7 +242,7 @@ def check_paged(fw, names, block_table, seqused_k, cu_seqlens_k, cu_qi, ki, desc
         fail(ValueError, names, "k", f"page size (dim 1) must be >= 1, got shape {ki.shape}")
     if info.shape[1] * page_size > INT32_MAX:
         fail(ValueError, names, "block_table", "pages per sequence x page size must fit int32")
-    return info, page_size
+    return info, page_size, cu_ki
 
 
 def check_attention_args(fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -246,8 +252,8 @@ def check_attention_args(fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_
     causal, scale, left, right, deterministic)``: the infos, causal and deterministic as bools,
     scale resolved, the window with causal folded in."""
     qi, ki, vi = check_qkv(fw, names, q, k, v, describe, paged)
-    if paged:  # cu_seqlens_k is None (check_paged)
-        cu_qi, cu_ki = check_cu_seqlens(fw, names, cu_seqlens_q, cu_seqlens_q, describe)[0], None
+    if paged:  # cu_seqlens_k: check_paged
+        cu_qi, cu_ki = _check_offsets_array(fw, names, "cu_seqlens_q", cu_seqlens_q, describe), None
     else:
         cu_qi, cu_ki = check_cu_seqlens(fw, names, cu_seqlens_q, cu_seqlens_k, describe)
     check_max_seqlen(names, "max_seqlen_q", max_seqlen_q)
@@ -332,16 +338,22 @@ def check_launch(fw, names, cu_q, cu_k, qi, ki, vi, cu_qi, cu_ki, oi, max_seqlen
     if check_inputs and bi is not None:
         check_offsets(fw, names, "cu_seqlens_q", cu_q, total_q, "q", "max_seqlen_q", max_seqlen_q)
         page_size, capacity = ki.shape[1], bi.shape[1] * ki.shape[1]
-        smallest, largest, first_page, last_page = fw.paged_summary(seqused_k, block_table,
-                                                                    page_size)
+        first, min_len, smallest, largest, first_page, last_page = fw.paged_summary(
+            seqused_k, cu_k, block_table, page_size)
+        if first != 0:
+            fail(ValueError, names, "cu_seqlens_k", f"must start at 0, got {first}")
+        if min_len < 0:
+            fail(ValueError, names, "cu_seqlens_k",
+                 f"must be non-decreasing (a sequence has length {min_len})")
+        counts = "seqused_k" if seqused_k is not None else "cu_seqlens_k"
         if smallest < 0:
-            fail(ValueError, names, "seqused_k", f"must not be negative, got {smallest}")
+            fail(ValueError, names, counts, f"must not be negative, got {smallest}")
         if largest > capacity:
-            fail(ValueError, names, "seqused_k", f"has a count of {largest} keys, more than "
+            fail(ValueError, names, counts, f"has a count of {largest} keys, more than "
                  f"{names('block_table')}'s {bi.shape[1]} pages of {page_size} hold")
         if largest > max_seqlen_k:
             fail(ValueError, names, "max_seqlen_k",
-                 f"is {max_seqlen_k} but {names('seqused_k')} has a count of {largest}")
+                 f"is {max_seqlen_k} but {names(counts)} has a count of {largest}")
         if first_page < 0 or last_page >= ki.shape[0]:
             page = first_page if first_page < 0 else last_page
             fail(ValueError, names, "block_table",

@@ -125,7 +125,7 @@ class ForwardLaunch:
         # The persistent grid pulls real items (ranks = the tile count); the sm80 grid's CTAs are
         # tile bound x heads and read the order head by head themselves.
         page_size, pages, k_page, v_page, table_stride = paged or (0, 0, 0, 0, 0)
-        k_capacity = page_size * pages
+        k_capacity = page_size * pages if paged else -1
         self.schedule = (batch, tiles.block_m, tiles.block_n, window[0], window[1], bound, 0,
                          heads, heads if across else heads_per_kv, num_sms,
                          0 if spec.persistent else 1, k_capacity)
@@ -146,7 +146,7 @@ class ForwardLaunch:
     def launch(self, stream_ptr: int, q: int, k: int, v: int, out: int, lse: int, cu_q: int,
                cu_k: int, workspace: int, seqused_k: int = 0, block_table: int = 0) -> None:
         """Launches on ``stream_ptr``; every argument is a device pointer (lse 0: not written;
-        seqused_k 0: none; cu_k 0 with a block table: a paged cache)."""
+        seqused_k 0: none; block_table 0: no paged cache, else cu_k 0: no offsets)."""
         kernels, spec = self.kernels, self.spec
         _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, seqused_k, self.schedule,
                          workspace)
@@ -238,9 +238,9 @@ class BackwardLaunch:
         # 2026-12-02). The sm90 grid reads the head order; the sm80 kernels go head by head.
         group = min(2, heads_kv) if spec.ordered_dq else 1
         self.schedule_kv = (batch, t.block_n, t.block_m, right, left, bound_k,
-                            int(spec.ordered_dq), heads_kv, group, num_sms, 1, 0)
+                            int(spec.ordered_dq), heads_kv, group, num_sms, 1, -1)
         self.schedule_q = (batch, t.block_m, t.dq_block_n, left, right, bound_q, 0, heads,
-                           heads // heads_kv, num_sms, 1, 0)
+                           heads // heads_kv, num_sms, 1, -1)
         s = strides
         self.scalars = (*s["q"], *s["k"], *s["v"], *s["out"], *s["dout"], *s["dq"], *s["dk"],
                         *s["dv"], *lse_strides, total_q, accum_floats, heads, heads // heads_kv,

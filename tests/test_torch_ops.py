@@ -552,15 +552,32 @@ def test_compat_maps_arguments(captured):
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
 
 
-@pytest.mark.parametrize("kw,needle", [
-    (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
-])
-def test_compat_rejects_what_it_cannot_honour(kw, needle):
+def test_compat_cu_seq_k_none_needs_block_table():
     q, k, v, cu_q, cu_k = cpu_packed(heads_kv=4, requires_grad=False)
-    with expect(NotImplementedError, needle):
-        compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, **kw)
-    with expect(NotImplementedError, "cu_seq_k"):
+    with expect(ValueError, "cu_seq_k may be None only with block_table"):
         compat.varlen_attn(q, k, v, cu_q, None, 16, 16)
+
+
+def test_compat_block_table(reference_kernels):
+    """torch's paged form: page pools for key and value, the counts from seqused_k or from
+    cu_seq_k's steps, cu_seq_k=None allowed; errors in torch's spelling."""
+    q, k, v, cu_q, table, used = _cpu_paged(heads=4, heads_kv=2)
+    kg, cu_k = gather_paged_keys(k, table, used)
+    vg, _ = gather_paged_keys(v, table, used)
+    expected = varlen_attn_reference(q, kg, vg, cu_q, cu_k, window_size=(-1, 0))
+    for counts in (dict(seqused_k=used), dict(cu_seq_k=cu_k)):
+        cu_arg = counts.pop("cu_seq_k", None)
+        got = compat.varlen_attn(q, k, v, cu_q, cu_arg, 3, 9, window_size=(-1, 0),
+                                 enable_gqa=True, block_table=table, **counts)
+        torch.testing.assert_close(got.double(), expected, atol=2e-3, rtol=2e-3)
+    out = torch.empty_like(q)
+    assert compat.varlen_attn_out(out, q, k, v, cu_q, None, 3, 9, enable_gqa=True,
+                                  seqused_k=used, block_table=table) is out
+    with expect(ValueError, "key must be 4-D"):
+        compat.varlen_attn(q, kg, vg, cu_q, None, 3, 9, enable_gqa=True, seqused_k=used,
+                           block_table=table)
+    with expect(ValueError, "same number of heads"):
+        compat.varlen_attn(q, k, v, cu_q, None, 3, 9, seqused_k=used, block_table=table)
 
 
 def test_compat_head_rules_are_torchs():
@@ -645,7 +662,7 @@ def test_compat_out_errors(call_path, change, exc, needle):
     (dict(num_splits=1.5), "num_splits must be None or an int"),
     (dict(seqused_k=torch.ones(4)), "seqused_k must be int32"),
     (dict(seqused_k=torch.ones(3, dtype=torch.int32)), re.escape("seqused_k must be 1-D with one count per sequence")),
-    (dict(block_table=torch.ones(2, 1, dtype=torch.int32)), "block_table"),
+    (dict(block_table=torch.ones(2, 1, dtype=torch.int32)), "key must be 4-D"),
     (dict(window_size=(1, 2, 3)), "window_size must have length 2"),
 ])
 def test_compat_own_rules_name_the_function(function, kw, needle):
@@ -1195,11 +1212,15 @@ def test_block_table_reaches_the_kernels(reference_kernels):
     expected = varlen_attn_reference(q, kg, vg, cu_q, cu_k, causal=True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+    # The counts as FlashAttention-2 gives them, cu_seqlens_k's steps, and without seqused_k.
+    by_offsets = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 9, causal=True,
+                                         block_table=table)
+    assert torch.equal(by_offsets, out)
 
 
 @pytest.mark.parametrize("case,exc,match", [
-    ("no_seqused", ValueError, "block_table needs seqused_k"),
-    ("cu_k_given", ValueError, "cu_seqlens_k must be None with block_table"),
+    ("no_counts", ValueError, "block_table needs seqused_k or cu_seqlens_k"),
+    ("cu_k_length", ValueError, "cu_seqlens_k length 3 differs"),
     ("table_dtype", TypeError, "block_table must be int32"),
     ("table_rows", ValueError, "block_table must be 2-D"),
     ("table_strided", ValueError, "block_table must be contiguous along its rows"),
@@ -1210,10 +1231,10 @@ def test_block_table_reaches_the_kernels(reference_kernels):
 def test_block_table_validation(reference_kernels, case, exc, match):
     q, k, v, cu_q, table, used = _cpu_paged()
     cu_k = None
-    if case == "no_seqused":
+    if case == "no_counts":
         used = None
-    elif case == "cu_k_given":
-        cu_k = cu_q.clone()
+    elif case == "cu_k_length":
+        cu_k = cu_q[:-1].clone()
     elif case == "table_dtype":
         table = table.long()
     elif case == "table_rows":
