@@ -236,11 +236,18 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 def _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, out, check_inputs, seqused_k,
                        block_table):
-    """varlen_attn over a paged KV cache: every call checked and planned (no launch plan is
-    cached for it yet)."""
+    """varlen_attn over a paged KV cache (block_table), with launch plans as
+    :func:`_varlen_attn_eager`'s."""
     if _needs_autograd(q, k, v):
         raise RuntimeError(f"{names.function}: {names('block_table')} is an inference-only "
                            "parameter (no backward through a paged cache)")
+    key = _forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, out, max_seqlen_q, max_seqlen_k,
+                       causal, scale, window_size, return_lse, False, check_inputs, seqused_k,
+                       block_table)
+    plan = _cached_plan(_forward_plans, key)
+    if plan is not None:
+        return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k,
+                        block_table, key[2])
     adopt = _arrays.adopt
     q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, block_table = (
         adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out),
@@ -258,6 +265,8 @@ def _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                  block_table, bi)
     plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui,
                          bi)
+    if key is not None:
+        _remember(_forward_plans, key[0], plan)
     return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k,
                           block_table)
 
@@ -321,7 +330,7 @@ def _is_index(x) -> bool:
 
 
 def _forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_size, return_lse,
-                 deterministic, check_inputs, seqused_k=None):
+                 deterministic, check_inputs, seqused_k=None, block_table=None):
     """(key, framework, pointers) of a forward call that may run a cached plan, or None.
 
     max_seqlen_q/k only take part in checks: any valid value shares the plan. check_inputs=True
@@ -329,7 +338,7 @@ def _forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_s
     if check_inputs is not False or not (_is_index(max_q) and _is_index(max_k)) \
             or type(window_size) is not tuple:
         return None
-    signature = _signature((q, k, v, cu_q, cu_k, out, seqused_k))
+    signature = _signature((q, k, v, cu_q, cu_k, out, seqused_k, block_table))
     if signature is None:
         return None
     fw, layouts, ptrs = signature

@@ -615,3 +615,18 @@ def test_paged_kv_check_inputs_and_clamping():
     expected = cupy_varlen.varlen_attn(q, k, v, cu_q, None, 2, capacity, seqused_k=full,
                                        block_table=table)
     assert torch.equal(got, expected)
+
+
+def test_paged_kv_plan_serves_new_tables():
+    """The second call runs the first call's launch plan (same layouts) with another table and
+    other counts, and matches the reference; a call with a wrong table shape after it is still
+    refused."""
+    q, k, v, cu_q, table, used = _paged_cache([1, 2, 1], [100, 40, 7], 16, seed=21)
+    _check_paged(q, k, v, cu_q, table, used)
+    k.nan_to_num_(0.0)
+    v.nan_to_num_(0.0)
+    _check_paged(q, k, v, cu_q, table.flip(1).contiguous(),
+                 torch.tensor([3, 100, 60], dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match="block_table must be 2-D"):
+        cupy_varlen.varlen_attn(q, k, v, cu_q, None, 2, 100, seqused_k=used,
+                                block_table=table[:2])
