@@ -172,14 +172,15 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         >>> out = cupy_varlen.varlen_attn(q, k, v, cu, cu, 1024, 1024, causal=True)
     """
     # _varlen_attn's body, inlined: one Python call less on every call.
+    if _needs_autograd(q, k, v):
+        return _torch.varlen_attn_autograd(
+            VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k,
+            block_table)
     if block_table is not None:
         return _varlen_attn_paged(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, causal, scale, window_size, return_lse, out,
                                   check_inputs, seqused_k, block_table)
-    if _needs_autograd(q, k, v):
-        return _torch.varlen_attn_autograd(
-            VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k)
     return _varlen_attn_eager(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, causal, scale, window_size, return_lse, out,
                               deterministic, check_inputs, seqused_k)
@@ -187,13 +188,18 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 def _varlen_attn(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                  scale, window_size, return_lse, out, deterministic, check_inputs,
-                 seqused_k=None):
+                 seqused_k=None, block_table=None):
     """:func:`varlen_attn` for callers with other argument names (compat): errors speak
     ``names``."""
     if _needs_autograd(q, k, v):
         return _torch.varlen_attn_autograd(
             names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k)
+            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k,
+            block_table)
+    if block_table is not None:
+        return _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, causal, scale, window_size, return_lse, out,
+                                  check_inputs, seqused_k, block_table)
     return _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, causal, scale, window_size, return_lse, out,
                               deterministic, check_inputs, seqused_k)
@@ -236,11 +242,8 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 def _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, out, check_inputs, seqused_k,
                        block_table):
-    """varlen_attn over a paged KV cache (block_table), with launch plans as
-    :func:`_varlen_attn_eager`'s."""
-    if _needs_autograd(q, k, v):
-        raise RuntimeError(f"{names.function}: {names('block_table')} is an inference-only "
-                           "parameter (no backward through a paged cache)")
+    """varlen_attn over a paged KV cache (block_table) without autograd, with launch plans as
+    :func:`_varlen_attn_eager`'s; also the custom op's implementation for it."""
     key = _forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, out, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, False, check_inputs, seqused_k,
                        block_table)

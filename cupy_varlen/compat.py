@@ -115,12 +115,9 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     window, deterministic = _resolve(names, query, key, cu_seq_k, window_size, enable_gqa,
                                      seqused_k, block_table, num_splits)
     want_lse = return_aux is not None and bool(return_aux.lse)
-    if block_table is not None:
-        return _api._varlen_attn_paged(names, query, key, value, cu_seq_q, cu_seq_k, max_q,
-                                       max_k, False, scale, window, want_lse, None, False,
-                                       seqused_k, block_table)
     return _api._varlen_attn(names, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, False,
-                             scale, window, want_lse, None, deterministic, False, seqused_k)
+                             scale, window, want_lse, None, deterministic, False, seqused_k,
+                             block_table)
 
 
 def varlen_attn_out(out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
@@ -132,9 +129,6 @@ def varlen_attn_out(out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
     window, deterministic = _resolve(names, query, key, cu_seq_k, window_size, enable_gqa,
                                      seqused_k, block_table, num_splits)
     want_lse = return_aux is not None and bool(return_aux.lse)
-    if block_table is not None:
-        return _api._varlen_attn_paged(names, query, key, value, cu_seq_q, cu_seq_k, max_q,
-                                       max_k, False, scale, window, want_lse, out, False,
-                                       seqused_k, block_table)
     return _api._varlen_attn(names, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, False,
-                             scale, window, want_lse, out, deterministic, False, seqused_k)
+                             scale, window, want_lse, out, deterministic, False, seqused_k,
+                             block_table)

@@ -523,7 +523,7 @@ def test_compat_maps_arguments(captured):
     assert call == dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=16,
                         max_seqlen_k=16, causal=False, scale=None, window_size=(-1, -1),
                         return_lse=False, out=None, deterministic=False, check_inputs=False,
-                        seqused_k=None)
+                        seqused_k=None, block_table=None)
     used = torch.tensor([5, 3, 0, 9], dtype=torch.int32)
     compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, seqused_k=used)
     assert captured[-1]["seqused_k"] is used
@@ -1256,3 +1256,28 @@ def test_block_table_is_inference_only(reference_kernels):
     q.requires_grad_()
     with pytest.raises(RuntimeError, match="block_table is an inference-only parameter"):
         cupy_varlen.varlen_attn(q, k, v, cu_q, None, 3, 9, seqused_k=used, block_table=table)
+
+
+@pytest.mark.parametrize("counts", ["seqused_k", "cu_seqlens_k"])
+def test_opcheck_paged(reference_kernels, counts):
+    """The forward op with a block table (its schema's Optional cu_seqlens_k and block_table):
+    schema, fake tensor and dispatch checks, the counts given either way; under torch.compile the
+    paged call traces through the op."""
+    q, k, v, cu_q, table, used = _cpu_paged()
+    _, cu_k = gather_paged_keys(k, table, used)
+    if counts == "seqused_k":
+        cu_k = None
+    else:
+        used = None
+    args = (q, k, v, cu_q, cu_k, 3, 9, True, 0.25, -1, 0, False, False, used, table)
+    torch.library.opcheck(FWD_OP, args)
+    out, lse = FWD_OP(*args)
+    expected = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=True, scale=0.25,
+                                     seqused_k=used, block_table=table)
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+
+    compiled = torch.compile(
+        lambda q, k, v: cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 9, causal=True,
+                                                scale=0.25, seqused_k=used, block_table=table),
+        backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), out)
