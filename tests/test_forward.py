@@ -570,6 +570,8 @@ def test_paged_kv_cupy_and_cuda_graph():
     assert torch.equal(torch.from_dlpack(got_cupy), got)
 
     out = torch.empty_like(q)
+    cupy_varlen.varlen_attn(q, k, v, cu_q, None, 1, 300, seqused_k=used, block_table=table,
+                            out=out)  # the plan of this signature, outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         cupy_varlen.varlen_attn(q, k, v, cu_q, None, 1, 300, seqused_k=used, block_table=table,
