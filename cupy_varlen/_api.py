@@ -171,16 +171,15 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         >>> v = torch.randn_like(k)
         >>> out = cupy_varlen.varlen_attn(q, k, v, cu, cu, 1024, 1024, causal=True)
     """
-    # _varlen_attn's body, inlined: one Python call less on every call.
+    if block_table is not None:
+        return _varlen_attn(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k, causal, scale, window_size, return_lse, out,
+                            deterministic, check_inputs, seqused_k, block_table)
+    # _varlen_attn's body for a contiguous cache, inlined: one Python call less on every call.
     if _needs_autograd(q, k, v):
         return _torch.varlen_attn_autograd(
             VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k,
-            block_table)
-    if block_table is not None:
-        return _varlen_attn_paged(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, causal, scale, window_size, return_lse, out,
-                                  check_inputs, seqused_k, block_table)
+            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k)
     return _varlen_attn_eager(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, causal, scale, window_size, return_lse, out,
                               deterministic, check_inputs, seqused_k)
