@@ -105,10 +105,9 @@ def run_paged(q, k, v, cu_q, cu_k, lens_k, g):
         pools = [torch.full((num_pages, page_size) + x.shape[1:], float("nan"), device="cuda",
                             dtype=x.dtype) for x in (k, v)]
         for b, n in enumerate(lens_k):
-            start = int(cu_k[b])
-            for j in range(n):
-                for pool, x in zip(pools, (k, v)):
-                    pool[table[b, j // page_size], j % page_size] = x[start + j]
+            start, keys = int(cu_k[b]), torch.arange(n, device="cuda")
+            for pool, x in zip(pools, (k, v)):
+                pool[table[b, keys // page_size].long(), keys % page_size] = x[start:start + n]
         used = torch.tensor(lens_k, dtype=torch.int32, device="cuda")
         for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
             out = cupy_varlen.varlen_attn(q, *pools, cu_q, None, 200, 300, causal=causal,
