@@ -274,13 +274,14 @@ def make_paged_inputs(contiguous, page_size, seed=0, chunk_rows=1 << 20):
 # Methods: one prepare function per library serves both layouts
 # --------------------------------------------------------------------------------------------
 
-def _cupy_kernel_note(q, head_dim):
+def _cupy_kernel_note(q, head_dim, paged=False):
     if not q.is_cuda:
         return ""
     from cupy_varlen import _api, _spec
 
     arch = _api._device_arch(q.device.index if q.device.index is not None else 0)
-    return f"{_spec.kernel_for(arch, _spec.head_dim_tile(head_dim), 'auto')} kernel"
+    spec = _spec.choose_fwd_spec("bf16", head_dim, True, arch, "auto", paged=paged)
+    return f"{spec.kernel} kernel{' (paged gather)' if paged else ''}"
 
 
 def prepare_cupy_varlen(inp):
@@ -298,7 +299,8 @@ def prepare_cupy_varlen(inp):
         return cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, max_k, causal=True,
                                        seqused_k=used, **kwargs)
 
-    return bv.Prepared(fn, unpack=lambda out: out, note=_cupy_kernel_note(q, inp.cfg.head_dim))
+    return bv.Prepared(fn, unpack=lambda out: out,
+                       note=_cupy_kernel_note(q, inp.cfg.head_dim, inp.block_table is not None))
 
 
 def _package_version(dist):

@@ -1,5 +1,5 @@
 """Runs every kernel path (both forward families; the backward's atomic and deterministic dQ
-modes; the sm90 forward's long-sequence tiles too) under compute-sanitizer (memcheck, racecheck, synccheck) on small ragged batches and fails
+modes; the sm90 forward's long-sequence tiles too; the paged KV cache's gather) under compute-sanitizer (memcheck, racecheck, synccheck) on small ragged batches and fails
 on any report.
 
     python benchmarks/sanitize.py                 # all tools, both kernel families where they run
@@ -28,7 +28,9 @@ TOOLS = ("memcheck", "racecheck", "synccheck")
 # Forward kernel families, then the backward with atomic and with deterministic dQ (each run under
 # every dK/dV family that covers the head dim on this GPU).
 # sm90-long: the sm90 forward on its tiles for long sequences (three consumer warpgroups at D64).
-PATHS = ("sm80", "sm90", "sm90-long", "bwd", "bwd-det")
+# paged: the forward over a paged KV cache (block_table; the sm80 family's gather, pages of 16 and
+# of 7 rows, shuffled, NaN where no count reaches).
+PATHS = ("sm80", "sm90", "sm90-long", "bwd", "bwd-det", "paged")
 # Head dims that reach every head-dim class of both families (sm90: tiles 64/128/256).
 HEAD_DIMS = (40, 64, 96, 128, 256)
 _CLEAN = {
@@ -48,7 +50,7 @@ def run_child(kernel: str, head_dim: int) -> None:
 
     path, _, family = kernel.partition(":")  # "bwd:sm90": the backward on the sm90 dK/dV kernel
     backward = path.startswith("bwd")
-    _spec.forward_kernel = "auto" if backward else path.partition("-")[0]
+    _spec.forward_kernel = "auto" if backward or path == "paged" else path.partition("-")[0]
     if path == "sm90-long":
         _spec.LONG_ROWS_MEAN = 0  # every batch takes the long-sequence tiles
     _spec.backward_kernel = family or "auto"
@@ -61,6 +63,9 @@ def run_child(kernel: str, head_dim: int) -> None:
     q = torch.randn(sum(lens_q), 4, head_dim, generator=g).to("cuda", torch.bfloat16)
     k = torch.randn(sum(lens_k), 2, head_dim, generator=g).to("cuda", torch.bfloat16)
     v = torch.randn(sum(lens_k), 2, head_dim, generator=g).to("cuda", torch.bfloat16)
+    if path == "paged":
+        run_paged(q, k, v, cu_q, cu_k, lens_k, g)
+        return
     for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
         out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 200, 300, causal=causal,
                                            window_size=window, return_lse=True)
@@ -75,9 +80,41 @@ def run_child(kernel: str, head_dim: int) -> None:
             refs += torch.autograd.grad(ref, leaves, dout.double())
         torch.cuda.synchronize()
         for got, want in zip(results, refs):
-            err = ((got.double() - want).norm() / want.norm()).item()
-            if not err < 2e-2:
-                sys.exit(f"wrong result under the sanitizer: relative error {err:.3g}")
+            _check(got, want)
+
+
+def _check(got, want):
+    err = ((got.double() - want).norm() / want.norm()).item()
+    if not err < 2e-2:
+        sys.exit(f"wrong result under the sanitizer: relative error {err:.3g}")
+
+
+def run_paged(q, k, v, cu_q, cu_k, lens_k, g):
+    """The batch's keys moved into shuffled pages (NaN where no count reaches), read through a
+    block table, against the reference on the contiguous keys."""
+    import torch
+
+    import cupy_varlen
+    from cupy_varlen.reference import varlen_attn_reference
+
+    for page_size in (16, 7):
+        per_seq = max(-(-n // page_size) for n in lens_k) + 1
+        num_pages = len(lens_k) * per_seq + 2
+        table = torch.randperm(num_pages, generator=g)[:len(lens_k) * per_seq].view(
+            len(lens_k), per_seq).to("cuda", torch.int32)
+        pools = [torch.full((num_pages, page_size) + x.shape[1:], float("nan"), device="cuda",
+                            dtype=x.dtype) for x in (k, v)]
+        for b, n in enumerate(lens_k):
+            start, keys = int(cu_k[b]), torch.arange(n, device="cuda")
+            for pool, x in zip(pools, (k, v)):
+                pool[table[b, keys // page_size].long(), keys % page_size] = x[start:start + n]
+        used = torch.tensor(lens_k, dtype=torch.int32, device="cuda")
+        for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
+            out = cupy_varlen.varlen_attn(q, *pools, cu_q, None, 200, 300, causal=causal,
+                                          window_size=window, seqused_k=used, block_table=table)
+            torch.cuda.synchronize()
+            _check(out, varlen_attn_reference(q.double(), k.double(), v.double(), cu_q, cu_k,
+                                              causal=causal, window_size=window))
 
 
 def main() -> int:
@@ -110,6 +147,7 @@ def main() -> int:
         if "sm90" in kernels and (_spec.choose_fwd_spec("bf16", tile, False, arch, "sm90", True)
                                   != _spec.choose_fwd_spec("bf16", tile, False, arch, "sm90")):
             kernels.add("sm90-long")
+        kernels.add("paged")
         kernels &= set(args.paths)
         families = {_spec.backward_kernel_for(arch, tile, c) for c in ("sm80", "sm90")}
         kernels |= {f"{path}:{family}" for path in ("bwd", "bwd-det") if path in args.paths

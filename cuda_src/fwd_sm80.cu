@@ -13,9 +13,14 @@
 //  - several sub-tiles: K[i + kStages - 1] and V[i + kStages - 1] are requested together at the
 //    top of iteration i (their slots were freed by iteration i - 1), needing kStages >= 2.
 //
+// A paged KV cache (CV_PAGED): k and v are page pools (pages, page_size, H_kv, D) that
+// block_table names per sequence (row b: its pages in key order), each sequence's key count from
+// cu_seqlens_k's differences and seqused_k (either may be null; load_paged_seq_info); K/V tiles
+// are gathered a row at a time (load_tile_paged_async), for any page size.
+//
 // Specialization (-D from cupy_varlen/_spec.py): CV_HEAD_DIM (head-dim tile), CV_BLOCK_M,
 // CV_BLOCK_N, CV_SUB_N, CV_WARPS, CV_STAGES, CV_WINDOWED, CV_MIN_BLOCKS, CV_QK_UNROLL,
-// CV_DTYPE_BF16.
+// CV_DTYPE_BF16, CV_PAGED.
 
 #include "common.cuh"
 #include "epilogue.cuh"
@@ -54,10 +59,11 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
            u16* __restrict__ out, float* __restrict__ lse,
            const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
            const int* __restrict__ schedule, const int* __restrict__ seqused_k,
-           i64 q_row_stride, i64 q_head_stride, i64 k_row_stride, i64 k_head_stride,
-           i64 v_row_stride, i64 v_head_stride, i64 o_row_stride, i64 o_head_stride,
-           i64 lse_head_stride, int heads_per_kv, int head_dim, float scale, float scale_log2,
-           int window_left, int window_right) {
+           const int* __restrict__ block_table, i64 q_row_stride, i64 q_head_stride,
+           i64 k_row_stride, i64 k_head_stride, i64 v_row_stride, i64 v_head_stride,
+           i64 o_row_stride, i64 o_head_stride, i64 lse_head_stride, i64 k_page_stride,
+           i64 v_page_stride, i64 block_table_stride, int heads_per_kv, int head_dim, float scale,
+           float scale_log2, int window_left, int window_right, int page_size, int k_capacity) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
@@ -65,7 +71,12 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   int head;
   if (!decode_tile(schedule, heads_per_kv, blockIdx.x, work, head)) return;
   const int kv_head = head / heads_per_kv;
+#if CV_PAGED
+  SeqInfo seq =
+      load_paged_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, work.batch_idx, k_capacity);
+#else
   SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, work.batch_idx);
+#endif
 #if CV_WINDOWED
   const AttnWindow window = {window_left, window_right};
 #else
@@ -91,14 +102,22 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   // last tile, so the wait counts below hold for any number of iterations. The tile's address is
   // rebuilt from the kernel parameters on each call: two 64-bit sequence base pointers kept live
   // through the main loop are what spill first at 255 registers.
-  auto load_kv = [&](u32 slots, const u16* base, i64 row_stride, i64 head_stride, int iter) {
+  auto load_kv = [&](u32 slots, const u16* base, i64 row_stride, i64 head_stride,
+                     i64 page_stride, int iter) {
     if (iter < n_iters) {
       const int n0 = (range.n_block_max - 1 - iter) * kBlockN;
+#if CV_PAGED
+      load_tile_paged_async<kBlockN, kHeadDim, kThreads>(
+          slots + (iter % kStages) * KVTile::kBytes, base + (i64)opaque(kv_head) * head_stride,
+          page_stride, row_stride, block_table + (i64)opaque(work.batch_idx) * block_table_stride,
+          page_size, n0, seq.k_len - n0, chunks_valid, tid);
+#else
       const u16* tile = base + (i64)(opaque(seq.k_start) + n0) * row_stride +
                         (i64)opaque(kv_head) * head_stride;
       load_tile_async<kBlockN, kHeadDim, kThreads>(slots + (iter % kStages) * KVTile::kBytes,
                                                    tile, row_stride, seq.k_len - n0, chunks_valid,
                                                    tid);
+#endif
     }
     cp_async_commit();
   };
@@ -106,19 +125,19 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   // Issue order K0 (with Q), V0, K1, V1, ...; see the copy schedule above.
   load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem, q_tile, q_row_stride, rows_valid,
                                                chunks_valid, tid);
-  load_kv(k_smem, k, k_row_stride, k_head_stride, 0);
+  load_kv(k_smem, k, k_row_stride, k_head_stride, k_page_stride, 0);
   if (kStaggerK) {
 #pragma unroll
     for (int s = 1; s < kStages; ++s) {
-      load_kv(v_smem, v, v_row_stride, v_head_stride, s - 1);
-      load_kv(k_smem, k, k_row_stride, k_head_stride, s);
+      load_kv(v_smem, v, v_row_stride, v_head_stride, v_page_stride, s - 1);
+      load_kv(k_smem, k, k_row_stride, k_head_stride, k_page_stride, s);
     }
   } else {
-    load_kv(v_smem, v, v_row_stride, v_head_stride, 0);
+    load_kv(v_smem, v, v_row_stride, v_head_stride, v_page_stride, 0);
 #pragma unroll
     for (int s = 1; s < kStages - 1; ++s) {
-      load_kv(k_smem, k, k_row_stride, k_head_stride, s);
-      load_kv(v_smem, v, v_row_stride, v_head_stride, s);
+      load_kv(k_smem, k, k_row_stride, k_head_stride, k_page_stride, s);
+      load_kv(v_smem, v, v_row_stride, v_head_stride, v_page_stride, s);
     }
   }
 
@@ -135,8 +154,9 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 
     cp_async_wait<kPendingAfterK>();  // K[it] landed
     __syncthreads();                  // ... for every thread; iteration it - 1 freed its slots
-    if (!kStaggerK) load_kv(k_smem, k, k_row_stride, k_head_stride, it + kStages - 1);
-    load_kv(v_smem, v, v_row_stride, v_head_stride, it + kStages - 1);
+    if (!kStaggerK)
+      load_kv(k_smem, k, k_row_stride, k_head_stride, k_page_stride, it + kStages - 1);
+    load_kv(v_smem, v, v_row_stride, v_head_stride, v_page_stride, it + kStages - 1);
 
     // Rolled: unrolled, ptxas overlaps the next sub-tile's QK^T with this one's PV and keeps two
     // score tiles live, which is what sub-tiling exists to avoid.
@@ -152,7 +172,7 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
       if (sub == 0) {
         cp_async_wait<kPendingAfterV>();  // V[it] landed
         __syncthreads();                  // ... for every thread (and K[it] is read, if staggered)
-        if (kStaggerK) load_kv(k_smem, k, k_row_stride, k_head_stride, it + kStages);
+        if (kStaggerK) load_kv(k_smem, k, k_row_stride, k_head_stride, k_page_stride, it + kStages);
       }
 
       softmax.update(s, acc_o, scale_log2);
@@ -163,7 +183,12 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   // Re-derive the tile's coordinates rather than hold them through the main loop (opaque() makes
   // the compiler reload them instead of keeping the first values live).
   decode_tile(schedule, heads_per_kv, opaque(blockIdx.x), work, head);
-  seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, nullptr, work.batch_idx);  // its query rows only
+  // Its query rows only.
+#if CV_PAGED
+  seq = load_paged_seq_info(cu_seqlens_q, nullptr, nullptr, work.batch_idx, 0);
+#else
+  seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, nullptr, work.batch_idx);
+#endif
   m0 = work.m_block * kBlockM;
   rows_valid = min(kBlockM, seq.q_len - m0);
 

@@ -154,14 +154,15 @@ CV_DEVICE int block_exclusive_sum(int value, int* warp_totals) {
 template <class Visit>
 CV_DEVICE void for_each_tile(const int* __restrict__ cu_seqlens_q,
                              const int* __restrict__ cu_seqlens_k,
-                             const int* __restrict__ seqused_k, int batch, int block_m,
-                             Visit&& visit) {
+                             const int* __restrict__ seqused_k, int k_capacity, int batch,
+                             int block_m, Visit&& visit) {
   const unsigned full = 0xffffffffu;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int per_warp = min(32, max(1, (batch + warps - 1) / warps));
   for (int first = warp * per_warp; first < batch; first += warps * per_warp) {
     const bool mine = lane < per_warp && first + lane < batch;
-    const SeqInfo seq = mine ? load_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, first + lane)
+    const SeqInfo seq = mine ? load_any_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                                 first + lane, k_capacity)
                              : SeqInfo{0, 0, 0, 0};
     // Inclusive scan of the tile counts over the lanes: lane l's tiles end at `end`.
     int end = (seq.q_len + block_m - 1) / block_m;
@@ -186,12 +187,14 @@ CV_DEVICE void for_each_tile(const int* __restrict__ cu_seqlens_q,
 }
 
 // minBlocks 1: one block runs at a time, so it may use 64 registers per thread (without it ptxas
-// aims at two resident blocks on sm_90, caps itself at 32 and spills).
+// aims at two resident blocks on sm_90, caps itself at 32 and spills). k_capacity: a paged cache's
+// keys per sequence, or -1 without one (load_any_seq_info).
 extern "C" __global__ void __launch_bounds__(kScheduleThreads, 1)
 varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
                      const int* __restrict__ seqused_k, int* __restrict__ workspace, int batch,
                      int block_m, int block_n, int window_left, int window_right, int tile_bound,
-                     int in_order, int heads, int head_group, int sms, int ranks_bound) {
+                     int in_order, int heads, int head_group, int sms, int ranks_bound,
+                     int k_capacity) {
   __shared__ int bucket_count[kCostBuckets];
   __shared__ int warp_totals[32];
   __shared__ int max_cost, num_tiles;
@@ -208,7 +211,7 @@ varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict
   // sequence's tiles alone. The passes after it recompute costs rather than store them.
   int my_max = 0, my_tiles = 0;
   unsigned long long my_cost = 0;
-  for_each_tile(cu_seqlens_q, cu_seqlens_k, seqused_k, batch, block_m,
+  for_each_tile(cu_seqlens_q, cu_seqlens_k, seqused_k, k_capacity, batch, block_m,
                 [&](bool valid, int, SeqInfo seq, int m) {
                   if (!valid) return;
                   const int cost = tile_cost(seq, m, block_m, block_n, window);
@@ -236,7 +239,8 @@ varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict
       const int b = b0 + threadIdx.x;
       const int tiles =
           b < batch
-              ? (load_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, b).q_len + block_m - 1) /
+              ? (load_any_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, b, k_capacity).q_len +
+                 block_m - 1) /
                     block_m
               : 0;
       const int first = before + block_exclusive_sum(tiles, warp_totals);
@@ -249,7 +253,7 @@ varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict
     }
   } else {
     const int cost_cap = max(max_cost, 1);
-    for_each_tile(cu_seqlens_q, cu_seqlens_k, seqused_k, batch, block_m,
+    for_each_tile(cu_seqlens_q, cu_seqlens_k, seqused_k, k_capacity, batch, block_m,
                   [&](bool valid, int, SeqInfo seq, int m) {
                     if (valid)
                       atomicAdd(&bucket_count[cost_bucket(
@@ -266,7 +270,7 @@ varlen_tile_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict
 
     // Lanes holding tiles of one sequence in one bucket reserve their ranks with one atomic, the
     // later tiles first.
-    for_each_tile(cu_seqlens_q, cu_seqlens_k, seqused_k, batch, block_m,
+    for_each_tile(cu_seqlens_q, cu_seqlens_k, seqused_k, k_capacity, batch, block_m,
                   [&](bool valid, int b, SeqInfo seq, int m) {
                     const int bucket =
                         valid ? cost_bucket(tile_cost(seq, m, block_m, block_n, window), cost_cap)

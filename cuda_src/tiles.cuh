@@ -55,32 +55,70 @@ CV_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
+// Which part of a kRows x kHeadDim tile a thread copies with 16-byte cp.async: each row is served by
+// a power-of-two group of lanes (idle lanes where the row has fewer chunks), so a thread keeps one
+// chunk column and steps down the tile by a fixed row count: its addresses are one base plus
+// compile-time multiples, and nothing per-copy is held in registers across the main loop.
+template <int kRows, int kHeadDim, int kThreads>
+struct TileCopyLane {
+  typedef SmemTile<kRows, kHeadDim> Tile;
+  static constexpr int kChunks = Tile::kChunksPerRow;
+  static constexpr int kLanesPerRow =
+      kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
+  static constexpr int kRowStep = kThreads / kLanesPerRow;
+  static constexpr int kSteps = kRows / kRowStep;  // rows per thread
+  static_assert(kRows % kRowStep == 0, "tile rows must divide evenly among threads");
+  int chunk, row0;
+  CV_DEVICE explicit TileCopyLane(int tid) {
+    tid = opaque(tid);  // recomputed where used, not hoisted out of the caller's loop
+    chunk = tid % kLanesPerRow;
+    row0 = tid / kLanesPerRow;
+  }
+  CV_DEVICE bool idle() const { return kChunks != kLanesPerRow && chunk >= kChunks; }
+  CV_DEVICE int row(int i) const { return row0 + i * kRowStep; }
+};
+
 // Starts the copy of a kRows x kHeadDim tile whose row r lives at gmem + r * row_stride. Rows at or
 // past rows_valid and chunks at or past chunks_valid are zero-filled.
-//
-// Each row is served by a power-of-two group of lanes (idle lanes where the row has fewer chunks),
-// so a thread keeps one chunk column and steps down the tile by a fixed row count: its addresses are
-// one base plus compile-time multiples, and nothing per-copy is held in registers across the main
-// loop.
 template <int kRows, int kHeadDim, int kThreads>
 CV_DEVICE void load_tile_async(u32 smem_base, const u16* gmem, i64 row_stride, int rows_valid,
                                int chunks_valid, int tid) {
-  typedef SmemTile<kRows, kHeadDim> Tile;
-  constexpr int kChunks = Tile::kChunksPerRow;
-  constexpr int kLanesPerRow = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
-  constexpr int kRowStep = kThreads / kLanesPerRow;
-  static_assert(kRows % kRowStep == 0, "tile rows must divide evenly among threads");
-  tid = opaque(tid);
-  const int chunk = tid % kLanesPerRow;
-  const int row0 = tid / kLanesPerRow;
-  if (kChunks != kLanesPerRow && chunk >= kChunks) return;
-  const u16* src = gmem + row0 * row_stride + chunk * 8;
-  const i64 step = kRowStep * row_stride;
+  typedef TileCopyLane<kRows, kHeadDim, kThreads> Lane;
+  const Lane lane(tid);
+  if (lane.idle()) return;
+  const u16* src = gmem + lane.row0 * row_stride + lane.chunk * 8;
+  const i64 step = Lane::kRowStep * row_stride;
 #pragma unroll
-  for (int i = 0; i < kRows / kRowStep; ++i, src += step) {
-    const int row = row0 + i * kRowStep;
-    const bool valid = row < rows_valid && chunk < chunks_valid;
-    cp_async_16(smem_base + Tile::offset(row, chunk), valid ? src : gmem, valid);
+  for (int i = 0; i < Lane::kSteps; ++i, src += step) {
+    const int row = lane.row(i);
+    const bool valid = row < rows_valid && lane.chunk < chunks_valid;
+    cp_async_16(smem_base + Lane::Tile::offset(row, lane.chunk), valid ? src : gmem, valid);
+  }
+}
+
+// load_tile_async for keys that live in the pages of a paged cache: tile row r is the sequence's key
+// key0 + r, row (key0 + r) % page_size of page table[(key0 + r) / page_size]; `pool` points at the
+// head's elements of page 0, row 0. Rows at or past rows_valid are zero-filled without reading the
+// table or the pool, so no page past the sequence's count is touched. One division per row: the
+// gather path for any page size.
+template <int kRows, int kHeadDim, int kThreads>
+CV_DEVICE void load_tile_paged_async(u32 smem_base, const u16* pool, i64 page_stride,
+                                     i64 row_stride, const int* table, int page_size, int key0,
+                                     int rows_valid, int chunks_valid, int tid) {
+  typedef TileCopyLane<kRows, kHeadDim, kThreads> Lane;
+  const Lane lane(tid);
+  if (lane.idle()) return;
+#pragma unroll
+  for (int i = 0; i < Lane::kSteps; ++i) {
+    const int row = lane.row(i);
+    const bool valid = row < rows_valid && lane.chunk < chunks_valid;
+    const u16* src = pool;
+    if (valid) {
+      const int key = key0 + row;
+      const int page = __ldg(table + key / page_size);
+      src = pool + page * page_stride + (key % page_size) * row_stride + lane.chunk * 8;
+    }
+    cp_async_16(smem_base + Lane::Tile::offset(row, lane.chunk), src, valid);
   }
 }
 

@@ -67,17 +67,17 @@ def _l2_bytes(device: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _dispatch(dtype: str, head_dim: int, windowed: bool, device: int, choice: str,
-              long_rows: bool = False):
+              long_rows: bool = False, paged: bool = False):
     spec = _spec.choose_fwd_spec(dtype, head_dim, windowed, _device_arch(device), choice,
-                                 long_rows)
+                                 long_rows, paged)
     return spec, _build.load_kernels(spec, device)
 
 
 def _aligned(info) -> bool:
-    """16-byte vector access needs a 16-byte aligned base and row/head strides of 8 elements."""
-    s0, s1, _ = info.strides
-    return info.ptr % 16 == 0 and isinstance(s0, int) and isinstance(s1, int) and s0 % 8 == 0 \
-        and s1 % 8 == 0
+    """16-byte vector access needs a 16-byte aligned base and strides of 8 elements but the last
+    (row and head; a page pool's page stride too)."""
+    return info.ptr % 16 == 0 and all(isinstance(s, int) and s % 8 == 0
+                                      for s in info.strides[:-1])
 
 
 def _strided_offsets(info) -> bool:
@@ -87,7 +87,7 @@ def _strided_offsets(info) -> bool:
 
 def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                 causal=False, scale=None, window_size=(-1, -1), return_lse=False, out=None,
-                deterministic=False, check_inputs=False, seqused_k=None):
+                deterministic=False, check_inputs=False, seqused_k=None, block_table=None):
     r"""Attention over a packed batch of variable-length sequences.
 
     Sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key/value rows
@@ -141,6 +141,16 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             (inputs that require grad, grad mode on) raises. ``check_inputs=True`` also checks
             ``0 <= seqused_k[b] <= cu_seqlens_k[b+1] - cu_seqlens_k[b]``; without it a count
             outside that range is read as the nearest bound.
+        block_table: optional int32 array (B, max_pages_per_seq), contiguous along its rows: a
+            paged KV cache. k and v are then page pools (num_pages, page_size, H_kv, D), any page
+            size >= 1; sequence b's key j is row ``j % page_size`` of page
+            ``block_table[b, j // page_size]``. Each sequence's key count comes from
+            ``seqused_k`` or, as in FlashAttention-2, from the steps of ``cu_seqlens_k`` (which
+            then index no rows; None allowed), the smaller where both are given. Pages may come
+            in any order and be shared between sequences; pages and rows past a sequence's
+            count are never read. Inference only. A count beyond the table's pages x page_size
+            is read as that bound; ``check_inputs=True`` reports it, a count beyond
+            ``max_seqlen_k`` and a page outside the pool instead.
 
     Returns:
         ``out``, or ``(out, lse)`` with ``return_lse=True``. A query row with no allowed key
@@ -161,7 +171,11 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         >>> v = torch.randn_like(k)
         >>> out = cupy_varlen.varlen_attn(q, k, v, cu, cu, 1024, 1024, causal=True)
     """
-    # _varlen_attn's body, inlined: one Python call less on every call.
+    if block_table is not None:
+        return _varlen_attn(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k, causal, scale, window_size, return_lse, out,
+                            deterministic, check_inputs, seqused_k, block_table)
+    # _varlen_attn's body for a contiguous cache, inlined: one Python call less on every call.
     if _needs_autograd(q, k, v):
         return _torch.varlen_attn_autograd(
             VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
@@ -173,13 +187,18 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 def _varlen_attn(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                  scale, window_size, return_lse, out, deterministic, check_inputs,
-                 seqused_k=None):
+                 seqused_k=None, block_table=None):
     """:func:`varlen_attn` for callers with other argument names (compat): errors speak
     ``names``."""
     if _needs_autograd(q, k, v):
         return _torch.varlen_attn_autograd(
             names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k)
+            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k,
+            block_table)
+    if block_table is not None:
+        return _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, causal, scale, window_size, return_lse, out,
+                                  check_inputs, seqused_k, block_table)
     return _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, causal, scale, window_size, return_lse, out,
                               deterministic, check_inputs, seqused_k)
@@ -199,7 +218,8 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                        seqused_k)
     plan = _cached_plan(_forward_plans, key)
     if plan is not None:
-        return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, key[2])
+        return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, None,
+                        key[2])
     adopt = _arrays.adopt
     q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k = (
         adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out),
@@ -215,7 +235,42 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui)
     if key is not None:
         _remember(_forward_plans, key[0], plan)
-    return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k)
+    return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, None)
+
+
+def _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       causal, scale, window_size, return_lse, out, check_inputs, seqused_k,
+                       block_table):
+    """varlen_attn over a paged KV cache (block_table) without autograd, with launch plans as
+    :func:`_varlen_attn_eager`'s; also the custom op's implementation for it."""
+    key = _forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, out, max_seqlen_q, max_seqlen_k,
+                       causal, scale, window_size, return_lse, False, check_inputs, seqused_k,
+                       block_table)
+    plan = _cached_plan(_forward_plans, key)
+    if plan is not None:
+        return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k,
+                        block_table, key[2])
+    adopt = _arrays.adopt
+    q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, block_table = (
+        adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out),
+        adopt(seqused_k), adopt(block_table))
+    fw = _checks.framework(names, q)
+    (qi, ki, vi, cu_qi, _cu_ki, oi, _causal, scale, left, right, return_lse, _deterministic,
+     check_inputs) = _checks.check_forward_args(
+        fw, names, fw.info, q, k, v, cu_seqlens_q, None, max_seqlen_q, max_seqlen_k, causal,
+        scale, window_size, return_lse, out, False, check_inputs, paged=True)
+    bi, _page_size, cu_ki = _checks.check_paged(fw, names, block_table, seqused_k, cu_seqlens_k,
+                                                cu_qi, ki, fw.info)
+    ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, fw.info)
+    batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi, cu_ki,
+                                 oi, max_seqlen_q, max_seqlen_k, check_inputs, seqused_k, ui,
+                                 block_table, bi)
+    plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui,
+                         bi)
+    if key is not None:
+        _remember(_forward_plans, key[0], plan)
+    return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k,
+                          block_table)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,7 +332,7 @@ def _is_index(x) -> bool:
 
 
 def _forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_size, return_lse,
-                 deterministic, check_inputs, seqused_k=None):
+                 deterministic, check_inputs, seqused_k=None, block_table=None):
     """(key, framework, pointers) of a forward call that may run a cached plan, or None.
 
     max_seqlen_q/k only take part in checks: any valid value shares the plan. check_inputs=True
@@ -285,7 +340,7 @@ def _forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_s
     if check_inputs is not False or not (_is_index(max_q) and _is_index(max_k)) \
             or type(window_size) is not tuple:
         return None
-    signature = _signature((q, k, v, cu_q, cu_k, out, seqused_k))
+    signature = _signature((q, k, v, cu_q, cu_k, out, seqused_k, block_table))
     if signature is None:
         return None
     fw, layouts, ptrs = signature
@@ -305,7 +360,11 @@ def _run_on_device(plan, fw, *arrays, ptrs=None):
 
 
 def _contiguous_strides(shape) -> tuple:
-    return (shape[1] * shape[2], shape[2], 1)
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def _needs_copy(info) -> bool:
@@ -330,7 +389,7 @@ class _ForwardPlan:
     __slots__ = ("device", "out_shape", "lse_shape", "copies", "out_aside", "launch", "scale",
                  "left", "right", "batch")
 
-    def run(self, fw, q, k, v, cu_q, cu_k, out, seqused_k, ptrs):
+    def run(self, fw, q, k, v, cu_q, cu_k, out, seqused_k, block_table, ptrs):
         if self.copies is not None:
             (q, k, v, cu_q, cu_k, _out, seqused_k), ptrs = _copy_marked(
                 fw, (q, k, v, cu_q, cu_k, out, seqused_k), ptrs, self.copies)
@@ -344,15 +403,17 @@ class _ForwardPlan:
             launch.launch(fw.stream_ptr(self.device), ptrs[0], ptrs[1], ptrs[2],
                           ptrs[5] if target is out else fw.ptr(target),
                           0 if lse is None else fw.ptr(lse), ptrs[3], ptrs[4], fw.ptr(workspace),
-                          ptrs[6])
+                          ptrs[6], 0 if block_table is None else fw.ptr(block_table))
             if target is not result:
                 fw.copy_into(result, target)
         return result if lse is None else (result, lse)
 
 
-def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui=None):
+def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui=None,
+                  bi=None):
     """The plan of a forward whose arguments have been checked (their infos, scale resolved,
-    causal folded into the window; ``ui`` seqused_k's info or None)."""
+    causal folded into the window; ``ui`` seqused_k's info or None; ``bi`` a paged cache's block
+    table's, k and v then page pools, cu_ki None)."""
     total_q, heads, head_dim = qi.shape
     plan = _ForwardPlan()
     plan.device, plan.batch = qi.device, batch
@@ -360,7 +421,8 @@ def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, retur
     plan.out_shape = qi.shape
     plan.lse_shape = (heads, total_q) if return_lse else None
     copies = (_needs_copy(qi), _needs_copy(ki), _needs_copy(vi), _strided_offsets(cu_qi),
-              _strided_offsets(cu_ki), False, ui is not None and _strided_offsets(ui))
+              cu_ki is not None and _strided_offsets(cu_ki), False,
+              ui is not None and _strided_offsets(ui))
     plan.copies = copies if any(copies) else None
     plan.out_aside = oi is not None and not _aligned(oi)
     plan.launch = None
@@ -373,16 +435,24 @@ def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, retur
     o_strides = oi.strides if oi is not None and not plan.out_aside else \
         _contiguous_strides(qi.shape)
     device = qi.device
-    window = _kernel_window(left, right, total_q + ki.shape[0])
+    paged = None
+    if bi is None:
+        total_k = ki.shape[0]
+    else:  # k_strides, v_strides: (page, row in the page, head) of the pools
+        total_k = bi.shape[1] * ki.shape[1]  # keys a sequence can hold
+        paged = (ki.shape[1], bi.shape[1], k_strides[0], v_strides[0], bi.strides[0])
+        k_strides, v_strides = k_strides[1:], v_strides[1:]
+    window = _kernel_window(left, right, total_q + total_k)
     with _on(device):
         spec, kernels = _dispatch(_arrays.DTYPE_NAMES[qi.dtype], head_dim, window != (-1, -1),
-                                  device, _spec.forward_kernel, _spec.long_rows(total_q, batch))
+                                  device, _spec.forward_kernel, _spec.long_rows(total_q, batch),
+                                  bi is not None)
     plan.launch = _launch.ForwardLaunch(
         kernels, spec, q_strides=q_strides, k_strides=k_strides, v_strides=v_strides,
-        o_strides=o_strides, lse_head_stride=total_q, total_q=total_q, total_k=ki.shape[0],
-        batch=batch, heads=heads, heads_per_kv=heads // ki.shape[1], head_dim=head_dim,
+        o_strides=o_strides, lse_head_stride=total_q, total_q=total_q, total_k=total_k,
+        batch=batch, heads=heads, heads_per_kv=heads // ki.shape[-2], head_dim=head_dim,
         scale=scale, scale_log2=scale * _LOG2E, window=window, num_sms=_num_sms(device),
-        l2_bytes=_l2_bytes(device))
+        l2_bytes=_l2_bytes(device), paged=paged)
     return plan
 
 

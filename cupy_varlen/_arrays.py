@@ -80,6 +80,32 @@ class Framework:
         (check_inputs=True only). A batch of no sequences gives (0, 0)."""
         raise NotImplementedError
 
+    def paged_summary(self, used, cu, table, page_size) -> tuple:
+        """(first offset, smallest offset step, smallest count, largest count, smallest page,
+        largest page) of a paged cache, in one transfer (check_inputs=True only). The counts are
+        seqused_k ``used``, the steps of the offsets ``cu``, or the smaller of the two where both
+        are given (either may be None); the pages are the entries of block table ``table`` that
+        the counts reach (ceil(count / page_size) per row). No offsets, sequence or page reached
+        reads as 0 there."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _paged_summary(xp, used, cu, table, page_size, stack, rows):
+        steps = None if cu is None else cu[1:] - cu[:-1]
+        counts = steps if used is None else used if steps is None else xp.minimum(used, steps)
+        zero = xp.zeros(1, dtype=table.dtype)
+        if rows(counts) == 0:
+            return (0,) * 6
+        pages = (xp.maximum(counts, 0) + page_size - 1) // page_size
+        reached = xp.arange(table.shape[1])[None, :] < pages[:, None]
+        entries = table[reached]
+        if rows(entries) == 0:
+            entries = zero
+        first = zero[0] if cu is None else cu[0]
+        min_step = zero[0] if steps is None else steps.min()
+        return stack([first, min_step, counts.min(), counts.max(), entries.min(),
+                      entries.max()])
+
 
 class TorchFramework(Framework):
     name = "torch"
@@ -158,6 +184,18 @@ class TorchFramework(Framework):
         excess = used - (cu[1:] - cu[:-1])
         return tuple(self._torch.stack([used.min(), excess.max()]).tolist())
 
+    def paged_summary(self, used, cu, table, page_size):
+        torch = self._torch
+
+        class _On:  # torch's spelling of the array functions, on the table's device
+            zeros = staticmethod(lambda n, dtype: torch.zeros(n, dtype=dtype, device=table.device))
+            arange = staticmethod(lambda n: torch.arange(n, device=table.device))
+            minimum, maximum = torch.minimum, staticmethod(lambda x, c: x.clamp(min=c))
+
+        result = self._paged_summary(_On, used, cu, table, page_size, torch.stack,
+                                     lambda x: x.numel())
+        return result if type(result) is tuple else tuple(result.tolist())
+
 
 class CupyFramework(Framework):
     name = "cupy"
@@ -214,6 +252,12 @@ class CupyFramework(Framework):
         with used.device:
             excess = used - (cu[1:] - cu[:-1])
             return tuple(int(x) for x in cupy.stack([used.min(), excess.max()]).get())
+
+    def paged_summary(self, used, cu, table, page_size):
+        with table.device:
+            result = self._paged_summary(cupy, used, cu, table, page_size, cupy.stack,
+                                         lambda x: x.size)
+            return result if type(result) is tuple else tuple(int(x) for x in result.get())
 
 
 _CUPY = CupyFramework()

@@ -108,19 +108,24 @@ def framework(names, q):
     return fw
 
 
-def check_qkv(fw, names, q, k, v, describe):
+def check_qkv(fw, names, q, k, v, describe, paged=False):
     """Type, shape, dtype and layout of q, k, v; returns their infos. ``describe`` turns an array
-    into an ArrayInfo: ``fw.info``, or ``fw.meta`` for fake tensors while tracing."""
+    into an ArrayInfo: ``fw.info``, or ``fw.meta`` for fake tensors while tracing. ``paged``: k and
+    v are page pools (num_pages, page_size, num_heads, head_dim)."""
     infos = []
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_array_type(fw, names, name, x)
         info = describe(x)
-        if len(info.shape) != 3:
+        if paged and name != "q":
+            if len(info.shape) != 4:
+                fail(ValueError, names, name, "must be 4-D (num_pages, page_size, num_heads, "
+                     f"head_dim) with block_table, got shape {info.shape}")
+        elif len(info.shape) != 3:
             fail(ValueError, names, name,
                  f"must be 3-D (total_tokens, num_heads, head_dim), got shape {info.shape}")
         if info.dtype not in DTYPE_NAMES:
             fail(TypeError, names, name, f"must be float16 or bfloat16, got {info.dtype}")
-        if info.shape[2] > 1 and info.strides[2] != 1:
+        if info.shape[-1] > 1 and info.strides[-1] != 1:
             fail(ValueError, names, name,
                  f"must be contiguous in its last dimension (stride 1), got strides {info.strides}")
         infos.append(info)
@@ -130,7 +135,8 @@ def check_qkv(fw, names, q, k, v, describe):
         if info.dtype != qi.dtype:
             fail(TypeError, names, name, f"dtype {info.dtype} differs from {q_name}'s {qi.dtype}")
     total_q, heads, head_dim = qi.shape
-    total_k, heads_kv, head_dim_k = ki.shape
+    heads_kv, head_dim_k = ki.shape[-2:]
+    total_k = ki.shape[0] * (ki.shape[1] if paged else 1)
     if vi.shape != ki.shape:
         fail(ValueError, names, "v", f"shape {vi.shape} must equal {k_name}'s shape {ki.shape}")
     if head_dim_k != head_dim:
@@ -170,19 +176,21 @@ def check_like(fw, names, name, x, like_name, like, describe):
     return info
 
 
+def _check_offsets_array(fw, names, name, x, describe):
+    """One offsets array's type, dtype and shape; returns its info."""
+    _check_array_type(fw, names, name, x)
+    info = describe(x)
+    if info.dtype != "int32":
+        fail(TypeError, names, name, f"must be int32, got {info.dtype}")
+    if len(info.shape) != 1 or info.shape[0] < 1:
+        fail(ValueError, names, name, f"must be 1-D of length batch + 1, got shape {info.shape}")
+    return info
+
+
 def check_cu_seqlens(fw, names, cu_q, cu_k, describe):
     """The two offsets arrays' type, dtype and shape; returns their infos."""
-    infos = []
-    for name, x in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        _check_array_type(fw, names, name, x)
-        info = describe(x)
-        if info.dtype != "int32":
-            fail(TypeError, names, name, f"must be int32, got {info.dtype}")
-        if len(info.shape) != 1 or info.shape[0] < 1:
-            fail(ValueError, names, name,
-                 f"must be 1-D of length batch + 1, got shape {info.shape}")
-        infos.append(info)
-    cu_qi, cu_ki = infos
+    cu_qi, cu_ki = (_check_offsets_array(fw, names, name, x, describe)
+                    for name, x in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)))
     if cu_qi.shape != cu_ki.shape:
         fail(ValueError, names, "cu_seqlens_k",
              f"length {cu_ki.shape[0]} differs from {names('cu_seqlens_q')}'s {cu_qi.shape[0]}")
@@ -205,14 +213,49 @@ def check_seqused_k(fw, names, seqused_k, cu_qi, describe):
     return info
 
 
+def check_paged(fw, names, block_table, seqused_k, cu_seqlens_k, cu_qi, ki, describe):
+    """A paged cache's block table: int32 (batch, pages per sequence), contiguous along its rows,
+    with the keys' counts per sequence from seqused_k or cu_seqlens_k's differences (or both: the
+    smaller). Returns (its info, page size, cu_seqlens_k's info or None)."""
+    if seqused_k is None and cu_seqlens_k is None:
+        fail(ValueError, names, "block_table", f"needs {names('seqused_k')} or "
+             f"{names('cu_seqlens_k')}: the paged cache's key counts per sequence")
+    cu_ki = None
+    if cu_seqlens_k is not None:
+        cu_ki = _check_offsets_array(fw, names, "cu_seqlens_k", cu_seqlens_k, describe)
+        if cu_ki.shape != cu_qi.shape:
+            fail(ValueError, names, "cu_seqlens_k", f"length {cu_ki.shape[0]} differs from "
+                 f"{names('cu_seqlens_q')}'s {cu_qi.shape[0]}")
+    _check_array_type(fw, names, "block_table", block_table)
+    info = describe(block_table)
+    if info.dtype != "int32":
+        fail(TypeError, names, "block_table", f"must be int32, got {info.dtype}")
+    batch = cu_qi.shape[0] - 1
+    if len(info.shape) != 2 or info.shape[0] != batch:
+        fail(ValueError, names, "block_table", "must be 2-D (batch, max_pages_per_seq) with one "
+             f"row per sequence ({batch}), got shape {info.shape}")
+    if info.shape[1] > 1 and info.strides[1] != 1:
+        fail(ValueError, names, "block_table",
+             f"must be contiguous along its rows (stride 1), got strides {info.strides}")
+    page_size = ki.shape[1]
+    if page_size < 1:
+        fail(ValueError, names, "k", f"page size (dim 1) must be >= 1, got shape {ki.shape}")
+    if info.shape[1] * page_size > INT32_MAX:
+        fail(ValueError, names, "block_table", "pages per sequence x page size must fit int32")
+    return info, page_size, cu_ki
+
+
 def check_attention_args(fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, causal, scale, window_size, deterministic,
-                         check_max_seqlen=check_int):
+                         check_max_seqlen=check_int, paged=False):
     """The arguments the forward and the backward share. Returns ``(qi, ki, vi, cu_qi, cu_ki,
     causal, scale, left, right, deterministic)``: the infos, causal and deterministic as bools,
     scale resolved, the window with causal folded in."""
-    qi, ki, vi = check_qkv(fw, names, q, k, v, describe)
-    cu_qi, cu_ki = check_cu_seqlens(fw, names, cu_seqlens_q, cu_seqlens_k, describe)
+    qi, ki, vi = check_qkv(fw, names, q, k, v, describe, paged)
+    if paged:  # cu_seqlens_k: check_paged
+        cu_qi, cu_ki = _check_offsets_array(fw, names, "cu_seqlens_q", cu_seqlens_q, describe), None
+    else:
+        cu_qi, cu_ki = check_cu_seqlens(fw, names, cu_seqlens_q, cu_seqlens_k, describe)
     check_max_seqlen(names, "max_seqlen_q", max_seqlen_q)
     check_max_seqlen(names, "max_seqlen_k", max_seqlen_k)
     causal = check_bool(names, "causal", causal)
@@ -224,7 +267,7 @@ def check_attention_args(fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_
 
 def check_forward_args(fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                        max_seqlen_k, causal, scale, window_size, return_lse, out, deterministic,
-                       check_inputs, check_max_seqlen=check_int):
+                       check_inputs, check_max_seqlen=check_int, paged=False):
     """Every argument of varlen_attn, as far as it can be checked without data or a device (see
     :func:`check_launch` for the rest). ``check_max_seqlen`` lets the torch integration admit the
     SymInts of a trace.
@@ -234,7 +277,7 @@ def check_forward_args(fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k,
     resolved, the window with causal folded in."""
     qi, ki, vi, cu_qi, cu_ki, causal, scale, left, right, deterministic = check_attention_args(
         fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        causal, scale, window_size, deterministic, check_max_seqlen)
+        causal, scale, window_size, deterministic, check_max_seqlen, paged)
     return_lse = check_bool(names, "return_lse", return_lse)
     check_inputs = check_bool(names, "check_inputs", check_inputs)
     oi = None if out is None else check_like(fw, names, "out", out, "q", qi, describe)
@@ -280,15 +323,42 @@ def check_offsets(fw, names, name, cu, total, tensor_name, max_name, max_seqlen)
 
 
 def check_launch(fw, names, cu_q, cu_k, qi, ki, vi, cu_qi, cu_ki, oi, max_seqlen_q, max_seqlen_k,
-                 check_inputs, seqused_k=None, ui=None) -> int:
+                 check_inputs, seqused_k=None, ui=None, block_table=None, bi=None) -> int:
     """The forward's checks that need real arrays (after :func:`check_forward_args`): tokens
     without sequences, device placement and, with ``check_inputs``, the offsets' values (and
-    seqused_k's, ``ui`` its info). Returns the number of sequences."""
-    total_q, total_k = qi.shape[0], ki.shape[0]
-    batch = check_batch(names, cu_qi, total_q, total_k)
+    seqused_k's, ``ui`` its info; with a block table, ``bi`` its info, the counts against the
+    table and max_seqlen_k, and the pages they reach against the pool). Returns the number of
+    sequences."""
+    total_q = qi.shape[0]
+    total_k = ki.shape[0] * ki.shape[1] if bi is not None else ki.shape[0]
+    batch = check_batch(names, cu_qi, total_q, 0 if bi is not None else total_k)
     check_devices(names, (("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
-                          ("cu_seqlens_k", cu_ki), ("out", oi), ("seqused_k", ui)))
-    if check_inputs:
+                          ("cu_seqlens_k", cu_ki), ("out", oi), ("seqused_k", ui),
+                          ("block_table", bi)))
+    if check_inputs and bi is not None:
+        check_offsets(fw, names, "cu_seqlens_q", cu_q, total_q, "q", "max_seqlen_q", max_seqlen_q)
+        page_size, capacity = ki.shape[1], bi.shape[1] * ki.shape[1]
+        first, min_len, smallest, largest, first_page, last_page = fw.paged_summary(
+            seqused_k, cu_k, block_table, page_size)
+        if first != 0:
+            fail(ValueError, names, "cu_seqlens_k", f"must start at 0, got {first}")
+        if min_len < 0:
+            fail(ValueError, names, "cu_seqlens_k",
+                 f"must be non-decreasing (a sequence has length {min_len})")
+        counts = "seqused_k" if seqused_k is not None else "cu_seqlens_k"
+        if smallest < 0:
+            fail(ValueError, names, counts, f"must not be negative, got {smallest}")
+        if largest > capacity:
+            fail(ValueError, names, counts, f"has a count of {largest} keys, more than "
+                 f"{names('block_table')}'s {bi.shape[1]} pages of {page_size} hold")
+        if largest > max_seqlen_k:
+            fail(ValueError, names, "max_seqlen_k",
+                 f"is {max_seqlen_k} but {names(counts)} has a count of {largest}")
+        if first_page < 0 or last_page >= ki.shape[0]:
+            page = first_page if first_page < 0 else last_page
+            fail(ValueError, names, "block_table",
+                 f"names page {page}, outside {names('k')}'s {ki.shape[0]} pages")
+    elif check_inputs:
         check_offsets(fw, names, "cu_seqlens_q", cu_q, total_q, "q", "max_seqlen_q", max_seqlen_q)
         check_offsets(fw, names, "cu_seqlens_k", cu_k, total_k, "k", "max_seqlen_k", max_seqlen_k)
         if seqused_k is not None:

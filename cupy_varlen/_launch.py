@@ -19,12 +19,13 @@ SCHEDULE_HEADER = 16  # cuda_src/scheduler.cuh: kScheduleHeader
 # padding to the 64-byte alignment of the two 128-byte tensor maps of k and v.
 _SM90_PARAMS = struct.Struct("<9Q9q3i2f3i16x128s128s")
 _NO_MAP = bytes(_tma.MAP_BYTES)
-# cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 9 pointers (the last seqused_k), 9 int64 strides,
-# 2 int32, 2 float32, 2 int32.
-_SM80_PARAMS = struct.Struct("<9Q9q2i2f2i")
+# cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 10 pointers (the last two seqused_k and
+# block_table), 12 int64 strides (the last three the pools' page strides and the block table's row
+# stride), 2 int32, 2 float32, 4 int32 (window, page size, keys per sequence of a paged cache).
+_SM80_PARAMS = struct.Struct("<10Q12q2i2f4i")
 # cuda_src/scheduler.cuh: varlen_tile_schedule(cu_q, cu_k, seqused_k, workspace, batch, block_m,
-# block_n, left, right, tile_bound, in_order, heads, head_group, sms, ranks_bound).
-_SCHEDULE_PARAMS = struct.Struct("<4Q11i")
+# block_n, left, right, tile_bound, in_order, heads, head_group, sms, ranks_bound, k_capacity).
+_SCHEDULE_PARAMS = struct.Struct("<4Q12i")
 _MAX_GRID_X = 2**31 - 1
 
 # cuLaunchKernel's `extra` keys: the parameters as one buffer.
@@ -107,7 +108,10 @@ class ForwardLaunch:
     def __init__(self, kernels, spec, *, q_strides, k_strides, v_strides, o_strides,
                  lse_head_stride: int, total_q: int, total_k: int, batch: int, heads: int,
                  heads_per_kv: int, head_dim: int, scale: float, scale_log2: float, window,
-                 num_sms: int, l2_bytes: int):
+                 num_sms: int, l2_bytes: int, paged=None):
+        """``paged`` (a paged cache, spec.paged): (page size, pages per sequence, k's and v's page
+        strides, the block table's row stride); k_strides and v_strides are then the pools' (row
+        in a page, head) strides."""
         tiles = spec.tiles
         bound = tile_bound(total_q, batch, tiles.block_m)
         ctas = bound * heads
@@ -120,9 +124,11 @@ class ForwardLaunch:
         across = spec.persistent and lpt_across_heads(total_k, heads_kv, head_dim, l2_bytes)
         # The persistent grid pulls real items (ranks = the tile count); the sm80 grid's CTAs are
         # tile bound x heads and read the order head by head themselves.
+        page_size, pages, k_page, v_page, table_stride = paged or (0, 0, 0, 0, 0)
+        k_capacity = page_size * pages if paged else -1
         self.schedule = (batch, tiles.block_m, tiles.block_n, window[0], window[1], bound, 0,
                          heads, heads if across else heads_per_kv, num_sms,
-                         0 if spec.persistent else 1)
+                         0 if spec.persistent else 1, k_capacity)
         strides = (q_strides[0], q_strides[1], k_strides[0], k_strides[1], v_strides[0],
                    v_strides[1], o_strides[0], o_strides[1], lse_head_stride)
         if spec.persistent:
@@ -133,14 +139,14 @@ class ForwardLaunch:
                                    tiles.block_n) for s in (k_strides, v_strides))
             self.grid = min(ctas, num_sms)
         else:
-            self.scalars = strides + (heads_per_kv, head_dim, scale, scale_log2, window[0],
-                                      window[1])
+            self.scalars = strides + (k_page, v_page, table_stride, heads_per_kv, head_dim, scale,
+                                      scale_log2, window[0], window[1], page_size, k_capacity)
             self.grid = ctas
 
     def launch(self, stream_ptr: int, q: int, k: int, v: int, out: int, lse: int, cu_q: int,
-               cu_k: int, workspace: int, seqused_k: int = 0) -> None:
+               cu_k: int, workspace: int, seqused_k: int = 0, block_table: int = 0) -> None:
         """Launches on ``stream_ptr``; every argument is a device pointer (lse 0: not written;
-        seqused_k 0: none)."""
+        seqused_k 0: none; block_table 0: no paged cache, else cu_k 0: no offsets)."""
         kernels, spec = self.kernels, self.spec
         _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, seqused_k, self.schedule,
                          workspace)
@@ -155,7 +161,7 @@ class ForwardLaunch:
                             v_map if use_tma else _NO_MAP).launch(
                 kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
         else:
-            _SM80_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, seqused_k,
+            _SM80_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, seqused_k, block_table,
                             *self.scalars).launch(
                 kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
 
@@ -232,9 +238,9 @@ class BackwardLaunch:
         # 2026-12-02). The sm90 grid reads the head order; the sm80 kernels go head by head.
         group = min(2, heads_kv) if spec.ordered_dq else 1
         self.schedule_kv = (batch, t.block_n, t.block_m, right, left, bound_k,
-                            int(spec.ordered_dq), heads_kv, group, num_sms, 1)
+                            int(spec.ordered_dq), heads_kv, group, num_sms, 1, -1)
         self.schedule_q = (batch, t.block_m, t.dq_block_n, left, right, bound_q, 0, heads,
-                           heads // heads_kv, num_sms, 1)
+                           heads // heads_kv, num_sms, 1, -1)
         s = strides
         self.scalars = (*s["q"], *s["k"], *s["v"], *s["out"], *s["dout"], *s["dq"], *s["dk"],
                         *s["dv"], *lse_strides, total_q, accum_floats, heads, heads // heads_kv,

@@ -211,6 +211,9 @@ class FwdSpec(_KernelSpec):
     """One forward-kernel specialization."""
 
     kernel: str = "sm80"  # one of KERNELS
+    # k and v are page pools named by a block table (cuda_src/fwd_sm80.cu, CV_PAGED): the sm80
+    # family's row-at-a-time gather, for any page size.
+    paged: bool = False
 
     kernel_name = "varlen_fwd"
     schedule_kernel_name = "varlen_tile_schedule"
@@ -219,6 +222,8 @@ class FwdSpec(_KernelSpec):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.paged and self.kernel != "sm80":
+            raise ValueError("a paged KV cache is read by the sm80 kernel family only")
         if self.smem_bytes > SMEM_LIMIT[self.arch]:
             raise ValueError(f"{self} needs {self.smem_bytes} B of shared memory")
 
@@ -255,16 +260,18 @@ class FwdSpec(_KernelSpec):
             return dict(common, CV_SMEM_BYTES=self.smem_bytes)
         return dict(common, CV_SUB_N=t.keys_per_subtile, CV_WARPS=t.warps,
                     CV_MIN_BLOCKS=t.min_blocks,
-                    CV_QK_UNROLL=t.qk_unroll or self.head_dim_tile // 16)
+                    CV_QK_UNROLL=t.qk_unroll or self.head_dim_tile // 16,
+                    CV_PAGED=int(self.paged))
 
     def __str__(self) -> str:
         t = self.tiles
         mask = "window" if self.windowed else "full"
         sub = f"/{t.sub_n}" if t.sub_n and t.sub_n != t.block_n else ""
         unroll = f" u{t.qk_unroll}" if t.qk_unroll else ""
+        paged = " paged" if self.paged else ""
         return (
             f"fwd[{self.kernel} {self.dtype} d{self.head_dim_tile} {t.block_m}x{t.block_n}{sub} "
-            f"w{t.warps} s{t.stages}{unroll} {mask} {self.arch}]"
+            f"w{t.warps} s{t.stages}{unroll} {mask}{paged} {self.arch}]"
         )
 
 
@@ -301,16 +308,18 @@ def kernel_for(arch: str, tile: int, choice: str = "auto", sm90_tiles=None) -> s
 
 
 def choose_fwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
-                    choice: str = "auto", long_rows: bool = False) -> FwdSpec:
-    """``long_rows``: the batch's mean query length reaches LONG_ROWS_MEAN (see _TILES_WGMMA_LONG)."""
+                    choice: str = "auto", long_rows: bool = False,
+                    paged: bool = False) -> FwdSpec:
+    """``long_rows``: the batch's mean query length reaches LONG_ROWS_MEAN (see _TILES_WGMMA_LONG).
+    ``paged``: k and v are page pools (the sm80 family on every architecture)."""
     tile = head_dim_tile(head_dim)
-    kernel = kernel_for(arch, tile, choice)
+    kernel = "sm80" if paged else kernel_for(arch, tile, choice)
     if kernel == "sm90":
         table = _TILES_WGMMA_LONG if long_rows and tile in _TILES_WGMMA_LONG else _TILES_WGMMA
         tiles = tile_overrides.get(("sm90", tile)) or table[tile]
     else:
         tiles = tile_overrides.get((arch, tile)) or _TILE_TABLES[arch][tile]
-    return FwdSpec(dtype, tile, tiles, windowed, arch, kernel)
+    return FwdSpec(dtype, tile, tiles, windowed, arch, kernel, paged)
 
 
 def _distinct_specs(archs, make) -> list:
@@ -331,8 +340,8 @@ def _distinct_specs(archs, make) -> list:
 def all_fwd_specs(archs=ARCHS):
     """Every specialization the dispatcher can return, for the given architectures."""
     return _distinct_specs(archs, lambda arch, choice, dtype, tile, windowed: tuple(
-        choose_fwd_spec(dtype, tile, windowed, arch, choice, long_rows)
-        for long_rows in (False, True)))
+        choose_fwd_spec(dtype, tile, windowed, arch, choice, long_rows, paged)
+        for long_rows in (False, True) for paged in (False, True)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def _varlen_attn_op(
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
+    cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int,
     max_seqlen_k: int,
     causal: bool,
@@ -88,6 +88,7 @@ def _varlen_attn_op(
     deterministic: bool = False,
     check_inputs: bool = False,
     seqused_k: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # The op is callable directly (torch.ops.cupy_varlen.varlen_attn) and from compiled graphs,
     # whose arguments were checked on fake tensors at trace time at most: the eager
@@ -95,6 +96,10 @@ def _varlen_attn_op(
     # varlen_attn's argument names (the schema does not carry the caller); the autograd entry
     # point has run the checks with the caller's names wherever the tensors were real.
     # deterministic is a forward argument only so that setup_context can hand it to the backward.
+    if block_table is not None:
+        return _api._varlen_attn_paged(
+            VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+            scale, (window_left, window_right), True, None, check_inputs, seqused_k, block_table)
     return _api._varlen_attn_eager(
         VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
         scale, (window_left, window_right), True, None, deterministic, check_inputs, seqused_k)
@@ -103,7 +108,7 @@ def _varlen_attn_op(
 @_varlen_attn_op.register_fake
 def _varlen_attn_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                       scale, window_left, window_right, deterministic=False, check_inputs=False,
-                      seqused_k=None):
+                      seqused_k=None, block_table=None):
     # Contiguous, like the eager path's allocation: compiled code trusts these strides.
     out = q.new_empty(q.shape)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -161,8 +166,11 @@ def _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse, scalars):
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right, deterministic,
-     _check_inputs, seqused_k) = inputs
-    if seqused_k is not None:  # as torch's varlen_attn: no backward for a partially used cache
+     _check_inputs, seqused_k, block_table) = inputs
+    # As torch's varlen_attn: no backward for a partially used or a paged cache.
+    if block_table is not None:
+        raise RuntimeError("varlen_attn: block_table is an inference-only parameter")
+    if seqused_k is not None:
         raise RuntimeError("varlen_attn: seqused_k is an inference-only parameter")
     _save_for_backward(ctx, q, k, v, cu_q, cu_k, *output,
                        (max_q, max_k, causal, scale, left, right, deterministic))
@@ -172,8 +180,8 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _varlen_attn_backward_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.scalars)
     # cu_seqlens_q/k, max_seqlen_q/k, causal, scale, window_left/right, deterministic, check_inputs,
-    # seqused_k
-    return (dq, dk, dv) + (None,) * 11
+    # seqused_k, block_table
+    return (dq, dk, dv) + (None,) * 12
 
 
 _varlen_attn_op.register_autograd(_backward, setup_context=_setup_context)
@@ -191,7 +199,8 @@ class _EagerVarlenAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, deterministic, prepared):
         plan, ptrs = prepared
-        out, lse = _api._run_on_device(plan, _FW, q, k, v, cu_q, cu_k, None, None, ptrs=ptrs)
+        out, lse = _api._run_on_device(plan, _FW, q, k, v, cu_q, cu_k, None, None, None,
+                                       ptrs=ptrs)
         _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse,
                            (max_q, max_k, causal, plan.scale, plan.left, plan.right,
                             deterministic))
@@ -306,7 +315,7 @@ def _check_max_seqlen(names, name, value):
 
 def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          causal, scale, window_size, return_lse, out, deterministic,
-                         check_inputs, seqused_k=None):
+                         check_inputs, seqused_k=None, block_table=None):
     """:func:`cupy_varlen.varlen_attn` for torch tensors that autograd records, torch compiles or
     a dispatch mode watches. Same arguments (positional, with ``names`` for the messages) and
     results.
@@ -331,10 +340,12 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     # Nothing else needs to see the op: no dispatch mode (fake tensors, FlopCounterMode, ...), no
     # profiler.
     direct = real and _EAGER_FAST_PATH and not _dispatch_modes() and not _profiling()
-    if seqused_k is not None:
+    for name, given in (("block_table", block_table), ("seqused_k", seqused_k)):
+        if given is None:
+            continue
         if _grad_enabled() and any(isinstance(x, _Tensor) and x.requires_grad for x in (q, k, v)):
             raise RuntimeError(
-                f"{names.function}: {names('seqused_k')} is an inference-only parameter (no "
+                f"{names.function}: {names(name)} is an inference-only parameter (no "
                 "backward): call under torch.no_grad() or with inputs that do not require grad")
         # Here only while tracing or watched: the op carries it.
         direct = False
@@ -354,14 +365,19 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
      check_inputs) = _checks.check_forward_args(
         fw, names, fw.info if real else fw.meta, q, k, v, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k, causal, scale, window_size, return_lse, out, deterministic,
-        check_inputs, _check_max_seqlen)
+        check_inputs, _check_max_seqlen, paged=block_table is not None)
+    bi = None
+    if block_table is not None:
+        bi, _page_size, cu_ki = _checks.check_paged(fw, names, block_table, seqused_k,
+                                                    cu_seqlens_k, cu_qi, ki,
+                                                    fw.info if real else fw.meta)
     ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, fw.info if real else fw.meta)
     if real:
         # The op checks these again (it must, see _varlen_attn_op), but with varlen_attn's names;
         # here they speak the caller's. The offsets' values (a device round trip) only once.
         batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi,
                                      cu_ki, oi, max_seqlen_q, max_seqlen_k,
-                                     check_inputs and direct, seqused_k, ui)
+                                     check_inputs and direct, seqused_k, ui, block_table, bi)
     if direct:
         plan = _api._plan_forward(qi, ki, vi, cu_qi, cu_ki, None, batch, scale, left, right, True)
         if key is not None:
@@ -373,7 +389,7 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
             _teach_active_flop_counters()
         result, lse = _varlen_attn_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, causal, scale, left, right, deterministic,
-                                      check_inputs, seqused_k)
+                                      check_inputs, seqused_k, block_table)
     if out is not None:
         result = out.copy_(result)
     return (result, lse) if return_lse else result

@@ -24,8 +24,10 @@ code that builds one for torch keeps working. What differs, all checked against 
   the result (torch sizes its grid from them, so a too-small value gives wrong output there).
 - **seqused_k** (a KV cache whose slots are longer than what is filled) is supported, inference
   only as in torch (an autograd call raises ``RuntimeError``).
-- **Not supported yet** (raise ``NotImplementedError`` naming the argument): ``block_table``
-  (paged KV cache, inference-only in torch too) and ``cu_seq_k=None`` (meaningful only with it).
+- **block_table** (a paged KV cache, inference only as in torch): any page size; each sequence's
+  key count comes from ``seqused_k`` or the steps of ``cu_seq_k`` (the smaller where both are
+  given), and ``cu_seq_k=None`` is accepted with it. Served by the portable kernel family's
+  row-at-a-time gather on every GPU.
 - **num_splits**: any value >= 1 or None is accepted, and the keys of a row are never split across
   blocks: every result is batch-invariant, what ``num_splits=1`` asks for, and ``N > 1`` ("at
   most N") is met with one.
@@ -69,14 +71,8 @@ def _resolve(names, query, key, cu_seq_k, window_size, enable_gqa, seqused_k, bl
              num_splits):
     """torch's argument rules, mapped onto cupy_varlen.varlen_attn's keywords."""
     function = names.function
-    if block_table is not None:
-        raise NotImplementedError(
-            f"{function}: block_table (paged KV cache) is not supported by cupy_varlen yet; use "
-            f"torch.nn.attention.varlen.{function} for it")
-    if cu_seq_k is None:
-        raise NotImplementedError(
-            f"{function}: cu_seq_k=None (only meaningful with block_table) is not supported by "
-            "cupy_varlen yet")
+    if cu_seq_k is None and block_table is None:
+        raise ValueError(f"{function}: cu_seq_k may be None only with block_table")
     if num_splits is not None and (isinstance(num_splits, bool)
                                    or not isinstance(num_splits, numbers.Integral)):
         raise TypeError(f"{function}: num_splits must be None or an int, got {num_splits!r}")
@@ -84,8 +80,9 @@ def _resolve(names, query, key, cu_seq_k, window_size, enable_gqa, seqused_k, bl
         raise ValueError(f"{function}: num_splits must be None or >= 1, got {num_splits}")
     # torch's own head-count check and messages: code that passes here passes there. Where query
     # or key is not a 3-D tensor, the validation that follows names it.
-    if getattr(query, "ndim", None) == 3 and getattr(key, "ndim", None) == 3:
-        num_heads_q, num_heads_k = query.shape[1], key.shape[1]
+    key_dims = 4 if block_table is not None else 3
+    if getattr(query, "ndim", None) == 3 and getattr(key, "ndim", None) == key_dims:
+        num_heads_q, num_heads_k = query.shape[1], key.shape[-2]
         if not enable_gqa and num_heads_q != num_heads_k:
             raise ValueError(
                 f"Expect query and key/value to have the same number of heads but got "
@@ -119,7 +116,8 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
                                      seqused_k, block_table, num_splits)
     want_lse = return_aux is not None and bool(return_aux.lse)
     return _api._varlen_attn(names, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, False,
-                             scale, window, want_lse, None, deterministic, False, seqused_k)
+                             scale, window, want_lse, None, deterministic, False, seqused_k,
+                             block_table)
 
 
 def varlen_attn_out(out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
@@ -132,4 +130,5 @@ def varlen_attn_out(out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
                                      seqused_k, block_table, num_splits)
     want_lse = return_aux is not None and bool(return_aux.lse)
     return _api._varlen_attn(names, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, False,
-                             scale, window, want_lse, out, deterministic, False, seqused_k)
+                             scale, window, want_lse, out, deterministic, False, seqused_k,
+                             block_table)

@@ -89,15 +89,21 @@ def varlen_attn_reference(
 
     The inference forms of torch's ``varlen_attn``: ``seqused_k`` (int32 ``(B,)``) keeps only the
     first ``seqused_k[b]`` keys of sequence b (causal and window alignment then use that length);
-    ``block_table`` (int32 ``(B, max_pages)``, with ``seqused_k``) makes k and v page pools
-    ``(num_pages, page_size, H_kv, D)`` read through :func:`gather_paged_keys`, and
-    ``cu_seqlens_k`` may then be None.
+    ``block_table`` (int32 ``(B, max_pages)``) makes k and v page pools
+    ``(num_pages, page_size, H_kv, D)`` read through :func:`gather_paged_keys`, each sequence's
+    count from ``seqused_k``, from the steps of ``cu_seqlens_k`` (which may then be None), or the
+    smaller of the two.
     """
     if block_table is not None:
-        if seqused_k is None:
-            raise ValueError("varlen_attn_reference: block_table needs seqused_k")
-        k, cu_seqlens_k = gather_paged_keys(k, block_table, seqused_k)
-        v, _ = gather_paged_keys(v, block_table, seqused_k)
+        if seqused_k is None and cu_seqlens_k is None:
+            raise ValueError("varlen_attn_reference: block_table needs seqused_k or cu_seqlens_k")
+        counts = None if seqused_k is None else _as_torch(seqused_k)
+        if cu_seqlens_k is not None:  # FlashAttention-2's form: the steps are the counts
+            cu = _as_torch(cu_seqlens_k)
+            steps = cu[1:] - cu[:-1]
+            counts = steps if counts is None else torch.minimum(counts, steps)
+        k, cu_seqlens_k = gather_paged_keys(k, block_table, counts)
+        v, _ = gather_paged_keys(v, block_table, counts)
         seqused_k = None
     q, k, v = (_as_torch(x).to(compute_dtype) for x in (q, k, v))
     cu_q = _as_torch(cu_seqlens_q).tolist()

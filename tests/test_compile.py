@@ -456,7 +456,7 @@ def test_param_buffers_hold_the_packed_bytes_per_thread():
 
     from cupy_varlen import _launch
 
-    fields = (11, 12, 0, 13, 4, 128, 64, -1, 0, 99, 1, 16, 2, 132, 1)
+    fields = (11, 12, 0, 13, 4, 128, 64, -1, 0, 99, 1, 16, 2, 132, 1, 0)
     args = _launch._SCHEDULE_ARGS.pack(*fields)
     assert args.buf.raw == _launch._SCHEDULE_PARAMS.pack(*fields)
     extra = (ctypes.c_void_p * 5).from_address(args.extra)

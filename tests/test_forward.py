@@ -466,3 +466,169 @@ def test_seqused_k_is_inference_only():
         cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 20, seqused_k=used)
     with torch.no_grad():
         cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 20, seqused_k=used)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paged KV cache (block_table)
+
+
+def _paged_cache(lens_q, used, page_size, *, heads=8, heads_kv=2, head_dim=128, seed=0,
+                 dtype=torch.bfloat16, spare_pages=3, share_first_page=False):
+    """q, page pools k and v whose unreached pages and page tails hold NaN, a shuffled block table
+    (one row per sequence, enough pages for its count plus one), cu_seqlens_q and seqused_k.
+    ``share_first_page``: sequence 1's first page is sequence 0's (a shared prefix)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    batch = len(lens_q)
+    per_seq = max(-(-n // page_size) for n in used) + 1
+    num_pages = batch * per_seq + spare_pages
+    q = torch.randn(sum(lens_q), heads, head_dim, device="cuda", generator=g).to(dtype)
+    k = torch.full((num_pages, page_size, heads_kv, head_dim), float("nan"), device="cuda",
+                   dtype=dtype)
+    v = k.clone()
+    table = torch.randperm(num_pages, device="cuda", generator=g)[:batch * per_seq].view(
+        batch, per_seq).to(torch.int32).contiguous()
+    if share_first_page:
+        table[1, 0] = table[0, 0]
+    for b, n in enumerate(used):
+        for p in range(-(-n // page_size)):
+            rows = min(page_size, n - p * page_size)
+            page = table[b, p].item()
+            if share_first_page and b == 1 and p == 0:
+                continue  # sequence 0 filled it
+            k[page, :rows] = torch.randn(rows, heads_kv, head_dim, device="cuda",
+                                         generator=g).to(dtype)
+            v[page, :rows] = torch.randn(rows, heads_kv, head_dim, device="cuda",
+                                         generator=g).to(dtype)
+    used_t = torch.tensor(used, dtype=torch.int32, device="cuda")
+    return q, k, v, cu_seqlens(lens_q), table, used_t
+
+
+def _check_paged(q, k, v, cu_q, table, used, **kwargs):
+    max_q = int((cu_q[1:] - cu_q[:-1]).max())
+    out = torch.full_like(q, float("nan"))
+    got, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, None, max_q, int(used.max()), out=out,
+                                       return_lse=True, seqused_k=used, block_table=table,
+                                       **kwargs)
+    assert got is out and not torch.isnan(out).any(), "unwritten (or NaN) output elements"
+    ref, ref_lse = varlen_attn_reference(q, k, v, cu_q, None, seqused_k=used, block_table=table,
+                                         return_lse=True, **kwargs)
+    assert rel_error(out, ref) <= 2e-2
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[finite].double() - ref_lse[finite]).abs().max() <= 1e-3
+    return out
+
+
+@pytest.mark.parametrize("page_size", [1, 7, 16, 64, 256])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (64, 0)])
+def test_paged_kv_matches_the_reference(page_size, window):
+    """Decode rows, chunked prefill, an empty count and counts across many pages, any page size;
+    NaN in the pages and page tails no count reaches is never read."""
+    lens_q, used = [1, 1, 37, 0, 5, 130], [257, 0, 150, 3, 700, 200]
+    q, k, v, cu_q, table, seq_used = _paged_cache(lens_q, used, page_size, seed=page_size)
+    _check_paged(q, k, v, cu_q, table, seq_used, window_size=window)
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float16), (96, torch.bfloat16),
+                                            (256, torch.bfloat16)])
+def test_paged_kv_head_dims_and_shared_pages(head_dim, dtype):
+    """Other head dims and fp16; two sequences sharing their first page (a common prefix)."""
+    q, k, v, cu_q, table, used = _paged_cache([3, 2, 1], [40, 33, 90], 16, heads=4, heads_kv=4,
+                                              head_dim=head_dim, dtype=dtype, seed=head_dim,
+                                              share_first_page=True)
+    _check_paged(q, k, v, cu_q, table, used, causal=True)
+
+
+def test_paged_kv_equals_the_gathered_cache(monkeypatch):
+    """Through the same kernel family (sm80), a paged cache gives the bits of its keys gathered
+    into a contiguous batch: the gather changes addresses only."""
+    select_kernel_family("sm80", monkeypatch, "forward_kernel")
+    from cupy_varlen.reference import gather_paged_keys
+
+    lens_q, used = [1, 64, 3], [300, 64, 1000]
+    q, k, v, cu_q, table, seq_used = _paged_cache(lens_q, used, 16, seed=11)
+    kg, cu_k = gather_paged_keys(k, table, seq_used)
+    vg, _ = gather_paged_keys(v, table, seq_used)
+    for causal in (False, True):
+        paged = cupy_varlen.varlen_attn(q, k, v, cu_q, None, 64, 1000, causal=causal,
+                                        seqused_k=seq_used, block_table=table)
+        packed = cupy_varlen.varlen_attn(q, kg.contiguous(), vg.contiguous(), cu_q, cu_k, 64,
+                                         1000, causal=causal)
+        assert torch.equal(paged, packed)
+
+
+def test_paged_kv_cupy_and_cuda_graph():
+    """CuPy arrays take a block table too; a CUDA graph replays a decode step after the table and
+    the counts changed in place."""
+    import cupy
+
+    q, k, v, cu_q, table, used = _paged_cache([1, 1, 1], [64, 300, 129], 16, seed=4)
+    got = cupy_varlen.varlen_attn(q, k, v, cu_q, None, 1, 300, seqused_k=used, block_table=table)
+    args = [cupy.from_dlpack(x) for x in (q, k, v, cu_q)]
+    got_cupy = cupy_varlen.varlen_attn(*args, None, 1, 300, seqused_k=cupy.from_dlpack(used),
+                                       block_table=cupy.from_dlpack(table))
+    assert torch.equal(torch.from_dlpack(got_cupy), got)
+
+    out = torch.empty_like(q)
+    cupy_varlen.varlen_attn(q, k, v, cu_q, None, 1, 300, seqused_k=used, block_table=table,
+                            out=out)  # the plan of this signature, outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cupy_varlen.varlen_attn(q, k, v, cu_q, None, 1, 300, seqused_k=used, block_table=table,
+                                out=out)
+    # The next step: sequence 0 grows by one key into its next page; sequence 2 reads its pages
+    # in the reverse order (its last page's tail, now read, gets values first).
+    k.nan_to_num_(0.0)
+    v.nan_to_num_(0.0)
+    page = table[0, 64 // 16].item()
+    k[page, 0] = torch.randn_like(k[page, 0])
+    v[page, 0] = torch.randn_like(v[page, 0])
+    used.copy_(torch.tensor([65, 300, 129], dtype=torch.int32, device="cuda"))
+    pages_2 = -(-129 // 16)
+    table[2, :pages_2] = table[2, :pages_2].flip(0)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = varlen_attn_reference(q, k, v, cu_q, None, seqused_k=used, block_table=table)
+    assert rel_error(out, ref) <= 2e-2
+
+
+def test_paged_kv_check_inputs_and_clamping():
+    """check_inputs=True names seqused_k for a negative count or one past the table's pages,
+    max_seqlen_k for a count past it, and block_table for a page outside the pool; without it a
+    count past the table's pages reads as that bound."""
+    q, k, v, cu_q, table, used = _paged_cache([1, 2], [20, 30], 16, heads=2, heads_kv=2,
+                                              head_dim=64, seed=9)
+    capacity = table.shape[1] * 16
+    cases = (([-1, 5], table, 64, "seqused_k must not be negative"),
+             ([capacity + 1, 5], table, capacity + 1, "seqused_k has a count of"),
+             ([20, 30], table, 25, "max_seqlen_k is 25"),
+             ([20, 30], torch.full_like(table, k.shape[0]), 64, "block_table names page"))
+    for counts, tab, max_k, needle in cases:
+        bad = torch.tensor(counts, dtype=torch.int32, device="cuda")
+        with pytest.raises(ValueError, match=f"varlen_attn: {needle}"):
+            cupy_varlen.varlen_attn(q, k, v, cu_q, None, 2, max_k, seqused_k=bad,
+                                    block_table=tab, check_inputs=True)
+    k.nan_to_num_(0.0)
+    v.nan_to_num_(0.0)
+    over = torch.tensor([capacity + 50, 30], dtype=torch.int32, device="cuda")
+    full = torch.tensor([capacity, 30], dtype=torch.int32, device="cuda")
+    got = cupy_varlen.varlen_attn(q, k, v, cu_q, None, 2, capacity, seqused_k=over,
+                                  block_table=table)
+    expected = cupy_varlen.varlen_attn(q, k, v, cu_q, None, 2, capacity, seqused_k=full,
+                                       block_table=table)
+    assert torch.equal(got, expected)
+
+
+def test_paged_kv_plan_serves_new_tables():
+    """The second call runs the first call's launch plan (same layouts) with another table and
+    other counts, and matches the reference; a call with a wrong table shape after it is still
+    refused."""
+    q, k, v, cu_q, table, used = _paged_cache([1, 2, 1], [100, 40, 7], 16, seed=21)
+    _check_paged(q, k, v, cu_q, table, used)
+    k.nan_to_num_(0.0)
+    v.nan_to_num_(0.0)
+    _check_paged(q, k, v, cu_q, table.flip(1).contiguous(),
+                 torch.tensor([3, 100, 60], dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match="block_table must be 2-D"):
+        cupy_varlen.varlen_attn(q, k, v, cu_q, None, 2, 100, seqused_k=used,
+                                block_table=table[:2])

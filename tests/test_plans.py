@@ -166,3 +166,26 @@ def test_repeated_backward_calls_run_the_plan(deterministic):
         if seed == 0:
             counts = _plan_counts()
     assert _plan_counts() == counts  # later seeds hit the plans of the first
+
+
+def test_paged_keys_cover_the_block_table_and_the_pool():
+    """A paged call's key holds the block table's and the pools' layouts: another page size,
+    table width or a call without the table gets a plan of its own; the table's contents do not
+    count (a decode step after the table changed runs the same plan)."""
+    q, _, _, cu_q, _ = make_packed([1, 1], heads=4, head_dim=64, device="cpu")
+    pool = torch.zeros(6, 16, 2, 64, dtype=q.dtype)
+    table = torch.zeros(2, 3, dtype=torch.int32)
+    used = torch.tensor([5, 40], dtype=torch.int32)
+
+    def key(pool=pool, table=table, used=used):
+        found = _api._forward_key(q, pool, pool, cu_q, None, None, 1, 48, False, None, (-1, -1),
+                                  False, False, False, used, table)
+        return found[0]
+
+    base = key()
+    assert base == key(table=table + 1, used=used + 1)
+    others = [key(pool=torch.zeros(12, 8, 2, 64, dtype=q.dtype)),
+              key(table=torch.zeros(2, 4, dtype=torch.int32)),
+              key(used=None)]
+    assert len({base, *others}) == 4
+    assert base != _key(q, pool.flatten(0, 1)[:2], pool.flatten(0, 1)[:2], cu_q, cu_q)

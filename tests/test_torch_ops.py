@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import copy
 import inspect
+import itertools
 import math
 import re
 
@@ -23,7 +24,7 @@ import cupy_varlen
 from conftest import (ERROR_FLOOR, cu_seqlens, grad_bound, make_packed, reference_grads,
                       rel_error, requires_gpu, run_python, torch_varlen_out)
 from cupy_varlen import _api, _checks, _torch, compat
-from cupy_varlen.reference import allowed_keys_mask, varlen_attn_reference
+from cupy_varlen.reference import allowed_keys_mask, gather_paged_keys, varlen_attn_reference
 
 FWD_OP = torch.ops.cupy_varlen.varlen_attn.default
 BWD_OP = torch.ops.cupy_varlen.varlen_attn_backward.default
@@ -89,13 +90,13 @@ def reference_kernels(monkeypatch):
             self.shape, self.scale, self.left, self.right = qi.shape, scale, left, right
             self.batch, self.return_lse = batch, return_lse
 
-        def run(self, fw, q, k, v, cu_q, cu_k, out, seqused_k, ptrs):
+        def run(self, fw, q, k, v, cu_q, cu_k, out, seqused_k, block_table, ptrs):
             window = (self.left, self.right)
             calls.append(dict(kind="forward", scale=self.scale, window=window,
-                              seqused_k=seqused_k))
+                              seqused_k=seqused_k, block_table=block_table))
             o, lse_ref = varlen_attn_reference(q, k, v, cu_q, cu_k, scale=self.scale,
                                                window_size=window, return_lse=True,
-                                               seqused_k=seqused_k)
+                                               seqused_k=seqused_k, block_table=block_table)
             result = fw.empty(self.shape, q) if out is None else out
             result.copy_(o)
             return (result, lse_ref.float()) if self.return_lse else result
@@ -114,7 +115,7 @@ def reference_kernels(monkeypatch):
                          for g, given, x in zip(grads, (dq, dk, dv), (q, k, v)))
 
     def plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse,
-                     ui=None):
+                     ui=None, bi=None):
         return ForwardPlan(qi, batch, scale, left, right, return_lse)
 
     def plan_backward(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, grads, batch, scale, left, right,
@@ -522,7 +523,7 @@ def test_compat_maps_arguments(captured):
     assert call == dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=16,
                         max_seqlen_k=16, causal=False, scale=None, window_size=(-1, -1),
                         return_lse=False, out=None, deterministic=False, check_inputs=False,
-                        seqused_k=None)
+                        seqused_k=None, block_table=None)
     used = torch.tensor([5, 3, 0, 9], dtype=torch.int32)
     compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, seqused_k=used)
     assert captured[-1]["seqused_k"] is used
@@ -551,15 +552,32 @@ def test_compat_maps_arguments(captured):
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
 
 
-@pytest.mark.parametrize("kw,needle", [
-    (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
-])
-def test_compat_rejects_what_it_cannot_honour(kw, needle):
+def test_compat_cu_seq_k_none_needs_block_table():
     q, k, v, cu_q, cu_k = cpu_packed(heads_kv=4, requires_grad=False)
-    with expect(NotImplementedError, needle):
-        compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, **kw)
-    with expect(NotImplementedError, "cu_seq_k"):
+    with expect(ValueError, "cu_seq_k may be None only with block_table"):
         compat.varlen_attn(q, k, v, cu_q, None, 16, 16)
+
+
+def test_compat_block_table(reference_kernels):
+    """torch's paged form: page pools for key and value, the counts from seqused_k or from
+    cu_seq_k's steps, cu_seq_k=None allowed; errors in torch's spelling."""
+    q, k, v, cu_q, table, used = _cpu_paged(heads=4, heads_kv=2)
+    kg, cu_k = gather_paged_keys(k, table, used)
+    vg, _ = gather_paged_keys(v, table, used)
+    expected = varlen_attn_reference(q, kg, vg, cu_q, cu_k, window_size=(-1, 0))
+    for counts in (dict(seqused_k=used), dict(cu_seq_k=cu_k)):
+        cu_arg = counts.pop("cu_seq_k", None)
+        got = compat.varlen_attn(q, k, v, cu_q, cu_arg, 3, 9, window_size=(-1, 0),
+                                 enable_gqa=True, block_table=table, **counts)
+        torch.testing.assert_close(got.double(), expected, atol=2e-3, rtol=2e-3)
+    out = torch.empty_like(q)
+    assert compat.varlen_attn_out(out, q, k, v, cu_q, None, 3, 9, enable_gqa=True,
+                                  seqused_k=used, block_table=table) is out
+    with expect(ValueError, "key must be 4-D"):
+        compat.varlen_attn(q, kg, vg, cu_q, None, 3, 9, enable_gqa=True, seqused_k=used,
+                           block_table=table)
+    with expect(ValueError, "same number of heads"):
+        compat.varlen_attn(q, k, v, cu_q, None, 3, 9, seqused_k=used, block_table=table)
 
 
 def test_compat_head_rules_are_torchs():
@@ -644,7 +662,7 @@ def test_compat_out_errors(call_path, change, exc, needle):
     (dict(num_splits=1.5), "num_splits must be None or an int"),
     (dict(seqused_k=torch.ones(4)), "seqused_k must be int32"),
     (dict(seqused_k=torch.ones(3, dtype=torch.int32)), re.escape("seqused_k must be 1-D with one count per sequence")),
-    (dict(block_table=torch.ones(2, 1, dtype=torch.int32)), "block_table"),
+    (dict(block_table=torch.ones(2, 1, dtype=torch.int32)), "key must be 4-D"),
     (dict(window_size=(1, 2, 3)), "window_size must have length 2"),
 ])
 def test_compat_own_rules_name_the_function(function, kw, needle):
@@ -1156,3 +1174,110 @@ def test_seqused_k_is_inference_only_on_every_autograd_path(reference_kernels, c
     with torch.no_grad():
         call()
     assert reference_kernels[-1]["seqused_k"] is used
+
+
+def _cpu_paged(page_size=4, used=(5, 0, 9), pages_per_seq=3, heads=4, heads_kv=2, head_dim=16,
+               seed=0):
+    """q for len(used) one-to-three-row sequences, and a shuffled page pool whose unreached pages
+    and page tails hold NaN."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(used)
+    q_lens = [1 + b % 3 for b in range(batch)]
+    cu_q = torch.tensor([0] + list(itertools.accumulate(q_lens)), dtype=torch.int32)
+    q = torch.randn(cu_q[-1].item(), heads, head_dim, generator=g).half()
+    num_pages = batch * pages_per_seq + 2
+    k = torch.full((num_pages, page_size, heads_kv, head_dim), float("nan")).half()
+    v = k.clone()
+    table = torch.randperm(num_pages, generator=g)[:batch * pages_per_seq].view(
+        batch, pages_per_seq).to(torch.int32)
+    for b, n in enumerate(used):
+        for j in range(n):
+            page, row = table[b, j // page_size], j % page_size
+            k[page, row] = torch.randn(heads_kv, head_dim, generator=g).half()
+            v[page, row] = torch.randn(heads_kv, head_dim, generator=g).half()
+    return q, k, v, cu_q, table, torch.tensor(used, dtype=torch.int32)
+
+
+def test_block_table_reaches_the_kernels(reference_kernels):
+    """The paged path hands the plan its block table and seqused_k, with cu_seqlens_k None; its
+    result is the reference's over the gathered keys, whose poisoned unreached rows change
+    nothing."""
+    q, k, v, cu_q, table, used = _cpu_paged()
+    out = cupy_varlen.varlen_attn(q, k, v, cu_q, None, 3, 9, causal=True, seqused_k=used,
+                                  block_table=table)
+    (call,) = [c for c in reference_kernels if c["kind"] == "forward"]
+    assert call["block_table"] is table and call["seqused_k"] is used
+    kg, cu_k = gather_paged_keys(k, table, used)
+    vg, _ = gather_paged_keys(v, table, used)
+    expected = varlen_attn_reference(q, kg, vg, cu_q, cu_k, causal=True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+    # The counts as FlashAttention-2 gives them, cu_seqlens_k's steps, and without seqused_k.
+    by_offsets = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 9, causal=True,
+                                         block_table=table)
+    assert torch.equal(by_offsets, out)
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("no_counts", ValueError, "block_table needs seqused_k or cu_seqlens_k"),
+    ("cu_k_length", ValueError, "cu_seqlens_k length 3 differs"),
+    ("table_dtype", TypeError, "block_table must be int32"),
+    ("table_rows", ValueError, "block_table must be 2-D"),
+    ("table_strided", ValueError, "block_table must be contiguous along its rows"),
+    ("k_3d", ValueError, "k must be 4-D"),
+    ("v_shape", ValueError, "v shape"),
+    ("seqused_shape", ValueError, "seqused_k must be 1-D"),
+])
+def test_block_table_validation(reference_kernels, case, exc, match):
+    q, k, v, cu_q, table, used = _cpu_paged()
+    cu_k = None
+    if case == "no_counts":
+        used = None
+    elif case == "cu_k_length":
+        cu_k = cu_q[:-1].clone()
+    elif case == "table_dtype":
+        table = table.long()
+    elif case == "table_rows":
+        table = table[:-1]
+    elif case == "table_strided":
+        table = table.t().contiguous().t()
+    elif case == "k_3d":
+        k = k.flatten(0, 1)
+    elif case == "v_shape":
+        v = v[:-1]
+    elif case == "seqused_shape":
+        used = used[:-1]
+    with pytest.raises(exc, match=match):
+        cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 9, seqused_k=used, block_table=table)
+
+
+def test_block_table_is_inference_only(reference_kernels):
+    q, k, v, cu_q, table, used = _cpu_paged()
+    q.requires_grad_()
+    with pytest.raises(RuntimeError, match="block_table is an inference-only parameter"):
+        cupy_varlen.varlen_attn(q, k, v, cu_q, None, 3, 9, seqused_k=used, block_table=table)
+
+
+@pytest.mark.parametrize("counts", ["seqused_k", "cu_seqlens_k"])
+def test_opcheck_paged(reference_kernels, counts):
+    """The forward op with a block table (its schema's Optional cu_seqlens_k and block_table):
+    schema, fake tensor and dispatch checks, the counts given either way; under torch.compile the
+    paged call traces through the op."""
+    q, k, v, cu_q, table, used = _cpu_paged()
+    _, cu_k = gather_paged_keys(k, table, used)
+    if counts == "seqused_k":
+        cu_k = None
+    else:
+        used = None
+    args = (q, k, v, cu_q, cu_k, 3, 9, True, 0.25, -1, 0, False, False, used, table)
+    torch.library.opcheck(FWD_OP, args)
+    out, lse = FWD_OP(*args)
+    expected = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=True, scale=0.25,
+                                     seqused_k=used, block_table=table)
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+
+    compiled = torch.compile(
+        lambda q, k, v: cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 3, 9, causal=True,
+                                                scale=0.25, seqused_k=used, block_table=table),
+        backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), out)
