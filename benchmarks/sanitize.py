@@ -1,6 +1,7 @@
 """Runs every kernel path (both forward families; the backward's atomic and deterministic dQ
-modes; the sm90 forward's long-sequence tiles too; the paged KV cache's gather) under compute-sanitizer (memcheck, racecheck, synccheck) on small ragged batches and fails
-on any report.
+modes; the sm90 forward's long-sequence tiles too; the paged KV cache's gather; the decode tiles
+with split keys) under compute-sanitizer (memcheck, racecheck, synccheck) on small ragged batches
+and fails on any report.
 
     python benchmarks/sanitize.py                 # all tools, both kernel families where they run
     python benchmarks/sanitize.py --tools memcheck --head-dims 64 128
@@ -30,7 +31,10 @@ TOOLS = ("memcheck", "racecheck", "synccheck")
 # sm90-long: the sm90 forward on its tiles for long sequences (three consumer warpgroups at D64).
 # paged: the forward over a paged KV cache (block_table; the sm80 family's gather, pages of 16 and
 # of 7 rows, shuffled, NaN where no count reaches).
-PATHS = ("sm80", "sm90", "sm90-long", "bwd", "bwd-det", "paged")
+# decode: the decode tiles (GQA-packed rows, split keys and their combine), contiguous and paged,
+# reached with a max_seqlen_q of 1, below the batch's real query counts, so that each CTA also
+# strides over its sequence's further query tiles.
+PATHS = ("sm80", "sm90", "sm90-long", "bwd", "bwd-det", "paged", "decode")
 # Head dims that reach every head-dim class of both families (sm90: tiles 64/128/256).
 HEAD_DIMS = (40, 64, 96, 128, 256)
 _CLEAN = {
@@ -50,7 +54,8 @@ def run_child(kernel: str, head_dim: int) -> None:
 
     path, _, family = kernel.partition(":")  # "bwd:sm90": the backward on the sm90 dK/dV kernel
     backward = path.startswith("bwd")
-    _spec.forward_kernel = "auto" if backward or path == "paged" else path.partition("-")[0]
+    _spec.forward_kernel = ("auto" if backward or path in ("paged", "decode")
+                            else path.partition("-")[0])
     if path == "sm90-long":
         _spec.LONG_ROWS_MEAN = 0  # every batch takes the long-sequence tiles
     _spec.backward_kernel = family or "auto"
@@ -65,6 +70,16 @@ def run_child(kernel: str, head_dim: int) -> None:
     v = torch.randn(sum(lens_k), 2, head_dim, generator=g).to("cuda", torch.bfloat16)
     if path == "paged":
         run_paged(q, k, v, cu_q, cu_k, lens_k, g)
+        return
+    if path == "decode":
+        for num_splits in (None, 3):  # 4 and 3 splits of the 1024 keys max_seqlen_k allows
+            run_paged(q, k, v, cu_q, cu_k, lens_k, g, max_q=1, max_k=1000, num_splits=num_splits)
+            for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
+                out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, 1000, causal=causal,
+                                              window_size=window, num_splits=num_splits)
+                torch.cuda.synchronize()
+                _check(out, varlen_attn_reference(q.double(), k.double(), v.double(), cu_q,
+                                                  cu_k, causal=causal, window_size=window))
         return
     for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
         out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 200, 300, causal=causal,
@@ -89,7 +104,7 @@ def _check(got, want):
         sys.exit(f"wrong result under the sanitizer: relative error {err:.3g}")
 
 
-def run_paged(q, k, v, cu_q, cu_k, lens_k, g):
+def run_paged(q, k, v, cu_q, cu_k, lens_k, g, max_q=200, max_k=300, num_splits=None):
     """The batch's keys moved into shuffled pages (NaN where no count reaches), read through a
     block table, against the reference on the contiguous keys."""
     import torch
@@ -110,8 +125,9 @@ def run_paged(q, k, v, cu_q, cu_k, lens_k, g):
                 pool[table[b, keys // page_size].long(), keys % page_size] = x[start:start + n]
         used = torch.tensor(lens_k, dtype=torch.int32, device="cuda")
         for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
-            out = cupy_varlen.varlen_attn(q, *pools, cu_q, None, 200, 300, causal=causal,
-                                          window_size=window, seqused_k=used, block_table=table)
+            out = cupy_varlen.varlen_attn(q, *pools, cu_q, None, max_q, max_k, causal=causal,
+                                          window_size=window, seqused_k=used, block_table=table,
+                                          num_splits=num_splits)
             torch.cuda.synchronize()
             _check(out, varlen_attn_reference(q.double(), k.double(), v.double(), cu_q, cu_k,
                                               causal=causal, window_size=window))
@@ -147,7 +163,7 @@ def main() -> int:
         if "sm90" in kernels and (_spec.choose_fwd_spec("bf16", tile, False, arch, "sm90", True)
                                   != _spec.choose_fwd_spec("bf16", tile, False, arch, "sm90")):
             kernels.add("sm90-long")
-        kernels.add("paged")
+        kernels |= {"paged", "decode"}
         kernels &= set(args.paths)
         families = {_spec.backward_kernel_for(arch, tile, c) for c in ("sm80", "sm90")}
         kernels |= {f"{path}:{family}" for path in ("bwd", "bwd-det") if path in args.paths

@@ -18,18 +18,31 @@
 // cu_seqlens_k's differences and seqused_k (either may be null; load_paged_seq_info); K/V tiles
 // are gathered a row at a time (load_tile_paged_async), for any page size.
 //
+// Decode tiles (CV_DECODE), for few query rows against many keys: a CTA serves one K/V head of one
+// sequence, its tile's rows the (token, query head) pairs of that K/V head's query heads, token-
+// major (GQA packing: each K/V tile is read once for all of them, not once per query head), and
+// the grid's x covers the sequence's query tiles times the key splits: split s of num_splits takes
+// an even share of the key tiles the rows need. One split writes O and lse as the other tiles do;
+// several write fp32 partials that varlen_fwd_combine (split_combine.cuh) merges. Grid (x, K/V
+// heads, sequences) from the host's shapes alone; a CTA strides over its sequence's query tiles, so
+// a loose max_seqlen_q never loses rows.
+//
 // Specialization (-D from cupy_varlen/_spec.py): CV_HEAD_DIM (head-dim tile), CV_BLOCK_M,
 // CV_BLOCK_N, CV_SUB_N, CV_WARPS, CV_STAGES, CV_WINDOWED, CV_MIN_BLOCKS, CV_QK_UNROLL,
-// CV_DTYPE_BF16, CV_PAGED.
+// CV_DTYPE_BF16, CV_PAGED, CV_DECODE.
 
 #include "common.cuh"
 #include "epilogue.cuh"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
-#include "scheduler.cuh"
 #include "seqlen.cuh"
 #include "softmax.cuh"
 #include "tiles.cuh"
+#if CV_DECODE
+#include "split_combine.cuh"
+#else
+#include "scheduler.cuh"
+#endif
 
 constexpr int kHeadDim = CV_HEAD_DIM;
 constexpr int kBlockM = CV_BLOCK_M;
@@ -59,23 +72,40 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
            u16* __restrict__ out, float* __restrict__ lse,
            const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
            const int* __restrict__ schedule, const int* __restrict__ seqused_k,
-           const int* __restrict__ block_table, i64 q_row_stride, i64 q_head_stride,
-           i64 k_row_stride, i64 k_head_stride, i64 v_row_stride, i64 v_head_stride,
-           i64 o_row_stride, i64 o_head_stride, i64 lse_head_stride, i64 k_page_stride,
-           i64 v_page_stride, i64 block_table_stride, int heads_per_kv, int head_dim, float scale,
-           float scale_log2, int window_left, int window_right, int page_size, int k_capacity) {
+           const int* __restrict__ block_table, float* __restrict__ partial,
+           i64 q_row_stride, i64 q_head_stride, i64 k_row_stride, i64 k_head_stride,
+           i64 v_row_stride, i64 v_head_stride, i64 o_row_stride, i64 o_head_stride,
+           i64 lse_head_stride, i64 k_page_stride, i64 v_page_stride, i64 block_table_stride,
+           int heads_per_kv, int head_dim, float scale, float scale_log2, int window_left,
+           int window_right, int page_size, int k_capacity, int num_splits, int num_heads,
+           int total_q) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
+#if CV_PAGED
+#define CV_LOAD_SEQ_INFO(batch_idx) \
+  load_paged_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, batch_idx, k_capacity)
+#else
+#define CV_LOAD_SEQ_INFO(batch_idx) load_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, batch_idx)
+#endif
+#if CV_DECODE
+  const int group = heads_per_kv;  // packed rows per token (a kernel parameter: not a register)
+  struct {
+    int batch_idx, m_block;
+  } work;  // the grid's, not a schedule's
+  for (work.m_block = blockIdx.x / num_splits;; work.m_block += gridDim.x / num_splits) {
+  work.batch_idx = blockIdx.z;
+  SeqInfo seq = CV_LOAD_SEQ_INFO(work.batch_idx);
+  if (work.m_block * kBlockM >= seq.q_len * group) break;
+  const int kv_head = blockIdx.y;
+  const int split = blockIdx.x % num_splits;
+  __syncthreads();  // the previous tile's O staging (in Q's space) has been read
+#else
   TileWork work;
   int head;
   if (!decode_tile(schedule, heads_per_kv, blockIdx.x, work, head)) return;
   const int kv_head = head / heads_per_kv;
-#if CV_PAGED
-  SeqInfo seq =
-      load_paged_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, work.batch_idx, k_capacity);
-#else
-  SeqInfo seq = load_seq_info(cu_seqlens_q, cu_seqlens_k, seqused_k, work.batch_idx);
+  SeqInfo seq = CV_LOAD_SEQ_INFO(work.batch_idx);
 #endif
 #if CV_WINDOWED
   const AttnWindow window = {window_left, window_right};
@@ -83,15 +113,24 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   const AttnWindow window = {-1, -1};
 #endif
   int m0 = work.m_block * kBlockM;
+#if CV_DECODE
+  int rows_valid = min(kBlockM, seq.q_len * group - m0);
+  // The query positions the tile's rows hold, which the mask and the key range speak of.
+  const int pos_first = m0 / group, pos_last = (m0 + rows_valid - 1) / group;
+#else
   int rows_valid = min(kBlockM, seq.q_len - m0);
-  const int row_last = m0 + rows_valid - 1;
+  const int pos_first = m0, pos_last = m0 + rows_valid - 1;
+#endif
   const int chunks_valid = head_dim / 8;
 
-  const u16* q_tile = q + (i64)(seq.q_start + m0) * q_row_stride + (i64)head * q_head_stride;
-
   const MaskBand band = make_band(seq.q_len, seq.k_len, window);
-  const KeyBlockRange range = key_block_range(m0, row_last, seq.k_len, band, kBlockN);
-  const TileMaskTest<kSubN> mask_test(m0, row_last, seq.k_len, band);
+#if CV_DECODE
+  const KeyBlockRange range =
+      split_share(key_block_range(pos_first, pos_last, seq.k_len, band, kBlockN), split, num_splits);
+#else
+  const KeyBlockRange range = key_block_range(pos_first, pos_last, seq.k_len, band, kBlockN);
+#endif
+  const TileMaskTest<kSubN> mask_test(pos_first, pos_last, seq.k_len, band);
   const int n_iters = range.count();
 
   const u32 q_smem = smem_addr(smem);
@@ -123,8 +162,20 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   };
 
   // Issue order K0 (with Q), V0, K1, V1, ...; see the copy schedule above.
+#if CV_DECODE
+  load_rows_async<kBlockM, kHeadDim, kThreads>(
+      q_smem,
+      [&](int r) {
+        const int row = m0 + r, token = row / group;
+        return q + (i64)(seq.q_start + token) * q_row_stride +
+               (i64)(kv_head * group + row - token * group) * q_head_stride;
+      },
+      q, rows_valid, chunks_valid, tid);
+#else
+  const u16* q_tile = q + (i64)(seq.q_start + m0) * q_row_stride + (i64)head * q_head_stride;
   load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem, q_tile, q_row_stride, rows_valid,
                                                chunks_valid, tid);
+#endif
   load_kv(k_smem, k, k_row_stride, k_head_stride, k_page_stride, 0);
   if (kStaggerK) {
 #pragma unroll
@@ -167,7 +218,12 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
       gemm_qk<kMAtoms, kNAtoms, kHeadDim, kBlockM, kBlockN, CV_QK_UNROLL>(
           s, q_smem, k_slot, warp_row0, sub * kSubN, lc);
       const int sub_n0 = n0 + sub * kSubN;
+#if CV_DECODE
+      if (mask_test.needs_mask(sub_n0))
+        apply_mask_grouped(s, m0 + warp_row0, sub_n0, lane, seq.k_len, band, group);
+#else
       if (mask_test.needs_mask(sub_n0)) apply_mask(s, m0 + warp_row0, sub_n0, lane, seq.k_len, band);
+#endif
 
       if (sub == 0) {
         cp_async_wait<kPendingAfterV>();  // V[it] landed
@@ -180,6 +236,56 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
     }
   }
 
+#if CV_DECODE
+  float row_lse[kMAtoms][2];
+  softmax.finalize(acc_o, scale, row_lse);
+  {
+  // As the scheduled tiles below: re-derived, not held through the main loop; query rows only.
+  const int kv_head = opaque(blockIdx.y);
+  seq = load_paged_seq_info(cu_seqlens_q, nullptr, nullptr, opaque(blockIdx.z), 0);
+  m0 = work.m_block * kBlockM;
+  rows_valid = min(kBlockM, seq.q_len * group - m0);
+  // Straight from the fragments (few rows: no staging, no barrier). Tile row r: token
+  // (m0 + r) / group, query head kv_head * group + (m0 + r) % group. One split writes O and lse;
+  // several, each split's share of O (normalized) and its lse in fp32 (split_combine.cuh).
+  const i64 split_rows = (i64)total_q * num_heads;
+  float* o_part = partial + partial_o_offset(num_splits, split_rows);
+  const int split = opaque(blockIdx.x) % num_splits;
+#pragma unroll
+  for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = warp_row0 + 16 * m + (lane >> 2) + 8 * h;
+      if (row >= rows_valid) continue;
+      const int token = (m0 + row) / group;
+      const int qh = kv_head * group + m0 + row - token * group;
+      if (num_splits == 1) {
+        if (lse != nullptr && (lane & 3) == 0)
+          lse[(i64)qh * lse_head_stride + seq.q_start + token] = row_lse[m][h];
+        u16* dst = out + (i64)(seq.q_start + token) * o_row_stride + (i64)qh * o_head_stride +
+                   2 * (lane & 3);
+#pragma unroll
+        for (int d = 0; d < kDAtoms; ++d)
+          if (8 * d < head_dim)
+            *reinterpret_cast<u32*>(dst + 8 * d) =
+                pack_float2(acc_o[m][d][2 * h], acc_o[m][d][2 * h + 1]);
+      } else {
+        const i64 at = split * split_rows + (i64)(seq.q_start + token) * num_heads + qh;
+        if ((lane & 3) == 0) partial[at] = row_lse[m][h];
+        float* dst = o_part + at * head_dim + 2 * (lane & 3);
+#pragma unroll
+        for (int d = 0; d < kDAtoms; ++d)
+          if (8 * d < head_dim)
+            *reinterpret_cast<float2*>(dst + 8 * d) =
+                make_float2(acc_o[m][d][2 * h], acc_o[m][d][2 * h + 1]);
+      }
+    }
+  // Q's copy is still in flight where no key tile was (an empty share): it must land before the
+  // next tile's Q copy targets the same space.
+  cp_async_wait<0>();
+  }
+  }  // query tiles
+#else
   // Re-derive the tile's coordinates rather than hold them through the main loop (opaque() makes
   // the compiler reload them instead of keeping the first values live).
   decode_tile(schedule, heads_per_kv, opaque(blockIdx.x), work, head);
@@ -205,4 +311,6 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   store_output<kMAtoms, kDAtoms, kBlockM, kHeadDim, kThreads>(
       acc_o, q_smem, out + (i64)(seq.q_start + m0) * o_row_stride + (i64)head * o_head_stride,
       o_row_stride, rows_valid, chunks_valid, warp_row0, lane, tid);
+#endif
+#undef CV_LOAD_SEQ_INFO
 }

@@ -54,6 +54,16 @@ CV_DEVICE KeyBlockRange key_block_range(int row_first, int row_last, int k_len, 
   return r;
 }
 
+// Share `split` of `num_splits` of a key range (the decode tiles' split-KV): consecutive tiles, an
+// even share each but the last ones, which are shorter or empty where tiles are fewer than splits.
+CV_DEVICE KeyBlockRange split_share(KeyBlockRange r, int split, int num_splits) {
+  const int per = (r.count() + num_splits - 1) / num_splits;
+  KeyBlockRange s;
+  s.n_block_min = min(r.n_block_min + split * per, r.n_block_max);
+  s.n_block_max = min(s.n_block_min + per, r.n_block_max);
+  return s;
+}
+
 // Decides per key tile whether any score needs masking; only those tiles pay for apply_mask.
 template <int kBlockN>  // keys per tested tile
 struct TileMaskTest {
@@ -86,6 +96,29 @@ CV_DEVICE void apply_mask(float (&s)[kMAtoms][kNAtoms][4], int row0, int n0, int
           const int rel = rel0 + 8 * n + j - 16 * m - 8 * h;
           if (key >= k_len || rel < b.lo || rel > b.hi) s[m][n][2 * h + j] = neg_inf();
         }
+}
+
+// apply_mask for tiles whose rows are (query position, head) pairs, `group` consecutive rows per
+// position (the decode tiles' packed GQA rows): row r sits at position r / group. One division per
+// row, on masked tiles only.
+template <int kMAtoms, int kNAtoms>
+CV_DEVICE void apply_mask_grouped(float (&s)[kMAtoms][kNAtoms][4], int row0, int n0, int lane,
+                                  int k_len, MaskBand b, int group) {
+  const int key0 = n0 + 2 * (lane & 3);
+#pragma unroll
+  for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int pos = (row0 + 16 * m + (lane >> 2) + 8 * h) / group;
+#pragma unroll
+      for (int n = 0; n < kNAtoms; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int key = key0 + 8 * n + j;
+          const int rel = key - pos;
+          if (key >= k_len || rel < b.lo || rel > b.hi) s[m][n][2 * h + j] = neg_inf();
+        }
+    }
 }
 
 // Sets the scores of fragment rows row0 + ... at or past `rows_valid` to -inf (the backward's key

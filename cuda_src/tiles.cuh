@@ -96,6 +96,26 @@ CV_DEVICE void load_tile_async(u32 smem_base, const u16* gmem, i64 row_stride, i
   }
 }
 
+// Starts the copy of a kRows x kHeadDim tile whose rows lie anywhere: row r at row_ptr(r). Rows at
+// or past rows_valid and chunks at or past chunks_valid are zero-filled without calling row_ptr, so
+// a row that names nothing (past a sequence's count) is never formed. For tiles gathered once per
+// CTA or whose rows are not evenly spaced; load_tile_async keeps the evenly spaced hot path to one
+// base pointer.
+template <int kRows, int kHeadDim, int kThreads, class RowPtr>
+CV_DEVICE void load_rows_async(u32 smem_base, RowPtr row_ptr, const u16* any_valid_address,
+                               int rows_valid, int chunks_valid, int tid) {
+  typedef TileCopyLane<kRows, kHeadDim, kThreads> Lane;
+  const Lane lane(tid);
+  if (lane.idle()) return;
+#pragma unroll
+  for (int i = 0; i < Lane::kSteps; ++i) {
+    const int row = lane.row(i);
+    const bool valid = row < rows_valid && lane.chunk < chunks_valid;
+    const u16* src = valid ? row_ptr(row) + lane.chunk * 8 : any_valid_address;
+    cp_async_16(smem_base + Lane::Tile::offset(row, lane.chunk), src, valid);
+  }
+}
+
 // load_tile_async for keys that live in the pages of a paged cache: tile row r is the sequence's key
 // key0 + r, row (key0 + r) % page_size of page table[(key0 + r) / page_size]; `pool` points at the
 // head's elements of page 0, row 0. Rows at or past rows_valid are zero-filled without reading the
@@ -105,21 +125,13 @@ template <int kRows, int kHeadDim, int kThreads>
 CV_DEVICE void load_tile_paged_async(u32 smem_base, const u16* pool, i64 page_stride,
                                      i64 row_stride, const int* table, int page_size, int key0,
                                      int rows_valid, int chunks_valid, int tid) {
-  typedef TileCopyLane<kRows, kHeadDim, kThreads> Lane;
-  const Lane lane(tid);
-  if (lane.idle()) return;
-#pragma unroll
-  for (int i = 0; i < Lane::kSteps; ++i) {
-    const int row = lane.row(i);
-    const bool valid = row < rows_valid && lane.chunk < chunks_valid;
-    const u16* src = pool;
-    if (valid) {
-      const int key = key0 + row;
-      const int page = __ldg(table + key / page_size);
-      src = pool + page * page_stride + (key % page_size) * row_stride + lane.chunk * 8;
-    }
-    cp_async_16(smem_base + Lane::Tile::offset(row, lane.chunk), src, valid);
-  }
+  load_rows_async<kRows, kHeadDim, kThreads>(
+      smem_base,
+      [&](int row) {
+        const int key = key0 + row;
+        return pool + __ldg(table + key / page_size) * page_stride + (key % page_size) * row_stride;
+      },
+      pool, rows_valid, chunks_valid, tid);
 }
 
 // A CUtensorMap built on the host (cupy_varlen/_tma.py) and passed inside the kernel's

@@ -67,9 +67,9 @@ def _l2_bytes(device: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _dispatch(dtype: str, head_dim: int, windowed: bool, device: int, choice: str,
-              long_rows: bool = False, paged: bool = False):
+              long_rows: bool = False, paged: bool = False, decode: bool = False):
     spec = _spec.choose_fwd_spec(dtype, head_dim, windowed, _device_arch(device), choice,
-                                 long_rows, paged)
+                                 long_rows, paged, decode)
     return spec, _build.load_kernels(spec, device)
 
 
@@ -87,7 +87,8 @@ def _strided_offsets(info) -> bool:
 
 def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                 causal=False, scale=None, window_size=(-1, -1), return_lse=False, out=None,
-                deterministic=False, check_inputs=False, seqused_k=None, block_table=None):
+                deterministic=False, check_inputs=False, seqused_k=None, block_table=None,
+                num_splits=None):
     r"""Attention over a packed batch of variable-length sequences.
 
     Sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key/value rows
@@ -151,6 +152,13 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             count are never read. Inference only. A count beyond the table's pages x page_size
             is read as that bound; ``check_inputs=True`` reports it, a count beyond
             ``max_seqlen_k`` and a page outside the pool instead.
+        num_splits: how the keys of a row may be split across CTAs (split-KV), for calls with
+            few query rows per K/V head (decode: ``max_seqlen_q`` x query heads per K/V head at
+            most 128), whose K/V heads and sequences alone would leave SMs idle. None: the
+            kernel chooses from the shapes (the batch, ``max_seqlen_q`` and ``max_seqlen_k``),
+            so the last bits of a row can change with the batch it is in. 1: no split and no
+            shape-dependent kernel choice, so each sequence's output bits do not depend on the
+            rest of the batch (batch invariance). N > 1: at most N splits.
 
     Returns:
         ``out``, or ``(out, lse)`` with ``return_lse=True``. A query row with no allowed key
@@ -174,39 +182,40 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     if block_table is not None:
         return _varlen_attn(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                             max_seqlen_k, causal, scale, window_size, return_lse, out,
-                            deterministic, check_inputs, seqused_k, block_table)
+                            deterministic, check_inputs, seqused_k, block_table, num_splits)
     # _varlen_attn's body for a contiguous cache, inlined: one Python call less on every call.
     if _needs_autograd(q, k, v):
         return _torch.varlen_attn_autograd(
             VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k)
+            scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k, None,
+            num_splits)
     return _varlen_attn_eager(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, causal, scale, window_size, return_lse, out,
-                              deterministic, check_inputs, seqused_k)
+                              deterministic, check_inputs, seqused_k, num_splits)
 
 
 def _varlen_attn(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                  scale, window_size, return_lse, out, deterministic, check_inputs,
-                 seqused_k=None, block_table=None):
+                 seqused_k=None, block_table=None, num_splits=None):
     """:func:`varlen_attn` for callers with other argument names (compat): errors speak
     ``names``."""
     if _needs_autograd(q, k, v):
         return _torch.varlen_attn_autograd(
             names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
             scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k,
-            block_table)
+            block_table, num_splits)
     if block_table is not None:
         return _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, causal, scale, window_size, return_lse, out,
-                                  check_inputs, seqused_k, block_table)
+                                  check_inputs, seqused_k, block_table, num_splits)
     return _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, causal, scale, window_size, return_lse, out,
-                              deterministic, check_inputs, seqused_k)
+                              deterministic, check_inputs, seqused_k, num_splits)
 
 
 def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, out, deterministic, check_inputs,
-                       seqused_k=None):
+                       seqused_k=None, num_splits=None):
     """varlen_attn without autograd: checks every argument, allocates and launches. Also the
     custom op's implementation, where it is the check that guards the kernels against a direct
     ``torch.ops`` call.
@@ -215,7 +224,7 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     checks and runs its plan."""
     key = _forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, out, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, deterministic, check_inputs,
-                       seqused_k)
+                       seqused_k, None, num_splits)
     plan = _cached_plan(_forward_plans, key)
     if plan is not None:
         return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, None,
@@ -230,9 +239,11 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         fw, names, fw.info, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         causal, scale, window_size, return_lse, out, deterministic, check_inputs)
     ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, fw.info)
+    num_splits = _checks.check_num_splits(names, num_splits)
     batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi, cu_ki,
                                  oi, max_seqlen_q, max_seqlen_k, check_inputs, seqused_k, ui)
-    plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui)
+    plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui,
+                         None, (max_seqlen_q, max_seqlen_k, num_splits))
     if key is not None:
         _remember(_forward_plans, key[0], plan)
     return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, None)
@@ -240,12 +251,12 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 
 def _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, out, check_inputs, seqused_k,
-                       block_table):
+                       block_table, num_splits=None):
     """varlen_attn over a paged KV cache (block_table) without autograd, with launch plans as
     :func:`_varlen_attn_eager`'s; also the custom op's implementation for it."""
     key = _forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, out, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, False, check_inputs, seqused_k,
-                       block_table)
+                       block_table, num_splits)
     plan = _cached_plan(_forward_plans, key)
     if plan is not None:
         return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k,
@@ -262,11 +273,12 @@ def _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     bi, _page_size, cu_ki = _checks.check_paged(fw, names, block_table, seqused_k, cu_seqlens_k,
                                                 cu_qi, ki, fw.info)
     ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, fw.info)
+    num_splits = _checks.check_num_splits(names, num_splits)
     batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi, cu_ki,
                                  oi, max_seqlen_q, max_seqlen_k, check_inputs, seqused_k, ui,
                                  block_table, bi)
     plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui,
-                         bi)
+                         bi, (max_seqlen_q, max_seqlen_k, num_splits))
     if key is not None:
         _remember(_forward_plans, key[0], plan)
     return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k,
@@ -331,14 +343,25 @@ def _is_index(x) -> bool:
     return type(x) is int and x >= 0
 
 
+def _decode_shape(max_q: int, max_k: int):
+    """What of max_seqlen_q/k a plan depends on: nothing where max_seqlen_q rules out the decode
+    tiles, else max_seqlen_q and the power of two above max_seqlen_k (which sizes the splits, see
+    _plan_forward), so that every max_seqlen_k of one bucket shares one plan and its bits."""
+    if max_q > _launch.DECODE_MAX_ROWS:
+        return None
+    return max_q, max_k.bit_length()
+
+
 def _forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_size, return_lse,
-                 deterministic, check_inputs, seqused_k=None, block_table=None):
+                 deterministic, check_inputs, seqused_k=None, block_table=None, num_splits=None):
     """(key, framework, pointers) of a forward call that may run a cached plan, or None.
 
-    max_seqlen_q/k only take part in checks: any valid value shares the plan. check_inputs=True
-    reads the offsets on the device on every call, so it always takes the checked path."""
+    Beyond the checks, max_seqlen_q/k take part only where the decode tiles may serve the call
+    (_decode_shape). check_inputs=True reads the offsets on the device on every call, so it always
+    takes the checked path."""
     if check_inputs is not False or not (_is_index(max_q) and _is_index(max_k)) \
-            or type(window_size) is not tuple:
+            or type(window_size) is not tuple \
+            or not (num_splits is None or (type(num_splits) is int and num_splits >= 1)):
         return None
     signature = _signature((q, k, v, cu_q, cu_k, out, seqused_k, block_table))
     if signature is None:
@@ -346,7 +369,7 @@ def _forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_s
     fw, layouts, ptrs = signature
     aligned = (ptrs[0] & 15, ptrs[1] & 15, ptrs[2] & 15, ptrs[5] & 15)
     return ((layouts, aligned, causal, scale, window_size, return_lse, deterministic,
-             _spec.forward_kernel), fw, ptrs)
+             _spec.forward_kernel, num_splits, _decode_shape(max_q, max_k)), fw, ptrs)
 
 
 def _run_on_device(plan, fw, *arrays, ptrs=None):
@@ -410,10 +433,11 @@ class _ForwardPlan:
 
 
 def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui=None,
-                  bi=None):
+                  bi=None, sizes=(None, None, None)):
     """The plan of a forward whose arguments have been checked (their infos, scale resolved,
     causal folded into the window; ``ui`` seqused_k's info or None; ``bi`` a paged cache's block
-    table's, k and v then page pools, cu_ki None)."""
+    table's, k and v then page pools, cu_ki None; ``sizes`` (max_seqlen_q, max_seqlen_k,
+    num_splits), which choose the decode tiles and their splits, max_seqlen_q None for never)."""
     total_q, heads, head_dim = qi.shape
     plan = _ForwardPlan()
     plan.device, plan.batch = qi.device, batch
@@ -443,14 +467,31 @@ def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, retur
         paged = (ki.shape[1], bi.shape[1], k_strides[0], v_strides[0], bi.strides[0])
         k_strides, v_strides = k_strides[1:], v_strides[1:]
     window = _kernel_window(left, right, total_q + total_k)
+    dtype, windowed = _arrays.DTYPE_NAMES[qi.dtype], window != (-1, -1)
+    heads_per_kv = heads // ki.shape[-2]
+    max_q, max_k, num_splits = sizes
+    if max_q is not None and _launch.takes_decode_tiles(num_splits, max_q, heads_per_kv, batch,
+                                                        heads // heads_per_kv):
+        with _on(device):
+            spec, kernels = _dispatch(dtype, head_dim, windowed, device, "sm80", False,
+                                      bi is not None, True)
+        plan.launch = _launch.DecodeLaunch(
+            kernels, spec, q_strides=q_strides, k_strides=k_strides, v_strides=v_strides,
+            o_strides=o_strides, lse_head_stride=total_q, total_q=total_q, batch=batch,
+            heads=heads, heads_per_kv=heads_per_kv, head_dim=head_dim, scale=scale,
+            scale_log2=scale * _LOG2E, window=window, max_seqlen_q=max_q,
+            keys_bound=1 << max_k.bit_length(), num_sms=_num_sms(device), num_splits=num_splits,
+            paged=paged)
+        return plan
+    # num_splits=1: no choice from the batch's shape (long_rows reads its mean length).
+    long_rows = num_splits != 1 and _spec.long_rows(total_q, batch)
     with _on(device):
-        spec, kernels = _dispatch(_arrays.DTYPE_NAMES[qi.dtype], head_dim, window != (-1, -1),
-                                  device, _spec.forward_kernel, _spec.long_rows(total_q, batch),
-                                  bi is not None)
+        spec, kernels = _dispatch(dtype, head_dim, windowed, device, _spec.forward_kernel,
+                                  long_rows, bi is not None)
     plan.launch = _launch.ForwardLaunch(
         kernels, spec, q_strides=q_strides, k_strides=k_strides, v_strides=v_strides,
         o_strides=o_strides, lse_head_stride=total_q, total_q=total_q, total_k=total_k,
-        batch=batch, heads=heads, heads_per_kv=heads // ki.shape[-2], head_dim=head_dim,
+        batch=batch, heads=heads, heads_per_kv=heads_per_kv, head_dim=head_dim,
         scale=scale, scale_log2=scale * _LOG2E, window=window, num_sms=_num_sms(device),
         l2_bytes=_l2_bytes(device), paged=paged)
     return plan

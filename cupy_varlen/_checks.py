@@ -60,6 +60,11 @@ def check_int(names, name, value, minimum=0):
     return int(value)
 
 
+def check_num_splits(names, value):
+    """None, or an int >= 1 (varlen_attn's num_splits)."""
+    return None if value is None else check_int(names, "num_splits", value, minimum=1)
+
+
 def check_bool(names, name, value):
     if value is True or value is False:
         return value

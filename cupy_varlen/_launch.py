@@ -19,10 +19,15 @@ SCHEDULE_HEADER = 16  # cuda_src/scheduler.cuh: kScheduleHeader
 # padding to the 64-byte alignment of the two 128-byte tensor maps of k and v.
 _SM90_PARAMS = struct.Struct("<9Q9q3i2f3i16x128s128s")
 _NO_MAP = bytes(_tma.MAP_BYTES)
-# cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 10 pointers (the last two seqused_k and
-# block_table), 12 int64 strides (the last three the pools' page strides and the block table's row
-# stride), 2 int32, 2 float32, 4 int32 (window, page size, keys per sequence of a paged cache).
-_SM80_PARAMS = struct.Struct("<10Q12q2i2f4i")
+# cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 11 pointers (the last three seqused_k, block_table
+# and the split partials), 12 int64 strides (the last three the pools' page strides and the block
+# table's row stride), 2 int32, 2 float32, 4 int32 (window, page size, keys per sequence of a paged
+# cache), 3 int32 (the decode tiles' splits, heads, total_q).
+_SM80_PARAMS = struct.Struct("<11Q12q2i2f4i3i")
+# cuda_src/split_combine.cuh: varlen_fwd_combine(partial, out, lse, cu_seqlens_q, 3 int64 strides,
+# num_splits, num_heads, total_q, head_dim).
+_COMBINE_PARAMS = struct.Struct("<4Q3q4i")
+COMBINE_THREADS = 128  # kCombineThreads
 # cuda_src/scheduler.cuh: varlen_tile_schedule(cu_q, cu_k, seqused_k, workspace, batch, block_m,
 # block_n, left, right, tile_bound, in_order, heads, head_group, sms, ranks_bound, k_capacity).
 _SCHEDULE_PARAMS = struct.Struct("<4Q12i")
@@ -61,14 +66,15 @@ class _ParamBuffer(threading.local):
         return self
 
     def launch(self, function, grid: int, block: int, stream_ptr: int,
-               shared_mem: int = 0) -> None:
+               shared_mem: int = 0, grid_y: int = 1, grid_z: int = 1) -> None:
         """Launches ``function`` with the parameters last packed (by this thread)."""
-        driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr,
-                            self.kernel_params, self.extra)
+        driver.launchKernel(function.ptr, grid, grid_y, grid_z, block, 1, 1, shared_mem,
+                            stream_ptr, self.kernel_params, self.extra)
 
 
 _SM90_ARGS = _ParamBuffer(_SM90_PARAMS, by_struct=True)
 _SM80_ARGS = _ParamBuffer(_SM80_PARAMS)
+_COMBINE_ARGS = _ParamBuffer(_COMBINE_PARAMS)
 _SCHEDULE_ARGS = _ParamBuffer(_SCHEDULE_PARAMS)
 
 
@@ -140,7 +146,8 @@ class ForwardLaunch:
             self.grid = min(ctas, num_sms)
         else:
             self.scalars = strides + (k_page, v_page, table_stride, heads_per_kv, head_dim, scale,
-                                      scale_log2, window[0], window[1], page_size, k_capacity)
+                                      scale_log2, window[0], window[1], page_size, k_capacity,
+                                      1, heads, total_q)
             self.grid = ctas
 
     def launch(self, stream_ptr: int, q: int, k: int, v: int, out: int, lse: int, cu_q: int,
@@ -161,9 +168,105 @@ class ForwardLaunch:
                             v_map if use_tma else _NO_MAP).launch(
                 kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
         else:
-            _SM80_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, seqused_k, block_table,
+            _SM80_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, seqused_k, block_table, 0,
                             *self.scalars).launch(
                 kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
+
+
+# The decode tiles (cuda_src/fwd_sm80.cu, CV_DECODE) serve calls whose packed rows (max_seqlen_q x
+# query heads per K/V head) fit this many: two 64-row tiles.
+DECODE_MAX_ROWS = 128
+_MAX_GRID_YZ = 65535
+# A split takes at least this many 64-key tiles: below it the partials' traffic and the combine
+# cost more than the parallelism brings.
+MIN_SPLIT_TILES = 4
+MAX_SPLITS = 64
+
+
+def takes_decode_tiles(num_splits, max_seqlen_q: int, heads_per_kv: int, batch: int,
+                       heads_kv: int) -> bool:
+    """Whether a forward runs on the decode tiles: few query rows per K/V head, num_splits not 1
+    (one split keeps every sequence's bits independent of the batch, which the decode choice, made
+    from max_seqlen_q, would not), and a grid within the y and z limits."""
+    return (num_splits != 1 and max_seqlen_q * heads_per_kv <= DECODE_MAX_ROWS
+            and batch <= _MAX_GRID_YZ and heads_kv <= _MAX_GRID_YZ)
+
+
+def decode_splits(ctas: int, keys_bound: int, block_n: int, slots: int, num_splits) -> int:
+    """Key splits of the decode tiles (``ctas`` of them unsplit), from shapes alone: no share
+    shorter than MIN_SPLIT_TILES key tiles of the longest sequence (``keys_bound`` keys at most),
+    at most ``num_splits`` (None: MAX_SPLITS), and within that the fewest that fill the GPU's
+    ``slots`` (SMs x CTAs per SM) and keep its last wave at least 90% full (a second wave 20%
+    full would leave the GPU idle 40% of the time), or else the fullest."""
+    cap = MAX_SPLITS if num_splits is None else num_splits
+    hi = max(1, min(cap, -(-keys_bound // block_n) // MIN_SPLIT_TILES))
+    lo = min(max(1, -(-slots // ctas)), hi)
+    best, best_fill = lo, 0.0
+    for splits in range(lo, hi + 1):
+        total = ctas * splits
+        fill = total / (-(-total // slots) * slots)
+        if fill >= 0.9:
+            return splits
+        if fill > best_fill:
+            best, best_fill = splits, fill
+    return best
+
+
+class DecodeLaunch:
+    """A forward on the decode tiles: the attention kernel over a (query-tile slots x splits, K/V
+    heads, sequences) grid and, with more than one split, the combine. ``workspace_entries``: the
+    fp32 partials' size in 4-byte entries (0: one split, no partials)."""
+
+    __slots__ = ("kernels", "spec", "grid", "workspace_entries", "scalars", "combine_grid",
+                 "combine_scalars")
+
+    def __init__(self, kernels, spec, *, q_strides, k_strides, v_strides, o_strides,
+                 lse_head_stride: int, total_q: int, batch: int, heads: int, heads_per_kv: int,
+                 head_dim: int, scale: float, scale_log2: float, window, max_seqlen_q: int,
+                 keys_bound: int, num_sms: int, num_splits=None, paged=None):
+        """``keys_bound``: an upper bound on any sequence's key count (sizes the splits);
+        ``paged`` as for ForwardLaunch."""
+        self.kernels, self.spec = kernels, spec
+        heads_kv = heads // heads_per_kv
+        # Query tiles per sequence, from max_seqlen_q; a CTA strides over more where it is loose.
+        slots = max(1, -(-max_seqlen_q * heads_per_kv // spec.tiles.block_m))
+        splits = decode_splits(slots * heads_kv * batch, keys_bound, spec.tiles.block_n,
+                               num_sms * spec.tiles.min_blocks, num_splits)
+        self.grid = (slots * splits, heads_kv, batch)
+        page_size, pages, k_page, v_page, table_stride = paged or (0, 0, 0, 0, 0)
+        k_capacity = page_size * pages if paged else -1
+        strides = (q_strides[0], q_strides[1], k_strides[0], k_strides[1], v_strides[0],
+                   v_strides[1], o_strides[0], o_strides[1], lse_head_stride)
+        self.scalars = strides + (k_page, v_page, table_stride, heads_per_kv, head_dim, scale,
+                                  scale_log2, window[0], window[1], page_size, k_capacity,
+                                  splits, heads, total_q)
+        # lse and O partials per split and (token, head) row (split_combine.cuh's layout: the lse
+        # entries rounded up to 16 bytes, then the O rows).
+        rows = splits * total_q * heads
+        self.workspace_entries = (-(-rows // 4) * 4 + rows * head_dim) if splits > 1 else 0
+        rows_per_block = COMBINE_THREADS // 32
+        self.combine_grid = (max(1, min(-(-max_seqlen_q * heads // rows_per_block), _MAX_GRID_X)),
+                             batch)
+        self.combine_scalars = (o_strides[0], o_strides[1], lse_head_stride, splits, heads,
+                                total_q, head_dim)
+
+    @property
+    def splits(self) -> int:
+        return self.scalars[-3]
+
+    def launch(self, stream_ptr: int, q: int, k: int, v: int, out: int, lse: int, cu_q: int,
+               cu_k: int, workspace: int, seqused_k: int = 0, block_table: int = 0) -> None:
+        """As ForwardLaunch.launch; ``workspace`` holds workspace_entries fp32 partials."""
+        kernels, spec = self.kernels, self.spec
+        split = self.workspace_entries > 0
+        gx, gy, gz = self.grid
+        _SM80_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, 0, seqused_k, block_table,
+                        workspace if split else 0, *self.scalars).launch(
+            kernels.main, gx, spec.threads, stream_ptr, spec.smem_bytes, gy, gz)
+        if split:
+            cx, cy = self.combine_grid
+            _COMBINE_ARGS.pack(workspace, out, lse, cu_q, *self.combine_scalars).launch(
+                kernels.combine, cx, COMBINE_THREADS, stream_ptr, 0, cy)
 
 
 # cuda_src/bwd_common.cuh: struct BwdParams (both backward families), by value: 17 pointers,

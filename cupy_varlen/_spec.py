@@ -139,6 +139,30 @@ def long_rows(total_q: int, batch: int) -> bool:
     return total_q >= LONG_ROWS_MEAN * batch
 
 
+# Decode tiles (cuda_src/fwd_sm80.cu, CV_DECODE; every architecture): a few packed query rows
+# against many keys, so the loop is bound by the K/V stream. 64 rows (four warps of 16: a decode
+# step's query heads of one K/V head, GQA packed) and 64-key tiles; two CTAs per SM with the
+# deepest K/V ring (2-4) that fits twice, else one with the deepest that fits once. Above head dim
+# 128 QK^T's head-dim loop is unrolled by 4: fully unrolled, O's 128 registers a thread at d256 and
+# the loop's fragments spill.
+DECODE_BLOCK_M = 64
+DECODE_BLOCK_N = 64
+
+
+def _decode_tiles(arch: str, tile: int) -> TileConfig:
+    def smem(stages):
+        return tile * 2 * (DECODE_BLOCK_M + 2 * stages * DECODE_BLOCK_N)
+
+    # An SM holds SMEM_LIMIT + 1 KB, and each resident CTA takes 1 KB of it for the system.
+    per_sm = SMEM_LIMIT[arch] + 1024
+    twice = [s for s in (2, 3, 4) if 2 * (smem(s) + 1024) <= per_sm]
+    unroll = 2 if tile > 128 else 0
+    if twice:
+        return TileConfig(DECODE_BLOCK_M, DECODE_BLOCK_N, 4, max(twice), 2, unroll)
+    once = [s for s in (1, 2, 3, 4) if smem(s) <= SMEM_LIMIT[arch]]
+    return TileConfig(DECODE_BLOCK_M, DECODE_BLOCK_N, 4, max(once), 1, unroll)
+
+
 # Tuning hook (benchmarks, tests): (arch or "sm90", head-dim tile) -> TileConfig replacing the
 # table's entry. Dispatch and launch plans are memoized: call cupy_varlen._api.clear_caches() after
 # it.
@@ -214,6 +238,8 @@ class FwdSpec(_KernelSpec):
     # k and v are page pools named by a block table (cuda_src/fwd_sm80.cu, CV_PAGED): the sm80
     # family's row-at-a-time gather, for any page size.
     paged: bool = False
+    # Decode tiles (cuda_src/fwd_sm80.cu, CV_DECODE): GQA-packed rows, split keys, the combine.
+    decode: bool = False
 
     kernel_name = "varlen_fwd"
     schedule_kernel_name = "varlen_tile_schedule"
@@ -224,6 +250,8 @@ class FwdSpec(_KernelSpec):
         super().__post_init__()
         if self.paged and self.kernel != "sm80":
             raise ValueError("a paged KV cache is read by the sm80 kernel family only")
+        if self.decode and self.kernel != "sm80":
+            raise ValueError("the decode tiles belong to the sm80 kernel family")
         if self.smem_bytes > SMEM_LIMIT[self.arch]:
             raise ValueError(f"{self} needs {self.smem_bytes} B of shared memory")
 
@@ -233,7 +261,11 @@ class FwdSpec(_KernelSpec):
 
     @property
     def entry_points(self) -> dict:
-        """role -> (kernel name, dynamic shared memory)."""
+        """role -> (kernel name, dynamic shared memory). The decode tiles take their work from
+        the grid (no schedule) and have the split-KV combine."""
+        if self.decode:
+            return {"main": (self.kernel_name, self.smem_bytes),
+                    "combine": ("varlen_fwd_combine", 0)}
         return {"main": (self.kernel_name, self.smem_bytes),
                 "schedule": (self.schedule_kernel_name, 0)}
 
@@ -261,7 +293,7 @@ class FwdSpec(_KernelSpec):
         return dict(common, CV_SUB_N=t.keys_per_subtile, CV_WARPS=t.warps,
                     CV_MIN_BLOCKS=t.min_blocks,
                     CV_QK_UNROLL=t.qk_unroll or self.head_dim_tile // 16,
-                    CV_PAGED=int(self.paged))
+                    CV_PAGED=int(self.paged), CV_DECODE=int(self.decode))
 
     def __str__(self) -> str:
         t = self.tiles
@@ -269,9 +301,10 @@ class FwdSpec(_KernelSpec):
         sub = f"/{t.sub_n}" if t.sub_n and t.sub_n != t.block_n else ""
         unroll = f" u{t.qk_unroll}" if t.qk_unroll else ""
         paged = " paged" if self.paged else ""
+        decode = " decode" if self.decode else ""
         return (
             f"fwd[{self.kernel} {self.dtype} d{self.head_dim_tile} {t.block_m}x{t.block_n}{sub} "
-            f"w{t.warps} s{t.stages}{unroll} {mask}{paged} {self.arch}]"
+            f"w{t.warps} s{t.stages}{unroll} {mask}{paged}{decode} {self.arch}]"
         )
 
 
@@ -309,10 +342,15 @@ def kernel_for(arch: str, tile: int, choice: str = "auto", sm90_tiles=None) -> s
 
 def choose_fwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
                     choice: str = "auto", long_rows: bool = False,
-                    paged: bool = False) -> FwdSpec:
+                    paged: bool = False, decode: bool = False) -> FwdSpec:
     """``long_rows``: the batch's mean query length reaches LONG_ROWS_MEAN (see _TILES_WGMMA_LONG).
-    ``paged``: k and v are page pools (the sm80 family on every architecture)."""
+    ``paged``: k and v are page pools (the sm80 family on every architecture). ``decode``: the
+    decode tiles (sm80 family, every architecture; see _decode_tiles), where choice and long_rows
+    do not apply."""
     tile = head_dim_tile(head_dim)
+    if decode:
+        tiles = tile_overrides.get(("decode", arch, tile)) or _decode_tiles(arch, tile)
+        return FwdSpec(dtype, tile, tiles, windowed, arch, "sm80", paged, True)
     kernel = "sm80" if paged else kernel_for(arch, tile, choice)
     if kernel == "sm90":
         table = _TILES_WGMMA_LONG if long_rows and tile in _TILES_WGMMA_LONG else _TILES_WGMMA
@@ -340,8 +378,8 @@ def _distinct_specs(archs, make) -> list:
 def all_fwd_specs(archs=ARCHS):
     """Every specialization the dispatcher can return, for the given architectures."""
     return _distinct_specs(archs, lambda arch, choice, dtype, tile, windowed: tuple(
-        choose_fwd_spec(dtype, tile, windowed, arch, choice, long_rows, paged)
-        for long_rows in (False, True) for paged in (False, True)))
+        choose_fwd_spec(dtype, tile, windowed, arch, choice, long_rows, paged, decode)
+        for long_rows in (False, True) for paged in (False, True) for decode in (False, True)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ def _varlen_attn_op(
     check_inputs: bool = False,
     seqused_k: Optional[torch.Tensor] = None,
     block_table: Optional[torch.Tensor] = None,
+    num_splits: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # The op is callable directly (torch.ops.cupy_varlen.varlen_attn) and from compiled graphs,
     # whose arguments were checked on fake tensors at trace time at most: the eager
@@ -99,16 +100,18 @@ def _varlen_attn_op(
     if block_table is not None:
         return _api._varlen_attn_paged(
             VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            scale, (window_left, window_right), True, None, check_inputs, seqused_k, block_table)
+            scale, (window_left, window_right), True, None, check_inputs, seqused_k, block_table,
+            num_splits)
     return _api._varlen_attn_eager(
         VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-        scale, (window_left, window_right), True, None, deterministic, check_inputs, seqused_k)
+        scale, (window_left, window_right), True, None, deterministic, check_inputs, seqused_k,
+        num_splits)
 
 
 @_varlen_attn_op.register_fake
 def _varlen_attn_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                       scale, window_left, window_right, deterministic=False, check_inputs=False,
-                      seqused_k=None, block_table=None):
+                      seqused_k=None, block_table=None, num_splits=None):
     # Contiguous, like the eager path's allocation: compiled code trusts these strides.
     out = q.new_empty(q.shape)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -166,7 +169,7 @@ def _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse, scalars):
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right, deterministic,
-     _check_inputs, seqused_k, block_table) = inputs
+     _check_inputs, seqused_k, block_table, _num_splits) = inputs
     # As torch's varlen_attn: no backward for a partially used or a paged cache.
     if block_table is not None:
         raise RuntimeError("varlen_attn: block_table is an inference-only parameter")
@@ -180,8 +183,8 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _varlen_attn_backward_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.scalars)
     # cu_seqlens_q/k, max_seqlen_q/k, causal, scale, window_left/right, deterministic, check_inputs,
-    # seqused_k, block_table
-    return (dq, dk, dv) + (None,) * 12
+    # seqused_k, block_table, num_splits
+    return (dq, dk, dv) + (None,) * 13
 
 
 _varlen_attn_op.register_autograd(_backward, setup_context=_setup_context)
@@ -315,7 +318,7 @@ def _check_max_seqlen(names, name, value):
 
 def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          causal, scale, window_size, return_lse, out, deterministic,
-                         check_inputs, seqused_k=None, block_table=None):
+                         check_inputs, seqused_k=None, block_table=None, num_splits=None):
     """:func:`cupy_varlen.varlen_attn` for torch tensors that autograd records, torch compiles or
     a dispatch mode watches. Same arguments (positional, with ``names`` for the messages) and
     results.
@@ -354,7 +357,7 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         # The forward always returns lse (the backward needs it): the plan of return_lse=True.
         key = _api._forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
                                 max_seqlen_k, causal, scale, window_size, True, deterministic,
-                                check_inputs)
+                                check_inputs, None, None, num_splits)
         plan = _api._cached_plan(_api._forward_plans, key)
         if plan is not None:
             result, lse = _EagerVarlenAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k,
@@ -372,6 +375,7 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
                                                     cu_seqlens_k, cu_qi, ki,
                                                     fw.info if real else fw.meta)
     ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, fw.info if real else fw.meta)
+    num_splits = _checks.check_num_splits(names, num_splits)
     if real:
         # The op checks these again (it must, see _varlen_attn_op), but with varlen_attn's names;
         # here they speak the caller's. The offsets' values (a device round trip) only once.
@@ -379,7 +383,8 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
                                      cu_ki, oi, max_seqlen_q, max_seqlen_k,
                                      check_inputs and direct, seqused_k, ui, block_table, bi)
     if direct:
-        plan = _api._plan_forward(qi, ki, vi, cu_qi, cu_ki, None, batch, scale, left, right, True)
+        plan = _api._plan_forward(qi, ki, vi, cu_qi, cu_ki, None, batch, scale, left, right, True,
+                                  None, None, (max_seqlen_q, max_seqlen_k, num_splits))
         if key is not None:
             _api._remember(_api._forward_plans, key[0], plan)
         result, lse = _EagerVarlenAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -389,7 +394,7 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
             _teach_active_flop_counters()
         result, lse = _varlen_attn_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, causal, scale, left, right, deterministic,
-                                      check_inputs, seqused_k, block_table)
+                                      check_inputs, seqused_k, block_table, num_splits)
     if out is not None:
         result = out.copy_(result)
     return (result, lse) if return_lse else result

@@ -28,9 +28,10 @@ code that builds one for torch keeps working. What differs, all checked against 
   key count comes from ``seqused_k`` or the steps of ``cu_seq_k`` (the smaller where both are
   given), and ``cu_seq_k=None`` is accepted with it. Served by the portable kernel family's
   row-at-a-time gather on every GPU.
-- **num_splits**: any value >= 1 or None is accepted, and the keys of a row are never split across
-  blocks: every result is batch-invariant, what ``num_splits=1`` asks for, and ``N > 1`` ("at
-  most N") is met with one.
+- **num_splits** as in torch: ``1`` gives batch-invariant results; ``None`` lets the kernel split a
+  row's keys across blocks where few query rows (decode) would leave SMs idle, ``N > 1`` at most N
+  splits. The choice is made from shapes on the host, never from the offsets' values, so a decode
+  step stays capturable in a CUDA graph.
 - **Determinism**: the backward is bitwise deterministic when
   ``torch.use_deterministic_algorithms(True)`` is in effect at the forward call (torch reads the
   flag when the backward runs).
@@ -45,7 +46,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _api
+from . import _api, _checks
 from ._checks import Names
 
 __all__ = ["varlen_attn", "varlen_attn_out", "AuxRequest"]
@@ -73,11 +74,7 @@ def _resolve(names, query, key, cu_seq_k, window_size, enable_gqa, seqused_k, bl
     function = names.function
     if cu_seq_k is None and block_table is None:
         raise ValueError(f"{function}: cu_seq_k may be None only with block_table")
-    if num_splits is not None and (isinstance(num_splits, bool)
-                                   or not isinstance(num_splits, numbers.Integral)):
-        raise TypeError(f"{function}: num_splits must be None or an int, got {num_splits!r}")
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"{function}: num_splits must be None or >= 1, got {num_splits}")
+    _checks.check_num_splits(names, num_splits)
     # torch's own head-count check and messages: code that passes here passes there. Where query
     # or key is not a 3-D tensor, the validation that follows names it.
     key_dims = 4 if block_table is not None else 3
@@ -117,7 +114,7 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     want_lse = return_aux is not None and bool(return_aux.lse)
     return _api._varlen_attn(names, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, False,
                              scale, window, want_lse, None, deterministic, False, seqused_k,
-                             block_table)
+                             block_table, num_splits)
 
 
 def varlen_attn_out(out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
@@ -131,4 +128,4 @@ def varlen_attn_out(out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
     want_lse = return_aux is not None and bool(return_aux.lse)
     return _api._varlen_attn(names, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, False,
                              scale, window, want_lse, out, deterministic, False, seqused_k,
-                             block_table)
+                             block_table, num_splits)

@@ -145,7 +145,8 @@ def torch_varlen_out(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=N
 
 
 def check_forward(q, k, v, cu_q, cu_k, *, causal=False, scale=None, window_size=(-1, -1),
-                  max_q=None, max_k=None, compare_torch=True, check_lse=True, seqused_k=None):
+                  max_q=None, max_k=None, compare_torch=True, check_lse=True, seqused_k=None,
+                  num_splits=None):
     """Runs cupy_varlen into a NaN-poisoned output, checks every element was written, and
     compares out and lse with the float64 reference under the tolerance rule. Returns the error.
     (With seqused_k, torch's bound is not consulted: torch before 2.13 lacks it.)"""
@@ -158,7 +159,7 @@ def check_forward(q, k, v, cu_q, cu_k, *, causal=False, scale=None, window_size=
     out = torch.full_like(q, float("nan"))
     got, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal,
                                        scale=scale, window_size=window_size, return_lse=True,
-                                       out=out, seqused_k=seqused_k)
+                                       out=out, seqused_k=seqused_k, num_splits=num_splits)
     assert got is out
     assert not torch.isnan(out).any(), "unwritten (or NaN) output elements"
     ref, ref_lse = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=causal, scale=scale,

@@ -632,3 +632,99 @@ def test_paged_kv_plan_serves_new_tables():
     with pytest.raises(ValueError, match="block_table must be 2-D"):
         cupy_varlen.varlen_attn(q, k, v, cu_q, None, 2, 100, seqused_k=used,
                                 block_table=table[:2])
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode tiles: GQA-packed rows and split keys (cuda_src/fwd_sm80.cu, CV_DECODE).
+
+
+@pytest.mark.parametrize("heads,heads_kv", [(32, 8), (8, 8), (64, 8), (4, 1)])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (64, 0)])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_decode_tiles_match_the_reference(heads, heads_kv, window, num_splits):
+    """Decode steps (one query), speculative steps (a few), an empty query, an empty key
+    sequence and long contexts, each query head of a K/V head packed into one tile; outputs
+    NaN-poisoned, lse compared."""
+    lens_q, lens_k = [1, 1, 4, 0, 2, 1], [1000, 0, 3000, 50, 129, 64]
+    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, heads=heads, heads_kv=heads_kv,
+                                      head_dim=128, seed=heads + heads_kv)
+    check_forward(q, k, v, cu_q, cu_k, window_size=window, num_splits=num_splits,
+                  compare_torch=False)
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float16), (96, torch.bfloat16),
+                                            (256, torch.bfloat16), (40, torch.bfloat16)])
+def test_decode_tiles_head_dims(head_dim, dtype):
+    q, k, v, cu_q, cu_k = make_packed([1, 3, 1], [700, 2000, 5], heads=16, heads_kv=4,
+                                      head_dim=head_dim, seed=head_dim, dtype=dtype)
+    check_forward(q, k, v, cu_q, cu_k, causal=True, compare_torch=False)
+
+
+def test_decode_tiles_are_taken_and_split():
+    """A decode batch too small to fill the GPU runs on the decode tiles with several splits;
+    num_splits caps them; num_splits=1 takes the other kernels."""
+    from cupy_varlen import _api, _launch
+
+    q, k, v, cu_q, cu_k = make_packed([1, 1], [4000, 3000], heads=32, heads_kv=8, head_dim=128,
+                                      seed=2)
+
+    def launch_of(**kwargs):
+        _api.clear_caches()
+        cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, 4000, **kwargs)
+        (plan,) = _api._forward_plans.values()
+        return plan.launch
+
+    auto = launch_of()
+    assert isinstance(auto, _launch.DecodeLaunch) and auto.splits > 1
+    assert launch_of(num_splits=2).splits == 2
+    assert not isinstance(launch_of(num_splits=1), _launch.DecodeLaunch)
+
+
+def test_decode_split_counts_agree():
+    """Every split count gives the reference's result (to rounding): the combine weighs each
+    share by its lse, empty shares included (more splits than key tiles)."""
+    q, k, v, cu_q, cu_k = make_packed([1, 2, 1], [2000, 300, 1], heads=8, heads_kv=2,
+                                      head_dim=128, seed=12)
+    ref = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=True)
+    for splits in (1, 2, 5, 16, 64):
+        got = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 2, 2000, causal=True,
+                                      num_splits=splits)
+        assert rel_error(got, ref) <= 1e-2, splits
+
+
+def test_decode_tiles_with_a_loose_max_seqlen_q():
+    """A max_seqlen_q below a sequence's real query count sizes the grid for fewer query tiles;
+    each CTA then strides over the rest, so no row is lost (the unsplit kernels' guarantee)."""
+    q, k, v, cu_q, cu_k = make_packed([40, 1, 17], [500, 300, 900], heads=8, heads_kv=2,
+                                      head_dim=64, seed=13)
+    check_forward(q, k, v, cu_q, cu_k, causal=True, max_q=2, compare_torch=False)
+
+
+def test_decode_seqused_k_and_cuda_graph():
+    """Split decode over a cache with seqused_k: captured once, replayed after the counts grew in
+    place (the splits were fixed on the host from shapes; the shares follow the counts)."""
+    lens_q, slots = [1, 1, 1, 1], [4096, 300, 2048, 64]
+    used = [3000, 1, 2048, 0]
+    q, k, v, cu_q, cu_k, seqused = _cache_with_poisoned_tails(lens_q, slots, used, 2, 128, seed=14)
+    check_forward(q, k, v, cu_q, cu_k, seqused_k=seqused, max_k=4096)
+    k.nan_to_num_(0.0)
+    v.nan_to_num_(0.0)
+    out = torch.empty_like(q)
+    cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, 4096, seqused_k=seqused, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, 4096, seqused_k=seqused, out=out)
+    seqused.copy_(torch.tensor([4096, 300, 17, 64], dtype=torch.int32, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = varlen_attn_reference(q, k, v, cu_q, cu_k, seqused_k=seqused)
+    assert rel_error(out, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+def test_decode_tiles_paged(page_size):
+    """The decode tiles over a paged cache, split: any page size, shared prefix pages."""
+    q, k, v, cu_q, table, used = _paged_cache([1, 1, 2], [900, 1, 2500], page_size, heads=16,
+                                              heads_kv=2, head_dim=128, seed=page_size,
+                                              share_first_page=True)
+    _check_paged(q, k, v, cu_q, table, used, causal=True, num_splits=8)

@@ -20,9 +20,10 @@ from cupy_varlen.reference import varlen_attn_reference
 
 
 def _key(q, k, v, cu_q, cu_k, out=None, max_q=8, max_k=8, causal=False, scale=None,
-         window_size=(-1, -1), return_lse=False, deterministic=False, check_inputs=False):
+         window_size=(-1, -1), return_lse=False, deterministic=False, check_inputs=False,
+         num_splits=None):
     key = _api._forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_size,
-                            return_lse, deterministic, check_inputs)
+                            return_lse, deterministic, check_inputs, None, None, num_splits)
     return None if key is None else key[0]
 
 
@@ -30,8 +31,16 @@ def test_forward_key_covers_layout_alignment_and_flags():
     q, k, v, cu_q, cu_k = make_packed([5, 3], heads=2, head_dim=16, device="cpu")
     base = _key(q, k, v, cu_q, cu_k)
     assert base is not None and base == _key(q.clone(), k.clone(), v.clone(), cu_q, cu_k)
-    # Any valid max_seqlen shares the plan: the kernels never read it.
-    assert _key(q, k, v, cu_q, cu_k, max_q=3, max_k=100) == base
+    # Where max_seqlen_q rules out the decode tiles, any valid max_seqlen shares the plan.
+    long = _key(q, k, v, cu_q, cu_k, max_q=200, max_k=300)
+    assert long is not None and long == _key(q, k, v, cu_q, cu_k, max_q=5000, max_k=7)
+    # Within reach of the decode tiles, the plan holds max_seqlen_q and max_seqlen_k's power of two
+    # (the tiles' slots and splits), and num_splits.
+    assert _key(q, k, v, cu_q, cu_k, max_q=8, max_k=15) == base
+    assert _key(q, k, v, cu_q, cu_k, max_q=8, max_k=16) != base
+    assert _key(q, k, v, cu_q, cu_k, max_q=3) != base
+    assert len({base, _key(q, k, v, cu_q, cu_k, num_splits=1),
+                _key(q, k, v, cu_q, cu_k, num_splits=4)}) == 3
     wide = torch.zeros(q.shape[0], 2, 24, dtype=q.dtype)
     different = [
         _key(q[:4], k, v, cu_q, cu_k),  # shape
@@ -49,7 +58,8 @@ def test_forward_key_covers_layout_alignment_and_flags():
 
 
 @pytest.mark.parametrize("kw", [dict(check_inputs=True), dict(max_q=-1), dict(max_k=8.0),
-                                dict(max_q=True), dict(window_size=[-1, -1])])
+                                dict(max_q=True), dict(window_size=[-1, -1]),
+                                dict(num_splits=0), dict(num_splits=True), dict(num_splits=2.0)])
 def test_calls_that_must_be_checked_have_no_key(kw):
     """check_inputs reads the offsets on every call; arguments whose check the key cannot stand
     for (a negative or non-int max_seqlen, a window list) go through the checks every time."""
@@ -189,3 +199,33 @@ def test_paged_keys_cover_the_block_table_and_the_pool():
               key(used=None)]
     assert len({base, *others}) == 4
     assert base != _key(q, pool.flatten(0, 1)[:2], pool.flatten(0, 1)[:2], cu_q, cu_q)
+
+
+# --------------------------------------------------------------------------------------------------
+# The decode tiles' choice and splits, from shapes alone (cupy_varlen._launch).
+
+
+def test_decode_tiles_choice():
+    from cupy_varlen._launch import takes_decode_tiles
+
+    assert takes_decode_tiles(None, 1, 4, 256, 8)  # a GQA decode step
+    assert takes_decode_tiles(3, 16, 8, 1, 8)  # 128 packed rows
+    assert not takes_decode_tiles(None, 17, 8, 1, 8)  # 136 rows: the prefill kernels
+    assert not takes_decode_tiles(1, 1, 4, 256, 8)  # num_splits=1: batch invariance
+    assert not takes_decode_tiles(None, 1, 1, 70000, 1)  # beyond the grid's z
+
+
+def test_decode_splits_from_shapes():
+    from cupy_varlen._launch import MAX_SPLITS, decode_splits
+
+    slots = 132 * 2  # SMs x CTAs per SM
+    # One sequence, 8 K/V heads, 128k keys: one full wave.
+    assert decode_splits(8, 131072, 64, slots, None) == 33
+    # Many CTAs already, their last wave 97% full: no split.
+    assert decode_splits(256 * 8, 8192, 64, slots, None) == 1
+    # 64 CTAs: 5 splits would fill one wave and a fifth of the next; 8 fill two waves to 97%.
+    assert decode_splits(64, 32768, 64, slots, None) == 8
+    # Short keys: no share shorter than four key tiles.
+    assert decode_splits(8, 512, 64, slots, None) == 2
+    assert decode_splits(1, 10**7, 64, 2000, None) == MAX_SPLITS
+    assert decode_splits(8, 131072, 64, slots, 5) == 5  # num_splits: at most

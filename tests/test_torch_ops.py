@@ -115,7 +115,7 @@ def reference_kernels(monkeypatch):
                          for g, given, x in zip(grads, (dq, dk, dv), (q, k, v)))
 
     def plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse,
-                     ui=None, bi=None):
+                     ui=None, bi=None, sizes=(None, None, None)):
         return ForwardPlan(qi, batch, scale, left, right, return_lse)
 
     def plan_backward(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, grads, batch, scale, left, right,
@@ -523,7 +523,9 @@ def test_compat_maps_arguments(captured):
     assert call == dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=16,
                         max_seqlen_k=16, causal=False, scale=None, window_size=(-1, -1),
                         return_lse=False, out=None, deterministic=False, check_inputs=False,
-                        seqused_k=None, block_table=None)
+                        seqused_k=None, block_table=None, num_splits=None)
+    compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, num_splits=1)
+    assert captured[-1]["num_splits"] == 1
     used = torch.tensor([5, 3, 0, 9], dtype=torch.int32)
     compat.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, enable_gqa=True, seqused_k=used)
     assert captured[-1]["seqused_k"] is used
@@ -658,8 +660,8 @@ def test_compat_out_errors(call_path, change, exc, needle):
 
 @pytest.mark.parametrize("function", ["varlen_attn", "varlen_attn_out"])
 @pytest.mark.parametrize("kw,needle", [
-    (dict(num_splits=0), "num_splits must be None or >= 1, got 0"),
-    (dict(num_splits=1.5), "num_splits must be None or an int"),
+    (dict(num_splits=0), "num_splits must be >= 1, got 0"),
+    (dict(num_splits=1.5), "num_splits must be a Python int"),
     (dict(seqused_k=torch.ones(4)), "seqused_k must be int32"),
     (dict(seqused_k=torch.ones(3, dtype=torch.int32)), re.escape("seqused_k must be 1-D with one count per sequence")),
     (dict(block_table=torch.ones(2, 1, dtype=torch.int32)), "key must be 4-D"),
@@ -1061,23 +1063,25 @@ def test_compat_matches_torch_varlen(window, gqa):
 
 @requires_gpu
 @pytest.mark.parametrize("causal", [False, True])
-def test_compat_num_splits_1_is_batch_invariant(causal):
-    """num_splits=1 promises a sequence the same bits whatever else is in the batch; cupy_varlen
-    never splits a row's keys, so it holds for every call."""
-    one = make_packed([300], [310], heads=4, head_dim=64, seed=6)
+@pytest.mark.parametrize("lens", [(300, 310), (2, 3000)])
+def test_compat_num_splits_1_is_batch_invariant(causal, lens):
+    """num_splits=1 promises a sequence the same bits whatever else is in the batch: no split of a
+    row's keys and no kernel choice from the batch's shapes (alone, the (2, 3000) sequence would
+    otherwise take the decode tiles; beside a long one, not)."""
+    lq, lk = lens
+    one = make_packed([lq], [lk], heads=4, head_dim=64, seed=6)
     qo, ko, vo, _, _ = make_packed([57, 1000], [60, 900], heads=4, head_dim=64, seed=7)
     window = (-1, 0) if causal else (-1, -1)
     q = torch.cat([qo[:57], one[0], qo[57:]])  # the sequence between two others
     k, v = (torch.cat([x[:60], y, x[60:]]) for x, y in ((ko, one[1]), (vo, one[2])))
-    cu_q, cu_k = cu_seqlens([57, 300, 1000]), cu_seqlens([60, 310, 900])
+    cu_q, cu_k = cu_seqlens([57, lq, 1000]), cu_seqlens([60, lk, 900])
     aux = compat.AuxRequest(lse=True)
-    alone, alone_lse = compat.varlen_attn(*one, 300, 310, window_size=window, num_splits=1,
+    alone, alone_lse = compat.varlen_attn(*one, lq, lk, window_size=window, num_splits=1,
                                           return_aux=aux)
-    batched, batched_lse = compat.varlen_attn(q, k, v, cu_q, cu_k, 1000, 900, window_size=window,
-                                              num_splits=1, return_aux=aux)
-    assert torch.equal(batched[57:357], alone)
-    assert torch.equal(batched_lse[:, 57:357], alone_lse)
-
+    batched, batched_lse = compat.varlen_attn(q, k, v, cu_q, cu_k, 1000, max(lk, 900),
+                                              window_size=window, num_splits=1, return_aux=aux)
+    assert torch.equal(batched[57:57 + lq], alone)
+    assert torch.equal(batched_lse[:, 57:57 + lq], alone_lse)
 
 
 @requires_gpu
