@@ -525,15 +525,15 @@ class _Override:
             return self.original.call_boxed(keyset, *args, **kwargs)
 
 
-def _original_kernel(op_name):
-    """torch's CUDA kernel of ``aten::<op_name>`` as it is now (before the override), or None
-    where this torch cannot hand it out (``torch.library.get_kernel`` arrived in 2.9) or has none
-    (a CPU-only build)."""
+def _original_kernel(op_name, dispatch_key="CUDA"):
+    """torch's kernel of ``aten::<op_name>`` for ``dispatch_key`` as it is now (before the
+    override), or None where this torch cannot hand it out (``torch.library.get_kernel`` arrived
+    in 2.9) or has none (a CPU-only build)."""
     get_kernel = getattr(torch.library, "get_kernel", None)
     if get_kernel is None:
         return None
     try:
-        return get_kernel(f"aten::{op_name}", "CUDA")
+        return get_kernel(f"aten::{op_name}", dispatch_key)
     except Exception:
         return None
 
@@ -552,22 +552,24 @@ class Handle:
             library._destroy()
 
 
-def install() -> Handle:
-    """Registers the overrides on the CUDA dispatch key of the installed torch's flash ops.
-    torch's registry restores any previously active implementation before calling this, so the
-    kernels captured for fallbacks are torch's own."""
+def install(dispatch_key="CUDA") -> Handle:
+    """Registers the overrides on the installed torch's flash ops for ``dispatch_key`` (tests
+    use CPU to run the dispatcher's path without a GPU). torch's registry restores any previously
+    active implementation before calling this, so the kernels captured for fallbacks are torch's
+    own."""
     overrides = {}
     for op_name, fn in OVERRIDDEN_OPS.items():
         schema = installed_schema(op_name)
         if schema is not None:
-            overrides[op_name] = _Override(op_name, fn, schema, _original_kernel(op_name))
-    library = torch.library.Library("aten", "IMPL", "CUDA")
+            overrides[op_name] = _Override(op_name, fn, schema,
+                                           _original_kernel(op_name, dispatch_key))
+    library = torch.library.Library("aten", "IMPL", dispatch_key)
     try:
         with warnings.catch_warnings():
             # Overriding torch's kernel is the point; its warning says so once per process.
             warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
             for op_name, override in overrides.items():
-                library.impl(op_name, override, "CUDA", with_keyset=True)
+                library.impl(op_name, override, dispatch_key, with_keyset=True)
     except BaseException:
         library._destroy()
         raise
