@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cupy_varlen  # noqa: F401  (registers with torch's registry: torch is imported)
 from conftest import run_python
