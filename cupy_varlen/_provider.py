@@ -149,9 +149,12 @@ _offsets_cache: dict = {}
 
 def uniform_offsets(count, step, device):
     """int32 [0, step, ..., count*step] on ``device``, made there: no host round trip. Cached
-    (read-only inputs), except while a CUDA graph is being captured, whose pool owns what it
-    allocates."""
-    key = (count, step, device)
+    (read-only inputs) per stream, so that a reader is always ordered after the kernel that wrote
+    them, except while a CUDA graph is being captured, whose pool owns what it allocates."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    stream = torch.cuda.current_stream(device).cuda_stream if cuda else None
+    key = (count, step, device, stream)
     cached = _offsets_cache.get(key)
     if cached is not None:
         return cached
@@ -159,7 +162,7 @@ def uniform_offsets(count, step, device):
         offsets = torch.arange(0, (count + 1) * step, step, dtype=torch.int32, device=device)
     else:
         offsets = torch.zeros(count + 1, dtype=torch.int32, device=device)
-    if offsets.is_cuda and not torch.cuda.is_current_stream_capturing():
+    if cuda and not torch.cuda.is_current_stream_capturing():
         if len(_offsets_cache) >= 64:
             _offsets_cache.clear()
         _offsets_cache[key] = offsets
