@@ -12,14 +12,25 @@ Public API:
 ``import cupy_varlen`` does not import torch, so CuPy-only use never pays for it: torch comes in
 with the first torch tensor a call receives, or with ``compat`` and ``reference`` (attributes that
 import their module on first access).
+
+With torch 2.11 or later, cupy_varlen is also a flash-attention implementation for torch's
+dispatcher: ``torch.nn.attention.activate_flash_attention_impl("cupy_varlen")`` puts every caller
+of the aten flash ops (``F.scaled_dot_product_attention`` on the flash backend, ``varlen_attn``,
+compiled models) on these kernels; ``restore_flash_attention_impl()`` undoes it. The name is
+registered when cupy_varlen is imported after torch, or by ``import cupy_varlen.compat``.
 """
 
 from ._api import varlen_attn, varlen_attn_backward
+from ._registration import register_if_torch_loaded as _register_if_torch_loaded
 
 __version__ = "0.1.0"
 __all__ = ["varlen_attn", "varlen_attn_backward", "reference", "__version__"]
 
 _LAZY_SUBMODULES = ("compat", "reference")  # both import torch
+
+# torch's flash-attention registry learns the name "cupy_varlen" (never activated here). Only
+# when torch is already imported: this import must not bring torch in.
+_register_if_torch_loaded()
 
 
 def __getattr__(name):

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from . import _api, _arrays, _checks
+from . import _api, _arrays, _checks, _registration
 from ._checks import VARLEN_ATTN
 
 __all__ = ["needs_autograd", "varlen_attn_autograd"]
@@ -44,6 +44,10 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _profiling = torch._C._autograd._profiler_enabled
 _FW = _arrays.torch_framework()
+
+# For users who imported cupy_varlen before torch: the first torch tensor registers the name with
+# torch's flash-attention registry (see cupy_varlen._registration).
+_registration.register_if_torch_loaded()
 
 
 def needs_autograd(q, k, v) -> bool:

@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _api, _checks
+from . import _api, _checks, _registration
 from ._checks import Names
 
 __all__ = ["varlen_attn", "varlen_attn_out", "AuxRequest"]
@@ -60,6 +60,10 @@ except ImportError:  # torch older than varlen_attn: same shape as torch's class
 
         lse: bool = False
 
+
+# The documented way for users who import cupy_varlen before torch to register the flash-attention
+# implementation (see cupy_varlen._registration).
+_registration.register_if_torch_loaded()
 
 # Errors name torch's parameters, under the function the caller called.
 _TORCH_SPELLING = dict(q="query", k="key", v="value", cu_seqlens_q="cu_seq_q",

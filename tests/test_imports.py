@@ -29,6 +29,21 @@ def test_import_does_not_import_torch():
     torch_modules, ours = out.splitlines()
     assert torch_modules == "[]"
     assert "cupy_varlen._torch" not in ours and "cupy_varlen.compat" not in ours
+    assert "cupy_varlen._provider" not in ours
+
+
+def test_import_after_torch_registers_the_flash_attention_impl_without_loading_it():
+    """torch imported first: the registry learns the name, the provider module stays unloaded
+    until activation, and nothing is activated."""
+    out = run_python(
+        "import sys, torch, cupy_varlen\n"
+        "import torch.nn.attention as A\n"
+        "if not hasattr(A, 'register_flash_attention_impl'):\n"
+        "    print('no registry'); raise SystemExit\n"
+        "print('cupy_varlen' in A.list_flash_attention_impls())\n"
+        "print('cupy_varlen._provider' in sys.modules, A.current_flash_attention_impl())\n")
+    if out.strip() != "no registry":
+        assert out.split() == ["True", "False", "None"]
 
 
 @pytest.mark.parametrize("attribute", ["compat", "reference"])
