@@ -239,15 +239,16 @@ def _window(left, right, is_causal):
 
 
 def _check_num_splits(num_splits):
-    # The kernels never split a row's keys: any requested split count is met with one.
+    """aten's num_splits (None or 0: the kernel chooses) as varlen_attn's (None or >= 1)."""
     if num_splits is None:
-        return
+        return None
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
         raise TypeError(f"aten._flash_attention_forward: num_splits must be None or an int, got "
                         f"{type(num_splits).__name__}")
     if num_splits < 0:
         raise ValueError(f"aten._flash_attention_forward: num_splits must be None or >= 0, got "
                          f"{num_splits}")
+    return int(num_splits) or None
 
 
 def _deterministic() -> bool:
@@ -260,13 +261,14 @@ def _deterministic() -> bool:
 
 
 def run_forward(names, q, k, v, cu_q, cu_k, max_q, max_k, scale, window, out, seqused_k=None,
-                block_table=None):
+                block_table=None, num_splits=None):
     """(out, lse) of the packed forward; ``out`` is written in place."""
     if block_table is not None:
         return _api._varlen_attn_paged(names, q, k, v, cu_q, cu_k, max_q, max_k, False, scale,
-                                       window, True, out, False, seqused_k, block_table)
+                                       window, True, out, False, seqused_k, block_table,
+                                       num_splits)
     return _api._varlen_attn_eager(names, q, k, v, cu_q, cu_k, max_q, max_k, False, scale, window,
-                                   True, out, False, False, seqused_k)
+                                   True, out, False, False, seqused_k, num_splits)
 
 
 def run_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window, deterministic,
@@ -295,7 +297,7 @@ def _forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, i
     dense = cum_seq_q is None
     _check_tensors(query, key, value, dense)
     _check_scale(scale)
-    _check_num_splits(num_splits)
+    num_splits = _check_num_splits(num_splits)
     if dense and (seqused_k is not None or block_table is not None or cum_seq_k is not None):
         raise Unsupported("seqused_k, block_table or cum_seq_k with dense (4-D) inputs")
     tensors = [t for t in (query, key, value, cum_seq_q, cum_seq_k, seqused_k, block_table, out)
@@ -308,7 +310,7 @@ def _forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, i
         out = torch.empty_like(query)
     if not dense:
         return run_forward(_FORWARD_NAMES, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k,
-                           scale, window, out, seqused_k, block_table)
+                           scale, window, out, seqused_k, block_table, num_splits)
     return _dense_forward(query, key, value, scale, window, out)
 
 

@@ -264,9 +264,10 @@ class _ReferenceKernels:
         self.backward_calls = []
 
     def run_forward(self, names, q, k, v, cu_q, cu_k, max_q, max_k, scale, window, out,
-                    seqused_k=None, block_table=None):
+                    seqused_k=None, block_table=None, num_splits=None):
         self.forward_calls.append(dict(q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k, max_q=max_q,
-                                       max_k=max_k, out=out, window=window))
+                                       max_k=max_k, out=out, window=window,
+                                       num_splits=num_splits))
         ref, lse = varlen_attn_reference(q, k, v, cu_q, cu_k, scale=scale, window_size=window,
                                          return_lse=True, seqused_k=seqused_k,
                                          block_table=block_table)
@@ -443,6 +444,7 @@ def test_out_variant_writes_into_out(kernels):
     out = packed[:, 1]  # a strided view: written in place
     lse = _provider.flash_attention_forward_no_dropout_inplace(
         out, q, k, v, cu, cu, 6, 6, 0.0, True, False, num_splits=1)
+    assert kernels.forward_calls[-1]["num_splits"] == 1  # aten's 0 or None would be None
     ref, ref_lse = varlen_attn_reference(q, k, v, cu, cu, causal=True, return_lse=True)
     assert (packed[:, 1].double() - ref).abs().max() < 4e-3
     assert not packed[:, 0].any() and not packed[:, 2].any()
