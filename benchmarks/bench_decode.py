@@ -274,14 +274,20 @@ def make_paged_inputs(contiguous, page_size, seed=0, chunk_rows=1 << 20):
 # Methods: one prepare function per library serves both layouts
 # --------------------------------------------------------------------------------------------
 
-def _cupy_kernel_note(q, head_dim, paged=False):
-    if not q.is_cuda:
-        return ""
-    from cupy_varlen import _api, _spec
+def _cupy_plan_note(q, k, v, cu_q, cu_k, max_k, used, block_table):
+    """What the launch plan of the call below runs (after one call has made it)."""
+    from cupy_varlen import _api, _launch
 
-    arch = _api._device_arch(q.device.index if q.device.index is not None else 0)
-    spec = _spec.choose_fwd_spec("bf16", head_dim, True, arch, "auto", paged=paged)
-    return f"{spec.kernel} kernel{' (paged gather)' if paged else ''}"
+    key = _api._forward_key(q, k, v, cu_q, cu_k, None, 1, max_k, True, None, (-1, -1), False,
+                            False, False, used, block_table)
+    plan = None if key is None else _api._forward_plans.get(key[0])
+    if plan is None or plan.launch is None:
+        return ""
+    gather = ", paged gather" if block_table is not None else ""
+    launch = plan.launch
+    if isinstance(launch, _launch.DecodeLaunch):
+        return f"decode tiles ({launch.spec.kernel} family{gather}), {launch.splits} split(s)"
+    return f"{launch.spec.kernel} kernel{gather}"
 
 
 def prepare_cupy_varlen(inp):
@@ -299,8 +305,11 @@ def prepare_cupy_varlen(inp):
         return cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, max_k, causal=True,
                                        seqused_k=used, **kwargs)
 
-    return bv.Prepared(fn, unpack=lambda out: out,
-                       note=_cupy_kernel_note(q, inp.cfg.head_dim, inp.block_table is not None))
+    note = ""
+    if q.is_cuda:
+        fn()  # makes the launch plan the note describes
+        note = _cupy_plan_note(q, k, v, cu_q, cu_k, max_k, used, kwargs.get("block_table"))
+    return bv.Prepared(fn, unpack=lambda out: out, note=note)
 
 
 def _package_version(dist):

