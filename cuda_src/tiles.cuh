@@ -118,13 +118,33 @@ CV_DEVICE void load_rows_async(u32 smem_base, RowPtr row_ptr, const u16* any_val
 
 // load_tile_async for keys that live in the pages of a paged cache: tile row r is the sequence's key
 // key0 + r, row (key0 + r) % page_size of page table[(key0 + r) / page_size]; `pool` points at the
-// head's elements of page 0, row 0. Rows at or past rows_valid are zero-filled without reading the
-// table or the pool, so no page past the sequence's count is touched. One division per row: the
-// gather path for any page size.
+// head's elements of page 0, row 0; key0 is a multiple of kRows (a tile's start). Rows at or past
+// rows_valid are zero-filled without reading the table or the pool, so no page past the sequence's
+// count is touched. Where pages hold whole tiles, one lookup serves the tile and its rows are
+// evenly spaced (load_tile_async); otherwise a lookup per row, by shift and mask for power-of-two
+// page sizes (a division per row costs more issue slots than the rest of the decode loop).
 template <int kRows, int kHeadDim, int kThreads>
 CV_DEVICE void load_tile_paged_async(u32 smem_base, const u16* pool, i64 page_stride,
                                      i64 row_stride, const int* table, int page_size, int key0,
                                      int rows_valid, int chunks_valid, int tid) {
+  if (page_size % kRows == 0) {
+    const int page = __ldg(table + key0 / page_size);
+    load_tile_async<kRows, kHeadDim, kThreads>(
+        smem_base, pool + page * page_stride + (key0 % page_size) * row_stride, row_stride,
+        rows_valid, chunks_valid, tid);
+    return;
+  }
+  if ((page_size & (page_size - 1)) == 0) {
+    const int shift = __ffs(page_size) - 1, mask = page_size - 1;
+    load_rows_async<kRows, kHeadDim, kThreads>(
+        smem_base,
+        [&](int row) {
+          const int key = key0 + row;
+          return pool + __ldg(table + (key >> shift)) * page_stride + (key & mask) * row_stride;
+        },
+        pool, rows_valid, chunks_valid, tid);
+    return;
+  }
   load_rows_async<kRows, kHeadDim, kThreads>(
       smem_base,
       [&](int row) {
