@@ -117,9 +117,11 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         cu_seqlens_q, cu_seqlens_k: int32 offsets on the same device; sequences may be empty.
             They are never read on the host.
         max_seqlen_q, max_seqlen_k: Python ints, at least the longest sequence. They are checked
-            for type only (against cu_seqlens with ``check_inputs=True``); the grid is sized from
-            the token totals, so a loose (or even too small) value never changes the result or
-            costs much.
+            for type only (against cu_seqlens with ``check_inputs=True``). The prefill grids are
+            sized from the token totals; decode-shaped calls (see ``num_splits``) take their grid
+            and split count from them, and their CTAs stride over query tiles the grid missed, so
+            a loose (or even too small) value never loses a row: it moves speed and the last bits
+            at most.
         causal: mask keys after the query's position, aligned bottom-right: query i of a
             sequence with lengths (Lq, Lk) sees key j iff j <= i + Lk - Lq.
         scale: softmax scale, a finite positive float; default ``1/sqrt(D)``.
