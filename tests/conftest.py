@@ -264,13 +264,15 @@ def autograd_grads(q, k, v, cu_q, cu_k, dout, *, max_q, max_k, **kw):
 
 
 def functional_grads(q, k, v, cu_q, cu_k, dout, *, max_q, max_k, causal=False, scale=None,
-                     window_size=(-1, -1), deterministic=False, dq=None, dk=None, dv=None):
+                     window_size=(-1, -1), deterministic=False, dq=None, dk=None, dv=None,
+                     num_splits=None):
     """(dq, dk, dv) of cupy_varlen.varlen_attn_backward, with out and lse from the forward."""
     import cupy_varlen
 
     q, k, v = (x.detach() for x in (q, k, v))
     out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal,
-                                       scale=scale, window_size=window_size, return_lse=True)
+                                       scale=scale, window_size=window_size, return_lse=True,
+                                       num_splits=num_splits)
     return cupy_varlen.varlen_attn_backward(
         dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale,
         window_size=window_size, deterministic=deterministic, dq=dq, dk=dk, dv=dv)

@@ -154,11 +154,21 @@ def test_out_strided_view_touches_nothing_else():
 
 
 def test_max_seqlen_does_not_change_results():
+    """The prefill grids come from the token totals: a loose max_seqlen changes no bit, nor does a
+    too small one with num_splits=1. Without it, a max_seqlen_q of 1 selects the decode tiles,
+    sized for one query row per sequence: their CTAs stride over the rest, so every row is still
+    computed (NaN-poisoned output, against the reference)."""
     q, k, v, cu_q, cu_k = make_packed(RAGGED, head_dim=64, seed=9)
-    base = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 513, 513)
-    loose = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 10**6, 10**6)
-    tight_wrong = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, 1)
-    assert torch.equal(base, loose) and torch.equal(base, tight_wrong)
+
+    def attn(max_seqlen, num_splits):
+        return cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_seqlen, max_seqlen,
+                                       num_splits=num_splits)
+
+    # (num_splits=1 also leaves out the tiles chosen from the batch's mean length: its own base.)
+    for num_splits in (None, 1):
+        assert torch.equal(attn(513, num_splits), attn(10**6, num_splits))
+    assert torch.equal(attn(513, 1), attn(1, 1))
+    check_forward(q, k, v, cu_q, cu_k, max_q=1, max_k=1, compare_torch=False)
 
 
 def test_deterministic_bitwise():
