@@ -251,6 +251,14 @@ def _check_num_splits(num_splits):
     return int(num_splits) or None
 
 
+def _require_device(query, *tensors):
+    """Raises Unsupported where the tensors (None entries skipped) are not on a device the
+    kernels serve."""
+    reason = _device_unsupported(query, [t for t in tensors if t is not None])
+    if reason is not None:
+        raise Unsupported(reason)
+
+
 def _deterministic() -> bool:
     return (torch.are_deterministic_algorithms_enabled()
             and not torch.is_deterministic_algorithms_warn_only_enabled())
@@ -300,11 +308,7 @@ def _forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, i
     num_splits = _check_num_splits(num_splits)
     if dense and (seqused_k is not None or block_table is not None or cum_seq_k is not None):
         raise Unsupported("seqused_k, block_table or cum_seq_k with dense (4-D) inputs")
-    tensors = [t for t in (query, key, value, cum_seq_q, cum_seq_k, seqused_k, block_table, out)
-               if t is not None]
-    reason = _device_unsupported(query, tensors)
-    if reason is not None:
-        raise Unsupported(reason)
+    _require_device(query, query, key, value, cum_seq_q, cum_seq_k, seqused_k, block_table, out)
     window = _window(window_size_left, window_size_right, is_causal)
     if out is None:
         out = torch.empty_like(query)
@@ -341,11 +345,7 @@ def _backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
     _check_scale(scale)
     if logsumexp.dtype != torch.float32:
         raise Unsupported(f"a {logsumexp.dtype} logsumexp (float32 only)")
-    tensors = [t for t in (grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k)
-               if t is not None]
-    reason = _device_unsupported(query, tensors)
-    if reason is not None:
-        raise Unsupported(reason)
+    _require_device(query, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k)
     window = _window(window_size_left, window_size_right, is_causal)
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     deterministic = _deterministic()

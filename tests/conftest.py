@@ -69,6 +69,22 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ERROR_FLOOR = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
+def capture_graph(step, warmup=2):
+    """(graph, step's result inside the capture): ``step`` run ``warmup`` times on a side stream
+    first (kernels compiled, allocator pools warm: neither may happen inside a capture), then
+    captured once."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured
+
+
 def cu_seqlens(lengths, device="cuda"):
     offsets = [0]
     for n in lengths:

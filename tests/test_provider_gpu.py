@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cupy_varlen  # noqa: F401  (registers with torch's registry)
-from conftest import ERROR_FLOOR, MIN_BOUND, rel_error, requires_gpu
+from conftest import ERROR_FLOOR, MIN_BOUND, capture_graph, rel_error, requires_gpu
 from cupy_varlen import _provider
 from cupy_varlen.reference import varlen_attn_reference
 
@@ -315,15 +315,7 @@ def test_cuda_graph_capture(provider):
     def step():
         return _sdpa(*static, causal=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiles and warms the allocator outside the capture
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_graph(step)
     fresh = _dense(2, 4, 4, 512, 512, 128, seed=2)
     for dst, src in zip(static, fresh):
         dst.copy_(src)

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import cupy_varlen
-from conftest import (ERROR_FLOOR, cu_seqlens, grad_bound, make_packed, reference_grads,
-                      rel_error, requires_gpu, run_python, torch_varlen_out)
+from conftest import (ERROR_FLOOR, capture_graph, cu_seqlens, grad_bound, make_packed,
+                      reference_grads, rel_error, requires_gpu, run_python, torch_varlen_out)
 from cupy_varlen import _api, _checks, _torch, compat
 from cupy_varlen.reference import allowed_keys_mask, gather_paged_keys, varlen_attn_reference
 
@@ -951,15 +951,7 @@ def test_cuda_graph_capture_forward_backward(deterministic):
                                       deterministic=deterministic)
         return (out, *torch.autograd.grad(out, leaves, static_dout))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compiles, allocator pools) outside the capture
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_graph(step)
 
     q2, k2, v2, cu_q2, cu_k2 = make_packed(lens_b, heads=4, heads_kv=2, head_dim=64, seed=3)
     dout2 = torch.randn_like(q2)
