@@ -229,3 +229,34 @@ def test_decode_splits_from_shapes():
     assert decode_splits(8, 512, 64, slots, None) == 2
     assert decode_splits(1, 10**7, 64, 2000, None) == MAX_SPLITS
     assert decode_splits(8, 131072, 64, slots, 5) == 5  # num_splits: at most
+
+
+def test_decode_launch_grid_and_workspace():
+    """A decode launch's grid (query-tile slots x splits, K/V heads, sequences), its fp32
+    partials (split_combine.cuh's layout: the lse entries rounded up to 16 bytes, then the O rows)
+    and the combine's grid, from shapes alone; one split needs no partials."""
+    from cupy_varlen import _launch, _spec
+
+    spec = _spec.choose_fwd_spec("bf16", 128, True, "sm_90a", decode=True)
+    assert spec.decode and spec.kernel == "sm80" and "combine" in spec.entry_points
+    assert "schedule" not in spec.entry_points
+
+    def launch(batch, total_q, max_q, keys_bound, num_splits=None, heads=32, heads_kv=8):
+        strides = (heads * 128, 128)
+        return _launch.DecodeLaunch(
+            None, spec, q_strides=strides, k_strides=(heads_kv * 128, 128),
+            v_strides=(heads_kv * 128, 128), o_strides=strides, lse_head_stride=total_q,
+            total_q=total_q, batch=batch, heads=heads, heads_per_kv=heads // heads_kv,
+            head_dim=128, scale=0.1, scale_log2=0.14, window=(-1, 0), max_seqlen_q=max_q,
+            keys_bound=keys_bound, num_sms=132, num_splits=num_splits)
+
+    one = launch(1, 1, 1, 131072)
+    splits = one.splits
+    assert splits > 1 and one.grid == (splits, 8, 1)  # one 64-row slot: 4 query heads a K/V head
+    rows = splits * 1 * 32
+    assert one.workspace_entries == -(-rows // 4) * 4 + rows * 128
+    assert one.combine_grid == (8, 1)  # 32 (token, head) rows, a warp each, four a block
+    spec_rows = launch(3, 3 * 20, 20, 4096)  # 20 tokens x 4 heads: two 64-row slots
+    assert spec_rows.grid[0] == 2 * spec_rows.splits and spec_rows.grid[1:] == (8, 3)
+    single = launch(256, 256, 1, 8192)  # 2048 CTAs fill eight waves to 97%: no split
+    assert single.splits == 1 and single.workspace_entries == 0
