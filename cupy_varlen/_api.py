@@ -424,10 +424,13 @@ class _ForwardPlan:
         if launch is not None:
             # A misaligned out is computed aside and copied in.
             target = fw.empty(self.out_shape, q) if self.out_aside else result
-            workspace = fw.empty((launch.workspace_entries,), cu_q, "int32")
+            # (None where the launch needs none: an unsplit decode call skips the allocation.)
+            workspace = (fw.empty((launch.workspace_entries,), cu_q, "int32")
+                         if launch.workspace_entries else None)
             launch.launch(fw.stream_ptr(self.device), ptrs[0], ptrs[1], ptrs[2],
                           ptrs[5] if target is out else fw.ptr(target),
-                          0 if lse is None else fw.ptr(lse), ptrs[3], ptrs[4], fw.ptr(workspace),
+                          0 if lse is None else fw.ptr(lse), ptrs[3], ptrs[4],
+                          0 if workspace is None else fw.ptr(workspace),
                           ptrs[6], 0 if block_table is None else fw.ptr(block_table))
             if target is not result:
                 fw.copy_into(result, target)

@@ -217,8 +217,8 @@ class DecodeLaunch:
     heads, sequences) grid and, with more than one split, the combine. ``workspace_entries``: the
     fp32 partials' size in 4-byte entries (0: one split, no partials)."""
 
-    __slots__ = ("kernels", "spec", "grid", "workspace_entries", "scalars", "combine_grid",
-                 "combine_scalars")
+    __slots__ = ("kernels", "spec", "grid", "splits", "workspace_entries", "scalars",
+                 "combine_grid", "combine_scalars")
 
     def __init__(self, kernels, spec, *, q_strides, k_strides, v_strides, o_strides,
                  lse_head_stride: int, total_q: int, batch: int, heads: int, heads_per_kv: int,
@@ -230,8 +230,9 @@ class DecodeLaunch:
         heads_kv = heads // heads_per_kv
         # Query tiles per sequence, from max_seqlen_q; a CTA strides over more where it is loose.
         slots = max(1, -(-max_seqlen_q * heads_per_kv // spec.tiles.block_m))
-        splits = decode_splits(slots * heads_kv * batch, keys_bound, spec.tiles.block_n,
-                               num_sms * spec.tiles.min_blocks, num_splits)
+        self.splits = splits = decode_splits(slots * heads_kv * batch, keys_bound,
+                                             spec.tiles.block_n, num_sms * spec.tiles.min_blocks,
+                                             num_splits)
         self.grid = (slots * splits, heads_kv, batch)
         page_size, pages, k_page, v_page, table_stride = paged or (0, 0, 0, 0, 0)
         k_capacity = page_size * pages if paged else -1
@@ -250,15 +251,11 @@ class DecodeLaunch:
         self.combine_scalars = (o_strides[0], o_strides[1], lse_head_stride, splits, heads,
                                 total_q, head_dim)
 
-    @property
-    def splits(self) -> int:
-        return self.scalars[-3]
-
     def launch(self, stream_ptr: int, q: int, k: int, v: int, out: int, lse: int, cu_q: int,
                cu_k: int, workspace: int, seqused_k: int = 0, block_table: int = 0) -> None:
         """As ForwardLaunch.launch; ``workspace`` holds workspace_entries fp32 partials."""
         kernels, spec = self.kernels, self.spec
-        split = self.workspace_entries > 0
+        split = self.splits > 1
         gx, gy, gz = self.grid
         _SM80_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, 0, seqused_k, block_table,
                         workspace if split else 0, *self.scalars).launch(
