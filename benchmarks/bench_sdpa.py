@@ -175,14 +175,16 @@ def _timer(args):
     return lambda fn: bv.time_cuda(fn, args.runs, args.warmup)
 
 
-def _pass_fn(forward, leaves, pass_):
-    """The timed call: the forward, or the backward of one saved output with a fixed dout."""
+def _pass_fn(forward, leaves, pass_, seed):
+    """The timed call: the forward, or the backward of one saved output with a fixed dout: the
+    same dout (drawn from ``seed``) for every method, so their gradients can be compared."""
     import torch
 
     if pass_ == "fwd":
         return forward
     saved = forward()
-    dout = torch.randn_like(saved)
+    g = torch.Generator(device=saved.device).manual_seed(seed)
+    dout = torch.randn(saved.shape, device=saved.device, dtype=saved.dtype, generator=g)
     return lambda: torch.autograd.grad(saved, leaves, dout, retain_graph=True)
 
 
@@ -199,7 +201,7 @@ def time_sdpa(method, cfg, qkv, pass_, args):
             return F.scaled_dot_product_attention(*qkv, is_causal=cfg.causal)
 
     with provider_state(method == "cupy_varlen"):
-        fn = _pass_fn(forward, list(qkv), pass_)
+        fn = _pass_fn(forward, list(qkv), pass_, args.seed + 2)
         with torch.no_grad() if pass_ == "fwd" else contextlib.nullcontext():
             timing = _timer(args)(fn)
             out = fn()
@@ -227,7 +229,7 @@ def time_varlen(method, cfg, packed, pass_, args):
             return cupy_varlen.varlen_attn(q, k, v, cu, cu, length, length, causal=cfg.causal)
 
     with provider_state(method == "varlen_torch"):
-        fn = _pass_fn(forward, [q, k, v], pass_)
+        fn = _pass_fn(forward, [q, k, v], pass_, args.seed + 2)
         with torch.no_grad() if pass_ == "fwd" else contextlib.nullcontext():
             timing = _timer(args)(fn)
             out = fn()

@@ -75,3 +75,18 @@ def test_rows_table_and_speedups():
     assert rows[0]["tflops"] == pytest.approx(4 * 64 * 1024 ** 2 / 1e-3 / 1e12)
     table = bench_sdpa.rows_table(rows)
     assert "cupy_varlen" in table and "1.50" in table and "not available" in table
+
+
+def test_backward_pass_uses_one_dout_for_every_method():
+    # Each method's gradients are compared with the baseline's: they must come from the same dout.
+    torch = pytest.importorskip("torch")
+    x = torch.randn(5, 7, requires_grad=True)
+
+    def grads(forward):
+        return bench_sdpa._pass_fn(forward, [x], "bwd", seed=3)()[0]
+
+    first = grads(lambda: x * 2.0)
+    assert torch.equal(first, grads(lambda: 2.0 * x))
+    assert not torch.equal(first, bench_sdpa._pass_fn(lambda: x * 2.0, [x], "bwd", seed=4)()[0])
+    forward = x.sum
+    assert bench_sdpa._pass_fn(forward, [x], "fwd", seed=3) is forward
