@@ -80,6 +80,12 @@ constexpr int kTurnBarrier = 2;  // + consumer index
 // against 0.5k per 64 x 128 tile), so the turns only add waiting; with TMA loads the kernel ran
 // 8-10% faster without them (full attention; causal +1.5%; docs/performance.md, 2026-11-25).
 constexpr bool kTensorCoreTurns = kHeadDim > 64;
+// Where O's rescale runs: with turns, between issuing S(i+1) and P(i) V(i), which the turn keeps
+// to this warpgroup's own window on the tensor cores, so the multiplies hide behind S(i+1)'s GEMM
+// (measured +1-3% at head dim 128 on causal, GQA and skewed batches, equal on full ones); without
+// turns, in the branch-free block with the exponentials, whose issue gaps they fill (+3% full and
+// +12% causal at head dim 64; before P V's issue it gained only half of that there).
+constexpr bool kRescaleBeforeOutputGemm = kTensorCoreTurns;
 struct TensorCoreTurn {
   int wg;
   CV_DEVICE void acquire() const {
@@ -300,23 +306,25 @@ CV_DEVICE void issue_output(float (&o)[1][kDAtoms][4], const u32 (&pa)[kBlockN /
                                       kBlockN * kPanelBytes);
 }
 
-// Mask and online softmax of a finished score tile, in place (the probabilities stay fp32 until
-// the registers of the previous P are free). The output is not touched: O's rescale comes later.
-CV_DEVICE void softmax_tile(float (&s)[1][kNAtoms][4], const WorkTile& t,
+// Mask and row max of a finished score tile: the first half of the online softmax, which needs
+// neither the output nor P's registers, so it runs while P V may still be in flight.
+CV_DEVICE void mask_and_max(float (&s)[1][kNAtoms][4], const WorkTile& t,
                             const TileMaskTest<kBlockN>& mask_test, int n0, int row0, int lane,
-                            float scale_log2, OnlineSoftmax<1>& softmax, float (&correction)[1][2]) {
+                            float scale_log2, OnlineSoftmax<1>& softmax, float (&correction)[1][2],
+                            float (&max_scaled)[1][2]) {
   if (mask_test.needs_mask(n0)) apply_mask(s, row0, n0, lane, t.seq.k_len, t.band);
-  softmax.update_scores(s, scale_log2, correction);
+  softmax.update_max(s, scale_log2, correction, max_scaled);
 }
 
-// Per warpgroup, software-pipelined over key tiles in FlashAttention-3's order (intra-warpgroup
-// overlap): iteration i issues S(i+1) = Q K(i+1)^T and then O += P(i) V(i), waits for S(i+1), runs
-// the mask and softmax of S(i+1), then waits for P(i) V(i) before O's rescale and the packing of
-// P(i+1) over P(i)'s registers (the GEMM reads them until it completes). In the SASS the overlap
-// does not happen: ptxas moves the second wait above the softmax, and issuing the wgmmas already
-// blocks the warps for about the GEMMs' duration. Holding the wait below the softmax measured no
-// faster (docs/performance.md, head dim 64 section); the other consumer's GEMMs are what fill the
-// tensor cores during a softmax.
+// Per warpgroup, software-pipelined over key tiles: iteration i issues S(i+1) = Q K(i+1)^T and then
+// O += P(i) V(i), waits for S(i+1), masks it and takes its row max, then waits for P(i) V(i) and
+// exponentiates S(i+1) into P(i)'s registers, as one branch-free block with O's rescale where that
+// does not run between the two GEMMs' issue (kRescaleBeforeOutputGemm). FlashAttention-3
+// exponentiates before the second wait, but ptxas hoisted that wait above the softmax anyway, and
+// issuing the wgmmas blocks the warps for about the GEMMs' duration (docs/performance.md, head dim
+// 64 section): what overlaps a softmax is the other consumer's GEMMs. Waiting before the
+// exponentials lets the rescale's multiplies and the packs fill the issue slots between them
+// instead of following them on the critical path.
 CV_DEVICE void consume(const Params& p, const Smem& smem, int wg, int ctid) {
   const int lane = ctid & 31;
   const int warp_row0 = wg * kConsumerRows + (ctid >> 5) * 16;  // first row of this warp's 16
@@ -356,7 +364,10 @@ CV_DEVICE void consume(const Params& p, const Smem& smem, int wg, int ctid) {
       fence_registers(s);
       mbarrier_arrive(smem.k_empty(kv_pipe.index()));
       if (n_iters == 1) mbarrier_arrive(smem.q_empty());
-      softmax_tile(s, t, mask_test, n0_of(0), row0, lane, p.scale_log2, softmax, correction);
+      float max_scaled[1][2];
+      mask_and_max(s, t, mask_test, n0_of(0), row0, lane, p.scale_log2, softmax, correction,
+                   max_scaled);
+      softmax.exponentiate(s, p.scale_log2, correction, max_scaled);
       pack_a_fragments(s, pa);  // O is still 0: no rescale
     } else {
       mbarrier_arrive(smem.q_empty());
@@ -373,6 +384,7 @@ CV_DEVICE void consume(const Params& p, const Smem& smem, int wg, int ctid) {
       if (by_cp_async(it)) fence_proxy_async();
       turn.acquire();
       issue_scores(s, q_rows, smem.k(k_pipe.index()));
+      if (kRescaleBeforeOutputGemm) OnlineSoftmax<1>::rescale_always(acc_o, correction);
       issue_output(acc_o, pa, smem.v(kv_pipe.index()));
       turn.release();
 
@@ -380,19 +392,22 @@ CV_DEVICE void consume(const Params& p, const Smem& smem, int wg, int ctid) {
       fence_registers(s);
       mbarrier_arrive(smem.k_empty(k_pipe.index()));
       if (it + 2 == n_iters) mbarrier_arrive(smem.q_empty());  // that was the last read of Q
-      softmax_tile(s, t, mask_test, n0_of(it + 1), row0, lane, p.scale_log2, softmax, correction);
+      float max_scaled[1][2];
+      mask_and_max(s, t, mask_test, n0_of(it + 1), row0, lane, p.scale_log2, softmax, correction,
+                   max_scaled);
       wgmma_wait<0>();
       fence_registers(acc_o);
       fence_registers(pa);  // P(i) was live until here: its registers were the GEMM's operand
       mbarrier_arrive(smem.v_empty(kv_pipe.index()));
-      OnlineSoftmax<1>::rescale(acc_o, correction);
-      // P(i+1) is packed only now, over P(i)'s registers, which the finished GEMM has released.
-      pack_a_fragments(s, pa);
+      if (!kRescaleBeforeOutputGemm) OnlineSoftmax<1>::rescale_always(acc_o, correction);
+      softmax.exponentiate(s, p.scale_log2, correction, max_scaled);
+      pack_a_fragments(s, pa);  // over P(i)'s registers, which the finished GEMM has released
     }
     if (n_iters > 0) {  // the last P V
       kv_pipe.wait_full(smem.v_full(kv_pipe.index()));
       if (by_cp_async(it)) fence_proxy_async();
       turn.acquire();
+      if (kRescaleBeforeOutputGemm) OnlineSoftmax<1>::rescale_always(acc_o, correction);
       issue_output(acc_o, pa, smem.v(kv_pipe.index()));
       turn.release();
       wgmma_wait<0>();

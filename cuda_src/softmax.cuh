@@ -30,31 +30,71 @@ struct OnlineSoftmax {
   template <int kNAtoms>
   CV_DEVICE void update_scores(float (&s)[kMAtoms][kNAtoms][4], float scale_log2,
                                float (&correction)[kMAtoms][2]) {
+    float max_scaled[kMAtoms][2];
+    update_max(s, scale_log2, correction, max_scaled);
+    exponentiate(s, scale_log2, correction, max_scaled);
+  }
+
+  // The first half of update_scores: the new running max of each row, the correction factor for
+  // what was accumulated against the old one, and the max in exp2 units (0 for a row that has met
+  // only masked keys, whose max stays -inf: exponentiating against 0 keeps its probabilities 0
+  // instead of NaN). The tile's max is taken over four independent chains per row: the first
+  // exponential waits for it, and one chain through every atom was 2 * kNAtoms dependent FMNMX.
+  template <int kNAtoms>
+  CV_DEVICE void update_max(const float (&s)[kMAtoms][kNAtoms][4], float scale_log2,
+                            float (&correction)[kMAtoms][2], float (&max_scaled)[kMAtoms][2]) {
+    static_assert(kNAtoms >= 2, "four chains over a row's 2 * kNAtoms scores");
 #pragma unroll
     for (int m = 0; m < kMAtoms; ++m)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float tile_max = row_max[m][h];
+        float chain[4] = {s[m][0][2 * h], s[m][0][2 * h + 1], s[m][1][2 * h], s[m][1][2 * h + 1]};
 #pragma unroll
-        for (int n = 0; n < kNAtoms; ++n)
-          tile_max = fmaxf(tile_max, fmaxf(s[m][n][2 * h], s[m][n][2 * h + 1]));
-        tile_max = quad_max(tile_max);
-        // A row that has met only masked keys keeps a max of -inf; exponentiating against 0 keeps
-        // its probabilities 0 instead of NaN (-inf - -inf).
-        const float max_scaled = (tile_max == neg_inf()) ? 0.f : tile_max * scale_log2;
-        correction[m][h] = fast_exp2(row_max[m][h] * scale_log2 - max_scaled);
+        for (int n = 2; n < kNAtoms; ++n)
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+            chain[2 * (n & 1) + j] = fmaxf(chain[2 * (n & 1) + j], s[m][n][2 * h + j]);
+        float tile_max = fmaxf(fmaxf(chain[0], chain[1]), fmaxf(chain[2], chain[3]));
+        tile_max = quad_max(fmaxf(tile_max, row_max[m][h]));
+        max_scaled[m][h] = (tile_max == neg_inf()) ? 0.f : tile_max * scale_log2;
+        correction[m][h] = fast_exp2(row_max[m][h] * scale_log2 - max_scaled[m][h]);
         row_max[m][h] = tile_max;
+      }
+  }
+
+  // The second half: the probabilities against update_max's max, in place, and the row sums.
+  template <int kNAtoms>
+  CV_DEVICE void exponentiate(float (&s)[kMAtoms][kNAtoms][4], float scale_log2,
+                              const float (&correction)[kMAtoms][2],
+                              const float (&max_scaled)[kMAtoms][2]) {
+#pragma unroll
+    for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
         float tile_sum = 0.f;
 #pragma unroll
         for (int n = 0; n < kNAtoms; ++n)
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const float p = fast_exp2(fmaf(s[m][n][2 * h + j], scale_log2, -max_scaled));
+            const float p = fast_exp2(fmaf(s[m][n][2 * h + j], scale_log2, -max_scaled[m][h]));
             s[m][n][2 * h + j] = p;
             tile_sum += p;
           }
         row_sum[m][h] = row_sum[m][h] * correction[m][h] + tile_sum;
       }
+  }
+
+  // Applies the correction to the output without a branch, so that ptxas may schedule the
+  // multiplies among the exponentials or under a GEMM (rescale's vote splits the block).
+  template <int kDAtoms>
+  static CV_DEVICE void rescale_always(float (&acc_o)[kMAtoms][kDAtoms][4],
+                                       const float (&correction)[kMAtoms][2]) {
+#pragma unroll
+    for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+      for (int d = 0; d < kDAtoms; ++d)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc_o[m][d][i] *= correction[m][i / 2];
   }
 
   // Applies update_scores' correction to the output accumulator. The warp vote was meant to skip
