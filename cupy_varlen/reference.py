@@ -7,10 +7,11 @@ over sequences on the host (it reads ``cu_seqlens``, which the kernels never do)
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-__all__ = ["varlen_attn_reference", "allowed_keys_mask", "gather_paged_keys"]
+__all__ = ["varlen_attn_reference", "allowed_keys_mask", "alibi_distance", "gather_paged_keys"]
 
 
 def _as_torch(x):
@@ -37,6 +38,40 @@ def allowed_keys_mask(q_len: int, k_len: int, causal: bool, window_size, device=
     if right >= 0:
         allowed &= cols <= pos + right
     return allowed
+
+
+def alibi_distance(q_len: int, k_len: int, device=None):
+    """Integer (q_len, k_len) ``|i + k_len - q_len - j|``: how far key j lies from query row i's
+    own position, bottom-right aligned like :func:`allowed_keys_mask`; ALiBi subtracts
+    ``slope * alibi_distance`` from the scaled score."""
+    rows = torch.arange(q_len, device=device).unsqueeze(1)
+    cols = torch.arange(k_len, device=device).unsqueeze(0)
+    return (rows + (k_len - q_len) - cols).abs()
+
+
+def _score_modifiers(softcap, sinks, alibi_slopes, batch, heads, dtype, device):
+    """The modifiers checked and in compute form: (softcap as float, sinks (H,) or None,
+    alibi_slopes (B, H) or None)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"varlen_attn_reference: softcap must be a float, got "
+                        f"{type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"varlen_attn_reference: softcap must be finite and >= 0, got {softcap}")
+    if sinks is not None:
+        sinks = _as_torch(sinks)
+        if tuple(sinks.shape) != (heads,):
+            raise ValueError(f"varlen_attn_reference: sinks must have shape ({heads},) (one logit "
+                             f"per query head), got {tuple(sinks.shape)}")
+        sinks = sinks.to(device=device, dtype=dtype)
+    if alibi_slopes is not None:
+        alibi_slopes = _as_torch(alibi_slopes)
+        if tuple(alibi_slopes.shape) == (heads,):
+            alibi_slopes = alibi_slopes.unsqueeze(0).expand(batch, heads)
+        elif tuple(alibi_slopes.shape) != (batch, heads):
+            raise ValueError(f"varlen_attn_reference: alibi_slopes must have shape ({heads},) or "
+                             f"({batch}, {heads}), got {tuple(alibi_slopes.shape)}")
+        alibi_slopes = alibi_slopes.to(device=device, dtype=dtype)
+    return float(softcap), sinks, alibi_slopes
 
 
 def gather_paged_keys(pool, block_table, seqused_k):
@@ -79,6 +114,9 @@ def varlen_attn_reference(
     compute_dtype=torch.float64,
     seqused_k=None,
     block_table=None,
+    softcap: float = 0.0,
+    sinks=None,
+    alibi_slopes=None,
 ):
     """Reference attention with the same arguments as :func:`cupy_varlen.varlen_attn`.
 
@@ -93,6 +131,17 @@ def varlen_attn_reference(
     ``(num_pages, page_size, H_kv, D)`` read through :func:`gather_paged_keys`, each sequence's
     count from ``seqused_k``, from the steps of ``cu_seqlens_k`` (which may then be None), or the
     smaller of the two.
+
+    Score modifiers, in the order they apply to a scaled score ``s = scale * q.k``:
+
+    - ``softcap`` (float >= 0; 0 = off): ``s = softcap * tanh(s / softcap)`` (Gemma 2's logit cap,
+      FlashAttention's ``softcap``);
+    - ``alibi_slopes`` (``(H,)`` or ``(B, H)``): ``s -= slope * |i + L_k - L_q - j|`` for query row i
+      and key j of a sequence, bottom-right aligned like the causal mask (FlashAttention-2's
+      definition; ``L_k`` is the used key count where ``seqused_k`` cuts it);
+    - ``sinks`` (``(H,)``): one extra logit per query head in every row's softmax denominator that
+      adds nothing to the output (gpt-oss's attention sinks): ``lse`` includes it, a row with no
+      allowed key gets out 0 and ``lse = sinks[h]``, and gradients reach ``sinks`` through autograd.
     """
     if block_table is not None:
         if seqused_k is None and cu_seqlens_k is None:
@@ -114,6 +163,9 @@ def varlen_attn_reference(
     group = heads // heads_kv
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    batch = len(cu_q) - 1
+    softcap, sinks, alibi_slopes = _score_modifiers(softcap, sinks, alibi_slopes, batch, heads,
+                                                    compute_dtype, q.device)
     out = torch.zeros(total_q, heads, v.shape[2], dtype=compute_dtype, device=q.device)
     lse = torch.full((heads, total_q), -math.inf, dtype=compute_dtype, device=q.device)
     for b in range(len(cu_q) - 1):
@@ -130,9 +182,19 @@ def varlen_attn_reference(
         ks = k[k0:k1].transpose(0, 1).repeat_interleave(group, dim=0)  # (H, Lk, D)
         vs = v[k0:k1].transpose(0, 1).repeat_interleave(group, dim=0)
         scores = torch.matmul(qs, ks.transpose(1, 2)) * scale  # (H, Lq, Lk)
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        if alibi_slopes is not None:
+            scores = scores - alibi_slopes[b].view(heads, 1, 1) * alibi_distance(
+                q_len, k_len, q.device).to(compute_dtype)
         allowed = allowed_keys_mask(q_len, k_len, causal, window_size, q.device)
         scores = scores.masked_fill(~allowed, -math.inf)
-        row_lse = torch.logsumexp(scores, dim=-1)  # -inf where a row has no allowed key
+        if sinks is not None:
+            # The sink is one more column of every row's softmax that no value row stands behind.
+            sink_column = sinks.view(heads, 1, 1).expand(heads, q_len, 1)
+            row_lse = torch.logsumexp(torch.cat([scores, sink_column], dim=-1), dim=-1)
+        else:
+            row_lse = torch.logsumexp(scores, dim=-1)  # -inf where a row has no allowed key
         safe = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
         probs = torch.exp(scores - safe.unsqueeze(-1))  # exp(-inf) = 0 on masked entries
         out[q0:q1] = torch.matmul(probs, vs).transpose(0, 1)

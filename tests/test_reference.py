@@ -146,3 +146,168 @@ def test_paged_keys_reject_what_does_not_fit():
                               block_table=torch.tensor([[0, 4]], dtype=torch.int32))
     with pytest.raises(ValueError, match="needs seqused_k"):
         varlen_attn_reference(q, pool, pool, cu_q, None, block_table=table)
+
+
+# Score modifiers: logit softcap, attention sinks, ALiBi (issue "score modifiers"). The expected
+# values are built per sequence another way: a dense bias matrix, the sink as an extra softmax
+# column through F.softmax, and ALiBi through SDPA's float attn_mask where no other modifier is on.
+
+
+def modified_per_sequence(q, k, v, cu_q, cu_k, *, causal=False, window=(-1, -1), scale=None,
+                          softcap=0.0, sinks=None, slopes=None):
+    """(out, lse) with every modifier, sequence by sequence: softmax over [scores, sink]."""
+    heads, group = q.shape[1], q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        qs = q[cu_q[b]:cu_q[b + 1]]
+        ks = k[cu_k[b]:cu_k[b + 1]].repeat_interleave(group, 1)
+        vs = v[cu_k[b]:cu_k[b + 1]].repeat_interleave(group, 1)
+        lq, lk = qs.shape[0], ks.shape[0]
+        s = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        if slopes is not None:
+            pos = torch.arange(lq).view(-1, 1) + (lk - lq)
+            dist = (torch.arange(lk).view(1, -1) - pos).abs().to(s.dtype)
+            s = s - (slopes[b] if slopes.dim() == 2 else slopes).view(-1, 1, 1) * dist
+        s = s.masked_fill(~allowed_keys_mask(lq, lk, causal, window), -math.inf)
+        sink = (torch.full((heads,), -math.inf, dtype=s.dtype) if sinks is None else sinks)
+        full = torch.cat([s, sink.view(-1, 1, 1).expand(heads, lq, 1)], dim=-1)
+        lse = torch.logsumexp(full, -1)
+        p = torch.nan_to_num(F.softmax(full, dim=-1), nan=0.0)[..., :lk]  # a row of -inf: 0
+        outs.append(torch.einsum("hqk,khd->qhd", p, vs))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+MODIFIER_LENS = ([5, 17, 1, 0, 9], [9, 17, 4, 3, 0])  # Lq != Lk, a sequence without keys or rows
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (3, 2))])
+def test_softcap_caps_the_scaled_scores(causal, window):
+    q, k, v, cu_q, cu_k = packed(*MODIFIER_LENS, heads_kv=2)
+    q = q * 8  # logits in the tens, where the cap bends them
+    got, lse = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=causal, window_size=window,
+                                     softcap=5.0, return_lse=True)
+    expect, expect_lse = modified_per_sequence(q, k, v, cu_q, cu_k, causal=causal, window=window,
+                                               softcap=5.0)
+    torch.testing.assert_close(got, expect)
+    torch.testing.assert_close(lse, expect_lse)
+    plain = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=causal, window_size=window)
+    assert (got - plain).abs().max() > 1e-2  # the cap changed something
+    torch.testing.assert_close(  # and a cap far above every logit changes nothing
+        varlen_attn_reference(q, k, v, cu_q, cu_k, causal=causal, window_size=window,
+                              softcap=1e6), plain, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi_matches_sdpa_with_the_bias_as_mask(per_sequence, causal):
+    lens_q, lens_k = [5, 17, 3], [9, 17, 3]
+    q, k, v, cu_q, cu_k = packed(lens_q, lens_k, heads_kv=2)
+    g = torch.Generator().manual_seed(7)
+    slopes = torch.rand((3, 4) if per_sequence else (4,), generator=g, dtype=torch.float64)
+    got = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=causal, alibi_slopes=slopes)
+    outs = []
+    for b in range(3):
+        qs = q[cu_q[b]:cu_q[b + 1]].transpose(0, 1)
+        ks = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1).repeat_interleave(2, 0)
+        vs = v[cu_k[b]:cu_k[b + 1]].transpose(0, 1).repeat_interleave(2, 0)
+        lq, lk = lens_q[b], lens_k[b]
+        slope = (slopes[b] if per_sequence else slopes).view(4, 1, 1)
+        dist = torch.tensor([[abs(i + lk - lq - j) for j in range(lk)] for i in range(lq)],
+                            dtype=torch.float64)
+        bias = (-slope * dist).masked_fill(~allowed_keys_mask(lq, lk, causal, (-1, -1)),
+                                           -math.inf)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias).transpose(0, 1))
+    torch.testing.assert_close(got, torch.cat(outs))
+
+
+def test_alibi_distance_is_bottom_right_aligned():
+    from cupy_varlen.reference import alibi_distance
+
+    assert alibi_distance(2, 4).tolist() == [[2, 1, 0, 1], [3, 2, 1, 0]]
+    assert alibi_distance(3, 3).diagonal().eq(0).all()
+
+
+def test_sinks_join_the_denominator_only():
+    q, k, v, cu_q, cu_k = packed(*MODIFIER_LENS, heads_kv=2)
+    sinks = torch.tensor([0.5, -1.0, 3.0, -math.inf], dtype=torch.float64)
+    got, lse = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=True, sinks=sinks,
+                                     return_lse=True)
+    expect, expect_lse = modified_per_sequence(q, k, v, cu_q, cu_k, causal=True, sinks=sinks)
+    torch.testing.assert_close(got, expect)
+    torch.testing.assert_close(lse, expect_lse)
+    # The output is the plain one scaled down by the weight the sink took from each row.
+    plain, plain_lse = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+    kept = torch.exp(plain_lse - lse).transpose(0, 1).unsqueeze(-1)  # (total_q, H, 1)
+    torch.testing.assert_close(got, torch.nan_to_num(plain * kept, nan=0.0))
+    # Rows with no allowed key: output 0, lse the sink itself (finite unless the sink is -inf).
+    empty_rows = torch.arange(int(cu_q[-2]), int(cu_q[-1]))  # the last sequence has no keys
+    assert (got[empty_rows] == 0).all()
+    torch.testing.assert_close(lse[:3, empty_rows],
+                               sinks[:3].view(3, 1).expand(3, len(empty_rows)))
+    assert (lse[3, empty_rows] == -math.inf).all()
+
+
+def test_sinks_gradient():
+    """dsinks[h] = -sum over the head's rows of p_sink * (dout . out): checked against autograd,
+    and autograd against finite differences."""
+    q, k, v, cu_q, cu_k = packed([4, 7], [6, 7], heads=2, head_dim=8)
+    sinks = torch.tensor([0.3, -0.7], dtype=torch.float64, requires_grad=True)
+    out, lse = varlen_attn_reference(q, k, v, cu_q, cu_k, causal=True, sinks=sinks,
+                                     return_lse=True)
+    dout = torch.randn_like(out)
+    (dsinks,) = torch.autograd.grad(out, sinks, dout)
+    p_sink = torch.exp(sinks.detach().view(2, 1) - lse.detach())  # (H, total_q)
+    delta = (dout * out.detach()).sum(-1).transpose(0, 1)  # (H, total_q)
+    torch.testing.assert_close(dsinks, -(p_sink * delta).sum(1))
+    torch.autograd.gradcheck(
+        lambda s, qq: varlen_attn_reference(qq, k, v, cu_q, cu_k, causal=True, sinks=s),
+        (sinks, q.clone().requires_grad_()))
+
+
+def test_every_modifier_with_windows_gqa_and_paged_keys():
+    q, k, v, cu_q, cu_k = packed(*MODIFIER_LENS, heads=4, heads_kv=1)
+    g = torch.Generator().manual_seed(3)
+    mods = dict(softcap=2.0, sinks=torch.randn(4, generator=g, dtype=torch.float64),
+                alibi_slopes=torch.rand(5, 4, generator=g, dtype=torch.float64))
+    got, lse = varlen_attn_reference(q * 4, k, v, cu_q, cu_k, window_size=(4, 1),
+                                     return_lse=True, **mods)
+    expect, expect_lse = modified_per_sequence(q * 4, k, v, cu_q, cu_k, window=(4, 1),
+                                               softcap=2.0, sinks=mods["sinks"],
+                                               slopes=mods["alibi_slopes"])
+    torch.testing.assert_close(got, expect)
+    torch.testing.assert_close(lse, expect_lse)
+    # The same keys through a paged cache with pages of 2 (and seqused_k equal to the lengths).
+    page, counts = 2, MODIFIER_LENS[1]
+    pages = [-(-n // page) for n in counts]
+    table = torch.zeros(len(counts), max(pages), dtype=torch.int32)
+    k_pool = torch.zeros(sum(pages), page, 1, q.shape[-1], dtype=torch.float64)
+    v_pool = torch.zeros_like(k_pool)
+    next_page = 0
+    for b, n in enumerate(counts):
+        for j in range(pages[b]):
+            rows = slice(cu_k[b] + j * page, cu_k[b] + min(n, (j + 1) * page))
+            k_pool[next_page, :rows.stop - rows.start] = k[rows]
+            v_pool[next_page, :rows.stop - rows.start] = v[rows]
+            table[b, j] = next_page
+            next_page += 1
+    paged = varlen_attn_reference(q * 4, k_pool, v_pool, cu_q, None, window_size=(4, 1),
+                                  seqused_k=torch.tensor(counts, dtype=torch.int32),
+                                  block_table=table, **mods)
+    torch.testing.assert_close(paged, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(softcap=-1.0), ValueError, "softcap must be finite and >= 0"),
+    (dict(softcap=math.nan), ValueError, "softcap must be finite"),
+    (dict(softcap=True), TypeError, "softcap must be a float"),
+    (dict(sinks=torch.zeros(3)), ValueError, r"sinks must have shape \(4,\)"),
+    (dict(alibi_slopes=torch.zeros(4, 4)), ValueError, r"alibi_slopes must have shape \(4,\) or \(2, 4\)"),
+])
+def test_modifier_arguments_are_checked(kwargs, error, match):
+    q, k, v, cu_q, cu_k = packed([3, 2], [3, 2])
+    with pytest.raises(error, match=match):
+        varlen_attn_reference(q, k, v, cu_q, cu_k, **kwargs)
