@@ -26,20 +26,30 @@ struct OnlineSoftmax {
 
   // Turns the score tile into probabilities (relative to the new running max) in place and
   // returns, per row, the factor that brings output accumulated so far to that max. Does not touch
-  // the output, so it may run while a GEMM is still accumulating into it.
+  // the output, so it may run while a GEMM is still accumulating into it. Row by row, each row's
+  // max as one FMNMX chain: the sm80 family's register budget is tuned to this form (four chains
+  // spill 4 bytes in its head-dim-128 windowed paged tile on sm_90a); update_max and exponentiate
+  // are the two halves for kernels that split them.
   template <int kNAtoms>
   CV_DEVICE void update_scores(float (&s)[kMAtoms][kNAtoms][4], float scale_log2,
                                float (&correction)[kMAtoms][2]) {
-    float max_scaled[kMAtoms][2];
-    update_max(s, scale_log2, correction, max_scaled);
-    exponentiate(s, scale_log2, correction, max_scaled);
+#pragma unroll
+    for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float tile_max = row_max[m][h];
+#pragma unroll
+        for (int n = 0; n < kNAtoms; ++n)
+          tile_max = fmaxf(tile_max, fmaxf(s[m][n][2 * h], s[m][n][2 * h + 1]));
+        const float max_scaled = advance_max(m, h, quad_max(tile_max), scale_log2, correction);
+        exponentiate_row(s, m, h, scale_log2, correction, max_scaled);
+      }
   }
 
-  // The first half of update_scores: the new running max of each row, the correction factor for
-  // what was accumulated against the old one, and the max in exp2 units (0 for a row that has met
-  // only masked keys, whose max stays -inf: exponentiating against 0 keeps its probabilities 0
-  // instead of NaN). The tile's max is taken over four independent chains per row: the first
-  // exponential waits for it, and one chain through every atom was 2 * kNAtoms dependent FMNMX.
+  // The first half of the online softmax for a whole tile: the new running max of each row, the
+  // correction for what was accumulated against the old one, and the max in exp2 units. The
+  // tile's max is taken over four independent chains per row: the first exponential waits for
+  // it, and one chain through every atom is 2 * kNAtoms dependent FMNMX.
   template <int kNAtoms>
   CV_DEVICE void update_max(const float (&s)[kMAtoms][kNAtoms][4], float scale_log2,
                             float (&correction)[kMAtoms][2], float (&max_scaled)[kMAtoms][2]) {
@@ -54,11 +64,9 @@ struct OnlineSoftmax {
 #pragma unroll
           for (int j = 0; j < 2; ++j)
             chain[2 * (n & 1) + j] = fmaxf(chain[2 * (n & 1) + j], s[m][n][2 * h + j]);
-        float tile_max = fmaxf(fmaxf(chain[0], chain[1]), fmaxf(chain[2], chain[3]));
-        tile_max = quad_max(fmaxf(tile_max, row_max[m][h]));
-        max_scaled[m][h] = (tile_max == neg_inf()) ? 0.f : tile_max * scale_log2;
-        correction[m][h] = fast_exp2(row_max[m][h] * scale_log2 - max_scaled[m][h]);
-        row_max[m][h] = tile_max;
+        const float tile_max = fmaxf(fmaxf(chain[0], chain[1]), fmaxf(chain[2], chain[3]));
+        max_scaled[m][h] = advance_max(m, h, quad_max(fmaxf(tile_max, row_max[m][h])),
+                                       scale_log2, correction);
       }
   }
 
@@ -70,18 +78,35 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int m = 0; m < kMAtoms; ++m)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float tile_sum = 0.f;
+      for (int h = 0; h < 2; ++h)
+        exponentiate_row(s, m, h, scale_log2, correction, max_scaled[m][h]);
+  }
+
+  // Row (m, h) takes the new max (over the old one and the tile, quad-reduced): the correction
+  // factor for the old accumulation, and the max in exp2 units. A row that has met only masked
+  // keys keeps a max of -inf; exponentiating against 0 keeps its probabilities 0 instead of NaN
+  // (-inf - -inf).
+  CV_DEVICE float advance_max(int m, int h, float tile_max, float scale_log2,
+                              float (&correction)[kMAtoms][2]) {
+    const float max_scaled = (tile_max == neg_inf()) ? 0.f : tile_max * scale_log2;
+    correction[m][h] = fast_exp2(row_max[m][h] * scale_log2 - max_scaled);
+    row_max[m][h] = tile_max;
+    return max_scaled;
+  }
+
+  template <int kNAtoms>
+  CV_DEVICE void exponentiate_row(float (&s)[kMAtoms][kNAtoms][4], int m, int h, float scale_log2,
+                                  const float (&correction)[kMAtoms][2], float max_scaled) {
+    float tile_sum = 0.f;
 #pragma unroll
-        for (int n = 0; n < kNAtoms; ++n)
+    for (int n = 0; n < kNAtoms; ++n)
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const float p = fast_exp2(fmaf(s[m][n][2 * h + j], scale_log2, -max_scaled[m][h]));
-            s[m][n][2 * h + j] = p;
-            tile_sum += p;
-          }
-        row_sum[m][h] = row_sum[m][h] * correction[m][h] + tile_sum;
+      for (int j = 0; j < 2; ++j) {
+        const float p = fast_exp2(fmaf(s[m][n][2 * h + j], scale_log2, -max_scaled));
+        s[m][n][2 * h + j] = p;
+        tile_sum += p;
       }
+    row_sum[m][h] = row_sum[m][h] * correction[m][h] + tile_sum;
   }
 
   // Applies the correction to the output without a branch, so that ptxas may schedule the
