@@ -8,10 +8,11 @@ Public API:
                          deterministic=False, dq=None, dk=None, dv=None) -> (dq, dk, dv)
     compat.varlen_attn(...)               torch.nn.attention.varlen's signature
     reference.varlen_attn_reference(...)  float64 reference with the same arguments
+    distributed.varlen_attn_cp(...)       context parallelism on torch.distributed
 
 ``import cupy_varlen`` does not import torch, so CuPy-only use never pays for it: torch comes in
-with the first torch tensor a call receives, or with ``compat`` and ``reference`` (attributes that
-import their module on first access).
+with the first torch tensor a call receives, or with ``compat``, ``reference`` and ``distributed``
+(attributes that import their module on first access).
 
 With torch 2.11 or later, cupy_varlen is also a flash-attention implementation for torch's
 dispatcher: ``torch.nn.attention.activate_flash_attention_impl("cupy_varlen")`` puts every caller
@@ -26,7 +27,7 @@ from ._registration import register_if_torch_loaded as _register_if_torch_loaded
 __version__ = "0.1.0"
 __all__ = ["varlen_attn", "varlen_attn_backward", "reference", "__version__"]
 
-_LAZY_SUBMODULES = ("compat", "reference")  # both import torch
+_LAZY_SUBMODULES = ("compat", "reference", "distributed")  # all import torch
 
 # torch's flash-attention registry learns the name "cupy_varlen" (never activated here). Only
 # when torch is already imported: this import must not bring torch in.

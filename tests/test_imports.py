@@ -1,8 +1,9 @@
 """What importing cupy_varlen costs and pulls in (CPU, each in a fresh interpreter).
 
 CuPy-only users must not pay for torch: ``import cupy_varlen`` leaves torch unimported, and a call
-on CuPy (or any non-torch) arrays keeps it that way. torch comes with ``compat``, ``reference`` and
-the first torch tensor. The package's modules import each other without a cycle.
+on CuPy (or any non-torch) arrays keeps it that way. torch comes with ``compat``, ``reference``,
+``distributed`` and the first torch tensor. The package's modules import each other without a
+cycle.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def test_import_after_torch_registers_the_flash_attention_impl_without_loading_i
         assert out.split() == ["True", "False", "None"]
 
 
-@pytest.mark.parametrize("attribute", ["compat", "reference"])
+@pytest.mark.parametrize("attribute", ["compat", "reference", "distributed"])
 def test_lazy_submodules_import_torch_on_access(attribute):
     run_python(
         "import sys, cupy_varlen\n"

@@ -1,0 +1,155 @@
+"""Context parallelism (cupy_varlen.distributed) on CPU processes: the zigzag sharding, and
+varlen_attn_cp's forward and backward against one-process attention, with gloo collectives and the
+float64 reference in place of the kernel."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cupy_varlen.distributed import _key_span, shard_plan, varlen_attn_cp
+from cupy_varlen.reference import allowed_keys_mask, varlen_attn_reference
+
+
+def offsets(lengths):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return cu
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_zigzag_chunks_partition_every_document(world):
+    lengths = [0, 1, 3, 7, 8, 64, 1000]
+    cu = offsets(lengths)
+    owner = {}
+    for rank in range(world):
+        plan = shard_plan(cu, world, rank)
+        assert len(plan.chunks) == 2 * len(lengths)
+        assert plan.local_tokens == len(plan.positions) == len(plan.global_rows())
+        assert plan.max_local_tokens >= plan.local_tokens
+        for row in plan.global_rows():
+            assert row not in owner
+            owner[row] = rank
+        for doc, (first, second) in enumerate(zip(plan.chunks[::2], plan.chunks[1::2])):
+            n = lengths[doc]
+            assert (first.start, first.end) == (rank * n // (2 * world),
+                                                (rank + 1) * n // (2 * world))
+            c = 2 * world - 1 - rank
+            assert (second.start, second.end) == (c * n // (2 * world), (c + 1) * n // (2 * world))
+    assert sorted(owner) == list(range(cu[-1]))  # every token on exactly one rank
+    assert max(shard_plan(cu, world, r).local_tokens for r in range(world)) == \
+        shard_plan(cu, world, 0).max_local_tokens
+
+
+def test_zigzag_balances_causal_work():
+    cu = offsets([4096, 1024, 8192])
+    work = []
+    for rank in range(4):
+        plan = shard_plan(cu, 4, rank)
+        work.append(sum(p + 1 for p in plan.positions))  # keys a causal row sees
+    assert max(work) / min(work) < 1.01
+
+
+def test_plan_arguments_are_checked():
+    with pytest.raises(ValueError, match="start at 0 and never decrease"):
+        shard_plan([0, 5, 3], 2, 0)
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        shard_plan([0, 5], 2, 2)
+    with pytest.raises(TypeError, match="world_size must be an int"):
+        shard_plan([0, 5], 2.0, 0)
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        shard_plan(torch.tensor([0.0, 5.0]), 2, 0)
+    assert shard_plan(torch.tensor([0, 5], dtype=torch.int32), 2, 1).cu_seqlens == (0, 5)
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (5, -1)),
+                                           (False, (5, 3)), (False, (-1, 2)), (False, (4, -1))])
+def test_key_span_allows_what_the_window_allows(causal, window):
+    """A chunk run against keys [first, end) with the effective window allows every query exactly
+    the keys one-GPU attention allows it at its document position (brute force)."""
+    plan = shard_plan(offsets([23]), 3, 1)
+    full = allowed_keys_mask(23, 23, causal, window)
+    for chunk in plan.chunks:
+        if chunk.end == chunk.start:
+            continue
+        first, end, eff = _key_span(chunk, causal, window)
+        got = allowed_keys_mask(chunk.end - chunk.start, end - first, False, eff)
+        expect = full[chunk.start:chunk.end, first:end]
+        assert torch.equal(got, expect), (chunk, eff)
+        assert not full[chunk.start:chunk.end, :first].any()
+        assert not full[chunk.start:chunk.end, end:].any()
+
+
+# With processes: gloo on CPU, the float64 reference as the kernel.
+
+SCENARIOS = [
+    # (document lengths, heads, heads_kv, causal, window)
+    ([37, 5, 0, 64, 3], 4, 2, True, (-1, -1)),    # documents shorter than 2 x world, an empty one
+    ([37, 5, 0, 64, 3], 4, 4, False, (-1, -1)),
+    ([50, 19], 2, 1, True, (7, -1)),
+    ([50, 19], 2, 2, False, (6, 4)),
+    ([2, 1], 2, 2, True, (-1, -1)),                # some ranks hold no token at all
+]
+
+
+def _rank_main(rank, world, init_file, scenarios):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        for lengths, heads, heads_kv, causal, window in scenarios:
+            _check_scenario(rank, world, lengths, heads, heads_kv, causal, window)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_scenario(rank, world, lengths, heads, heads_kv, causal, window):
+    g = torch.Generator().manual_seed(len(lengths) * 100 + heads)  # the same batch on every rank
+    cu = offsets(lengths)
+    total, dim = cu[-1], 8
+    q, dout = (torch.randn(total, heads, dim, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(total, heads_kv, dim, generator=g, dtype=torch.float64) for _ in range(2))
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    expect = varlen_attn_reference(*leaves, cu_t, cu_t, causal=causal, window_size=window)
+    expect_grads = torch.autograd.grad(expect, leaves, dout)
+
+    plan = shard_plan(cu, world, rank)
+    local = [plan.shard(x).requires_grad_() for x in (q, k, v)]
+    out = varlen_attn_cp(*local, cu, max(lengths), causal=causal, window_size=window,
+                         attn_fn=varlen_attn_reference)
+    torch.testing.assert_close(out, plan.shard(expect.detach()))
+    (out * plan.shard(dout)).sum().backward()
+    for name, leaf, grad in zip("qkv", local, expect_grads):
+        torch.testing.assert_close(leaf.grad, plan.shard(grad), msg=lambda m: f"d{name}: {m}")
+    torch.testing.assert_close(plan.unshard(out.detach()), expect.detach())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_cp_forward_and_backward_equal_one_process(world):
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        mp.spawn(_rank_main, args=(world, init_file, SCENARIOS), nprocs=world, join=True)
+
+
+def test_cp_checks_its_shards():
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'init')}",
+                                rank=0, world_size=1)
+        try:
+            q = torch.zeros(4, 2, 8, dtype=torch.float64)
+            with pytest.raises(ValueError, match=r"q must be \(local tokens = 5"):
+                varlen_attn_cp(q, q, q, [0, 5], attn_fn=varlen_attn_reference)
+            with pytest.raises(ValueError, match="max_seqlen=3 is below the longest"):
+                varlen_attn_cp(q, q, q, [0, 4], 3, attn_fn=varlen_attn_reference)
+            with pytest.raises(ValueError, match="k and v must have one shape"):
+                varlen_attn_cp(q, q, q[:, :1], [0, 4], attn_fn=varlen_attn_reference)
+        finally:
+            dist.destroy_process_group()
