@@ -4,9 +4,7 @@ float64 reference in place of the kernel."""
 
 from __future__ import annotations
 
-import math
 import os
-import random
 import tempfile
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import MIN_BOUND, make_packed, reference_grads, rel_error, requires_gpu
 from cupy_varlen.distributed import _key_span, shard_plan, varlen_attn_cp
 from cupy_varlen.reference import allowed_keys_mask, varlen_attn_reference
 
@@ -153,3 +152,35 @@ def test_cp_checks_its_shards():
                 varlen_attn_cp(q, q, q[:, :1], [0, 4], attn_fn=varlen_attn_reference)
         finally:
             dist.destroy_process_group()
+
+
+# On one GPU: a group of one rank (NCCL), the real kernels, each document's two chunks as two
+# sequences of the calls, against varlen_attn on the whole batch and the float64 reference.
+
+
+@requires_gpu
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (False, (96, 40))])
+def test_cp_of_one_rank_on_the_gpu(causal, window):
+    import cupy_varlen
+
+    lengths = [1000, 7, 0, 300, 2048]
+    q, k, v, cu, _ = make_packed(lengths, heads=8, heads_kv=2, head_dim=128)
+    dout = torch.randn_like(q)
+    ref = varlen_attn_reference(q, k, v, cu, cu, causal=causal, window_size=window)
+    ref_grads = reference_grads(q, k, v, cu, cu, dout, causal=causal, window_size=window)
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("nccl", init_method=f"file://{os.path.join(tmp, 'init')}",
+                                rank=0, world_size=1)
+        try:
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            out = varlen_attn_cp(*leaves, cu.cpu(), causal=causal, window_size=window)
+            grads = torch.autograd.grad(out, leaves, dout)
+        finally:
+            dist.destroy_process_group()
+    direct = [x.clone().requires_grad_() for x in (q, k, v)]
+    out_direct = cupy_varlen.varlen_attn(*direct, cu, cu, max(lengths), max(lengths),
+                                         causal=causal, window_size=window)
+    grads_direct = torch.autograd.grad(out_direct, direct, dout)
+    assert rel_error(out, ref) <= max(1.5 * rel_error(out_direct, ref), MIN_BOUND[q.dtype])
+    for got, theirs, expect in zip(grads, grads_direct, ref_grads):
+        assert rel_error(got, expect) <= max(1.5 * rel_error(theirs, expect), MIN_BOUND[q.dtype])
