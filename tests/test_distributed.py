@@ -1,6 +1,6 @@
-"""Context parallelism (cupy_varlen.distributed) on CPU processes: the zigzag sharding, and
-varlen_attn_cp's forward and backward against one-process attention, with gloo collectives and the
-float64 reference in place of the kernel."""
+"""Context parallelism (cupy_varlen.distributed): the zigzag sharding, and varlen_attn_cp's
+forward and backward against one-process attention on CPU processes (gloo collectives, the float64
+reference in place of the kernel) and, with a GPU, in a one-rank NCCL group on the real kernels."""
 
 from __future__ import annotations
 
