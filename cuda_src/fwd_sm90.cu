@@ -82,9 +82,10 @@ constexpr int kTurnBarrier = 2;  // + consumer index
 constexpr bool kTensorCoreTurns = kHeadDim > 64;
 // Where O's rescale runs: with turns, between issuing S(i+1) and P(i) V(i), which the turn keeps
 // to this warpgroup's own window on the tensor cores, so the multiplies hide behind S(i+1)'s GEMM
-// (measured +1-3% at head dim 128 on causal, GQA and skewed batches, equal on full ones); without
-// turns, in the branch-free block with the exponentials, whose issue gaps they fill (+3% full and
-// +12% causal at head dim 64; before P V's issue it gained only half of that there).
+// (+0.7-1.4% over the other place at head dim 128 on causal, GQA and skewed batches, equal on
+// full ones); without turns, in the branch-free block with the exponentials, whose issue gaps
+// they fill (at head dim 64 +3% full and +13% causal over w8's kernel, where the other place
+// gained +2% and +6%; docs/performance.md, w9).
 constexpr bool kRescaleBeforeOutputGemm = kTensorCoreTurns;
 struct TensorCoreTurn {
   int wg;
