@@ -21,7 +21,11 @@ graphs sees); ``--graph`` adds the replay of the call captured in a CUDA graph. 
 
 Configs: bf16, D 128, causal (bottom-right: the one query sees every used key), GQA 32/8 and 64/8,
 batch B in {1, 8, 64, 256} x context in {1k, 8k, 32k}, plus B 1 x 128k; every sequence of a config
-has the same context. Names: ``b64_ctx8k_gqa32_8``; ``b64_ctx8k`` selects both GQA shapes.
+has the same context. Names: ``b64_ctx8k_gqa32_8``; ``b64_ctx8k`` selects both GQA shapes. Chunked
+prefill (``b8_ctx32k_chunk512_gqa32_8``): each sequence's last ``chunk`` tokens are the queries
+(B 8 x 8k and 32k with chunks of 512, B 1 x 32k with 2048), against the same cache contiguous and
+paged; their rows add TFLOP/s (useful FLOPs of the causal chunk) to the TB/s (q and out counted per
+query row).
 
 Layouts (same q, same logical K/V, same process)
 ------------------------------------------------
@@ -35,7 +39,7 @@ paged P     pools (num_pages, P, H_kv, D); the int32 (B, max_pages) page table g
 
 Methods
 -------
-cupy_varlen         cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, max_k, causal=True,
+cupy_varlen         cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, q_len, max_k, causal=True,
                     seqused_k=...) on the contiguous cache.
 cupy_varlen_paged   the same call with block_table= on the paged pools, where varlen_attn takes it
                     (read from its signature); until then a row "block_table not supported yet".
@@ -53,8 +57,10 @@ torch_varlen / torch_varlen_paged
 
 ``--check`` compares each output with the float64 reference (cupy_varlen.reference, seqused_k or
 block_table) for configs whose cache holds at most 300,000 keys (CHECK_MAX_KEYS: every B 1 and B 8
-config, and B 64 at 1k), and records how far the paged layouts' reference is from the contiguous
-one (0 up to rounding: the layouts hold the same keys).
+decode config, and B 64 at 1k) and whose float64 score matrix per sequence stays under
+CHECK_MAX_SCORES (the chunked prefill configs exceed it: the test suite checks that path), and
+records how far the paged layouts' reference is from the contiguous one (0 up to rounding: the
+layouts hold the same keys).
 
 How to run
 ----------
@@ -103,12 +109,17 @@ BATCHES = (1, 8, 64, 256)
 CONTEXTS = (1024, 8192, 32768)
 LONG_CONTEXT = (1, 131072)  # (batch, context)
 GQA = ((32, 8), (64, 8))
+# Chunked prefill: (batch, context, chunk) where each sequence's last ``chunk`` tokens are the
+# queries (a prompt fed in pieces against its cache so far), against the same cache contiguous
+# and paged.
+CHUNKED = ((8, 8192, 512), (8, 32768, 512), (1, 32768, 2048))
 SLOT_MULTIPLE = 256  # the largest default page size
 PAGE_SIZES = (16, 256)
 MIN_SPARE_PAGES = 2
 SPARE_PAGE_DIVISOR = 32  # spare pages: about 3 % of the used ones
 COPY_BYTES = 1 << 31  # far past the L2, so the copy streams from and to HBM
 CHECK_MAX_KEYS = 300_000  # the float64 reference holds K and V of the whole cache
+CHECK_MAX_SCORES = 50_000_000  # ... and one sequence's (H, q_len, keys) scores, a few copies
 JSON_NAME = "bench_decode.json"
 
 
@@ -122,12 +133,19 @@ def slot_length(used, multiple=SLOT_MULTIPLE):
     return (int(used) // multiple + 1) * multiple
 
 
-def attended_bytes(used, heads, heads_kv, head_dim, elem_bytes=ELEM_BYTES):
-    """Bytes a decode step must move: the used K and V rows, and q and out (one row of H heads per
+def attended_bytes(used, heads, heads_kv, head_dim, elem_bytes=ELEM_BYTES, q_len=1):
+    """Bytes a step must move: the used K and V rows, and q and out (``q_len`` rows of H heads per
     sequence). Returns {"kv", "q_out", "total"}."""
     kv = sum(int(n) for n in used) * heads_kv * head_dim * 2 * elem_bytes
-    q_out = 2 * len(used) * heads * head_dim * elem_bytes
+    q_out = 2 * len(used) * q_len * heads * head_dim * elem_bytes
     return {"kv": kv, "q_out": q_out, "total": kv + q_out}
+
+
+def causal_flops(used, q_len, heads, head_dim):
+    """Useful FLOPs of ``q_len`` queries at the end of each sequence, causal (bottom-right): row i
+    sees used - q_len + i + 1 keys; 4 FLOPs per (query, key, head, dim) for the two GEMMs."""
+    pairs = sum(q_len * int(n) - q_len * (q_len - 1) // 2 for n in used)
+    return 4 * pairs * heads * head_dim
 
 
 def tb_per_s(nbytes, ms):
@@ -146,6 +164,7 @@ class DecodeConfig:
     heads: int
     heads_kv: int
     head_dim: int = HEAD_DIM
+    q_len: int = 1  # queries per sequence: 1 decodes, more is a chunk of prefill
 
     @property
     def used(self):
@@ -160,13 +179,17 @@ class DecodeConfig:
         return sum(self.slots)
 
     def bytes(self):
-        return attended_bytes(self.used, self.heads, self.heads_kv, self.head_dim)
+        return attended_bytes(self.used, self.heads, self.heads_kv, self.head_dim,
+                              q_len=self.q_len)
+
+    def flops(self):
+        return causal_flops(self.used, self.q_len, self.heads, self.head_dim)
 
     def params(self):
-        return {"batch": self.batch, "context": self.context, "heads": self.heads,
-                "heads_kv": self.heads_kv, "head_dim": self.head_dim, "causal": True,
-                "dtype": DTYPE, "slot": self.slots[0], "cache_keys": self.cache_keys,
-                "bytes": self.bytes()}
+        return {"batch": self.batch, "context": self.context, "q_len": self.q_len,
+                "heads": self.heads, "heads_kv": self.heads_kv, "head_dim": self.head_dim,
+                "causal": True, "dtype": DTYPE, "slot": self.slots[0],
+                "cache_keys": self.cache_keys, "bytes": self.bytes(), "flops": self.flops()}
 
 
 def grid_configs():
@@ -174,6 +197,8 @@ def grid_configs():
     shapes = [(b, c) for b in BATCHES for c in CONTEXTS] + [LONG_CONTEXT]
     configs = [DecodeConfig(f"b{b}_ctx{_ctx_name(c)}_gqa{h}_{hkv}", b, c, h, hkv)
                for b, c in shapes for h, hkv in GQA]
+    configs += [DecodeConfig(f"b{b}_ctx{_ctx_name(c)}_chunk{n}_gqa{h}_{hkv}", b, c, h, hkv,
+                             q_len=n) for b, c, n in CHUNKED for h, hkv in GQA]
     return {c.name: c for c in configs}
 
 
@@ -205,7 +230,7 @@ class DecodeInputs:
     q: object            # (B, H, D)
     k: object            # contiguous (sum of slots, H_kv, D), or a pool (num_pages, P, H_kv, D)
     v: object
-    cu_q: object         # (B + 1,) int32: 0, 1, ..., B
+    cu_q: object         # (B + 1,) int32: 0, q_len, ..., B * q_len
     cu_k: object         # (B + 1,) int32 slot offsets; None for the paged layout
     seqused_k: object    # (B,) int32
     block_table: object = None
@@ -235,10 +260,10 @@ def make_contiguous_inputs(cfg, seed=0, device="cuda"):
         return torch.tensor(values, dtype=torch.int32, device=device)
 
     total = cfg.cache_keys
-    return DecodeInputs(cfg, q=randn(cfg.batch, cfg.heads, cfg.head_dim),
+    return DecodeInputs(cfg, q=randn(cfg.batch * cfg.q_len, cfg.heads, cfg.head_dim),
                         k=randn(total, cfg.heads_kv, cfg.head_dim),
                         v=randn(total, cfg.heads_kv, cfg.head_dim),
-                        cu_q=int32(list(range(cfg.batch + 1))),
+                        cu_q=int32(list(range(0, cfg.batch * cfg.q_len + 1, cfg.q_len))),
                         cu_k=int32(bv.cu_seqlens_list(cfg.slots)), seqused_k=int32(cfg.used))
 
 
@@ -274,11 +299,11 @@ def make_paged_inputs(contiguous, page_size, seed=0, chunk_rows=1 << 20):
 # Methods: one prepare function per library serves both layouts
 # --------------------------------------------------------------------------------------------
 
-def _cupy_plan_note(q, k, v, cu_q, cu_k, max_k, used, block_table):
+def _cupy_plan_note(q, k, v, cu_q, cu_k, max_q, max_k, used, block_table):
     """What the launch plan of the call below runs (after one call has made it)."""
     from cupy_varlen import _api, _launch
 
-    key = _api._forward_key(q, k, v, cu_q, cu_k, None, 1, max_k, True, None, (-1, -1), False,
+    key = _api._forward_key(q, k, v, cu_q, cu_k, None, max_q, max_k, True, None, (-1, -1), False,
                             False, False, used, block_table)
     plan = None if key is None else _api._forward_plans.get(key[0])
     if plan is None or plan.launch is None:
@@ -300,15 +325,17 @@ def prepare_cupy_varlen(inp):
         kwargs["block_table"] = inp.block_table
     q, k, v, cu_q, cu_k, used, max_k = (inp.q, inp.k, inp.v, inp.cu_q, inp.cu_k, inp.seqused_k,
                                         inp.max_k)
+    max_q = inp.cfg.q_len
 
     def fn():
-        return cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, max_k, causal=True,
+        return cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal=True,
                                        seqused_k=used, **kwargs)
 
     note = ""
     if q.is_cuda:
         fn()  # makes the launch plan the note describes
-        note = _cupy_plan_note(q, k, v, cu_q, cu_k, max_k, used, kwargs.get("block_table"))
+        note = _cupy_plan_note(q, k, v, cu_q, cu_k, max_q, max_k, used,
+                               kwargs.get("block_table"))
     return bv.Prepared(fn, unpack=lambda out: out, note=note)
 
 
@@ -326,7 +353,7 @@ def prepare_fa4(inp):
         from flash_attn.cute import flash_attn_varlen_func
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
         raise bv.Unavailable(f"flash_attn.cute not importable: {exc!r}") from exc
-    kwargs = dict(cu_seqlens_q=inp.cu_q, max_seqlen_q=1, max_seqlen_k=inp.max_k,
+    kwargs = dict(cu_seqlens_q=inp.cu_q, max_seqlen_q=inp.cfg.q_len, max_seqlen_k=inp.max_k,
                   seqused_k=inp.seqused_k, causal=True)
     if inp.block_table is None:
         kwargs["cu_seqlens_k"] = inp.cu_k
@@ -383,10 +410,10 @@ def prepare_torch_varlen(inp):
         # reads beside the block table.
         cu_k = torch.tensor(bv.cu_seqlens_list(inp.cfg.used), dtype=torch.int32,
                             device=inp.q.device)
-    q, k, v, cu_q, max_k = inp.q, inp.k, inp.v, inp.cu_q, inp.max_k
+    q, k, v, cu_q, max_q, max_k = inp.q, inp.k, inp.v, inp.cu_q, inp.cfg.q_len, inp.max_k
 
     def fn():
-        return varlen_attn(q, k, v, cu_q, cu_k, 1, max_k, **kwargs)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
     shown = [name if name in ("seqused_k", "block_table") else f"{name}={value}"
              for name, value in kwargs.items()]
@@ -483,13 +510,17 @@ def run_method(method, inp, args, ref=None):
     return row
 
 
-def finalize_rows(rows, nbytes, copy_tb_s):
-    """TB/s from each time the row has, and the median's fraction of the copy bandwidth."""
+def finalize_rows(rows, nbytes, copy_tb_s, flops=None):
+    """TB/s from each time the row has, the median's fraction of the copy bandwidth, and (given
+    the useful FLOPs, for chunked prefill) TFLOP/s of the median."""
     for r in rows:
         for ms_key, tb_key in (("median_ms", "tb_s"), ("gpu_ms", "gpu_tb_s"),
                                ("graph_ms", "graph_tb_s")):
             r[tb_key] = tb_per_s(nbytes, r.get(ms_key))
         r["copy_fraction"] = r["tb_s"] / copy_tb_s if r["tb_s"] and copy_tb_s else None
+        if flops is not None:
+            ms = r.get("median_ms")
+            r["tflops"] = flops / (ms * 1e-3) / 1e12 if ms else None
     return rows
 
 
@@ -508,13 +539,16 @@ def _print_row(row, seconds):
 
 def run_config(cfg, args, copy):
     nbytes = cfg.bytes()
-    print(f"\n=== {cfg.name}: B={cfg.batch} context={cfg.context} slot={cfg.slots[0]} "
+    print(f"\n=== {cfg.name}: B={cfg.batch} context={cfg.context} queries={cfg.q_len} "
+          f"slot={cfg.slots[0]} "
           f"H={cfg.heads}/{cfg.heads_kv} D={cfg.head_dim} causal {DTYPE}; attended "
           f"{nbytes['total'] / 1e6:.1f} MB", flush=True)
     record = {"config": cfg.name, "params": cfg.params(), "rows": []}
-    check = args.check and cfg.cache_keys <= CHECK_MAX_KEYS
+    scores = cfg.q_len * cfg.heads * max(cfg.slots)  # one sequence's score matrix, float64
+    check = args.check and cfg.cache_keys <= CHECK_MAX_KEYS and scores <= CHECK_MAX_SCORES
     if args.check and not check:
-        record["check_skipped"] = f"{cfg.cache_keys} cache keys > {CHECK_MAX_KEYS}"
+        record["check_skipped"] = (f"{cfg.cache_keys} cache keys (at most {CHECK_MAX_KEYS}), "
+                                   f"{scores} scores a sequence (at most {CHECK_MAX_SCORES})")
     contiguous = make_contiguous_inputs(cfg, args.seed, args.device)
     base_ref = reference_output(contiguous) if check else None
 
@@ -540,7 +574,8 @@ def run_config(cfg, args, copy):
         if args.device == "cuda":
             bv._free_cuda()
     del contiguous, base_ref
-    finalize_rows(record["rows"], nbytes["total"], copy["tb_s"] if copy else None)
+    finalize_rows(record["rows"], nbytes["total"], copy["tb_s"] if copy else None,
+                  cfg.flops() if cfg.q_len > 1 else None)
     return record
 
 
@@ -555,13 +590,16 @@ def _label(row):
 def config_table(record, with_check=False):
     rows = record["rows"]
     graph = any(r.get("graph_tb_s") for r in rows)
+    prefill = any("tflops" in r for r in rows)
     headers = (["method", "layout", "median ms", "TB/s", "of copy", "GPU-only TB/s", "host us"]
-               + ["graph TB/s"] * graph + ["rel err"] * with_check + ["note / error"])
+               + ["TFLOP/s"] * prefill + ["graph TB/s"] * graph + ["rel err"] * with_check
+               + ["note / error"])
     table = []
     for r in rows:
         cells = [r["method"], r["layout"], bv._fmt(r["median_ms"], ".4f"),
                  bv._fmt(r.get("tb_s"), ".2f"), bv._fmt(r.get("copy_fraction"), ".0%"),
                  bv._fmt(r.get("gpu_tb_s"), ".2f"), bv._fmt(r.get("host_us"), ".1f")]
+        cells += [bv._fmt(r.get("tflops"), ".1f")] * prefill
         cells += [bv._fmt(r.get("graph_tb_s"), ".2f")] * graph
         cells += [bv._fmt(r.get("check_rel_err"), ".2e")] * with_check
         text = f"UNAVAILABLE: {r['error']}" if r["error"] else r.get("note", "")
@@ -710,7 +748,8 @@ def parse_args(argv=None):
 def list_configs():
     for cfg in grid_configs().values():
         b = cfg.bytes()
-        print(f"{cfg.name:<22} B={cfg.batch:<4} context={cfg.context:<7} slot={cfg.slots[0]:<7} "
+        print(f"{cfg.name:<30} B={cfg.batch:<4} context={cfg.context:<7} q={cfg.q_len:<5} "
+              f"slot={cfg.slots[0]:<7} "
               f"H={cfg.heads}/{cfg.heads_kv} D={cfg.head_dim}  attended {b['total'] / 1e6:9.1f} MB "
               f"(K/V {b['kv'] / 1e6:.1f}, q+out {b['q_out'] / 1e6:.2f})")
 

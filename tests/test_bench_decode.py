@@ -25,7 +25,12 @@ def test_grid_names_batches_contexts_and_heads():
     grid = bd.grid_configs()
     expected = {f"b{b}_ctx{c}_gqa{h}_8" for b in (1, 8, 64, 256) for c in ("1k", "8k", "32k")
                 for h in (32, 64)} | {"b1_ctx128k_gqa32_8", "b1_ctx128k_gqa64_8"}
-    assert set(grid) == expected and len(grid) == 26
+    expected |= {f"{shape}_gqa{h}_8" for h in (32, 64) for shape in (
+        "b8_ctx8k_chunk512", "b8_ctx32k_chunk512", "b1_ctx32k_chunk2048")}
+    assert set(grid) == expected and len(grid) == 32
+    assert all(c.q_len == 1 for c in grid.values() if "chunk" not in c.name)
+    chunk = grid["b8_ctx32k_chunk512_gqa64_8"]
+    assert (chunk.batch, chunk.context, chunk.q_len, chunk.heads) == (8, 32768, 512, 64)
     cfg = grid["b64_ctx8k_gqa32_8"]
     assert (cfg.batch, cfg.context, cfg.heads, cfg.heads_kv, cfg.head_dim) == (64, 8192, 32, 8, 128)
     long = grid["b1_ctx128k_gqa64_8"]
@@ -52,6 +57,20 @@ def test_attended_bytes_on_a_hand_computed_case():
     assert rows[0]["copy_fraction"] == pytest.approx(0.8) and rows[0]["graph_tb_s"] is None
     assert rows[1]["tb_s"] is None and rows[1]["copy_fraction"] is None
     assert bd.finalize_rows([{"median_ms": 1.0}], 1e9, None)[0]["copy_fraction"] is None
+
+
+def test_chunked_prefill_counts_query_rows_and_causal_flops():
+    # 2 sequences of 5 used keys, the last 3 tokens as queries: rows see 3, 4, 5 keys (12 pairs).
+    assert bd.causal_flops([5, 5], q_len=3, heads=2, head_dim=4) == 4 * 24 * 2 * 4
+    assert bd.attended_bytes([5, 5], heads=2, heads_kv=1, head_dim=4, q_len=3)["q_out"] == \
+        2 * 2 * 3 * 2 * 4 * 2
+    cfg = bd.grid_configs()["b1_ctx32k_chunk2048_gqa32_8"]
+    assert cfg.flops() == 4 * (2048 * 32768 - 2048 * 2047 // 2) * 32 * 128
+    rows = bd.finalize_rows([{"median_ms": 2.0}], nbytes=1e9, copy_tb_s=None, flops=4e12)
+    assert rows[0]["tflops"] == pytest.approx(2000.0)
+    inp = bd.make_contiguous_inputs(bd.DecodeConfig("t", 3, 40, 4, 2, head_dim=8, q_len=5),
+                                    device="cpu")
+    assert tuple(inp.q.shape) == (15, 4, 8) and inp.cu_q.tolist() == [0, 5, 10, 15]
 
 
 def test_page_table_layout_scatters_pages_and_leaves_spares():
