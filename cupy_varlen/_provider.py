@@ -84,34 +84,33 @@ def fold(x, mode):
     transposed for SDPA). HEAD gives (B*H*L, 1, D), each (batch, head) pair one sequence: the
     layout of a contiguous (B, H, L, D) tensor, which SEQ cannot express with one row stride.
     Views only: the kernels write through them into the caller's tensors."""
-    batch, length, heads, head_dim = x.shape
-    sb, sl, sh, sd = x.stride()
+    layout = _fold_layout(x.shape, x.stride(), mode)
+    return None if layout is None else x.as_strided(*layout)
+
+
+def _foldable(x, mode) -> bool:
+    return _fold_layout(x.shape, x.stride(), mode) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _fold_layout(shape, stride, mode):
+    """(size, stride) of ``fold``'s view of a tensor with this shape and these strides, or None.
+    Pure integer work, cached: a dense call folds four to eight tensors, and the host time of
+    every call is latency (a few layouts recur for a whole training run)."""
+    batch, length, heads, head_dim = shape
+    sb, sl, sh, sd = stride
     if head_dim > 1 and sd != 1:
         return None
-    if not _foldable(x, mode):
+    dims = ((batch, sb), (length, sl)) if mode == SEQ else ((batch, sb), (heads, sh), (length, sl))
+    row = _merged_stride(dims)
+    if row is None and not all(n == 1 for n, _ in dims):
         return None
     # Strides of dims that are never stepped (size 1) are free: multiples of head_dim keep the
     # kernels' 16-byte access (a stride torch picked for a size-1 dim may not be).
     if mode == SEQ:
-        row = _merged_stride(((batch, sb), (length, sl)))
-        row = heads * head_dim if row is None else row
-        return x.as_strided((batch * length, heads, head_dim),
-                            (row, sh if heads > 1 else head_dim, 1))
-    row = _merged_stride(((batch, sb), (heads, sh), (length, sl)))
-    row = head_dim if row is None else row
-    return x.as_strided((batch * heads * length, 1, head_dim), (row, head_dim, 1))
-
-
-def _foldable(x, mode) -> bool:
-    batch, length, heads, head_dim = x.shape
-    sb, sl, sh, sd = x.stride()
-    if head_dim > 1 and sd != 1:
-        return False
-    if mode == SEQ:
-        dims = ((batch, sb), (length, sl))
-    else:
-        dims = ((batch, sb), (heads, sh), (length, sl))
-    return _merged_stride(dims) is not None or all(n == 1 for n, _ in dims)
+        return ((batch * length, heads, head_dim),
+                (heads * head_dim if row is None else row, sh if heads > 1 else head_dim, 1))
+    return (batch * heads * length, 1, head_dim), (head_dim if row is None else row, head_dim, 1)
 
 
 def empty_folded(shape, like, mode):
@@ -137,11 +136,38 @@ def choose_mode(tensors, heads_match) -> str:
     """The folding that needs the fewest copies of ``tensors`` (B, L, H, D); HEAD only where q
     and k have the same number of heads (its sequences pair query and key heads one to one), and
     on a tie, since its lse needs no transpose."""
-    if not heads_match:
-        return SEQ
-    seq = sum(not _foldable(x, SEQ) for x in tensors)
-    head = sum(not _foldable(x, HEAD) for x in tensors)
-    return HEAD if head <= seq else SEQ
+    return _fold_plan(tensors, heads_match)[0]
+
+
+def _fold_plan(tensors, heads_match):
+    """choose_mode's mode and each tensor's fold layout under it (None: its strides need a copy
+    in the mode's layout first), from one look at each tensor's geometry."""
+    geometry = [(x.shape, x.stride()) for x in tensors]
+    seq = [_fold_layout(shape, stride, SEQ) for shape, stride in geometry]
+    if heads_match:
+        head = [_fold_layout(shape, stride, HEAD) for shape, stride in geometry]
+        if sum(g is None for g in head) <= sum(g is None for g in seq):
+            return HEAD, head
+    return SEQ, seq
+
+
+def _folded_inputs(tensors, layouts, mode):
+    """The inputs' packed views, each copied into the mode's layout first where needed."""
+    return [x.as_strided(*g) if g is not None else fold_or_copy(x, mode)
+            for x, g in zip(tensors, layouts)]
+
+
+def _fold_targets(outputs, layouts, mode):
+    """Where the kernels write each output: (tensor, its packed view), the output itself where
+    it folds, else a fresh tensor in the mode's layout (copied back after the call)."""
+    targets = []
+    for x, g in zip(outputs, layouts):
+        if g is None:
+            fresh = empty_folded(x.shape, x, mode)
+            targets.append((fresh, fold(fresh, mode)))
+        else:
+            targets.append((x, x.as_strided(*g)))
+    return targets
 
 
 _offsets_cache: dict = {}
@@ -321,14 +347,14 @@ def _forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, i
 def _dense_forward(q, k, v, scale, window, out):
     batch, length, heads, _ = q.shape
     length_k, heads_k = k.shape[1], k.shape[2]
-    mode = choose_mode((q, k, v, out), heads == heads_k)
-    qf, kf, vf = (fold_or_copy(x, mode) for x in (q, k, v))
-    target = out if _foldable(out, mode) else empty_folded(out.shape, out, mode)
+    mode, layouts = _fold_plan((q, k, v, out), heads == heads_k)
+    qf, kf, vf = _folded_inputs((q, k, v), layouts, mode)
+    ((target, target_view),) = _fold_targets((out,), layouts[3:], mode)
     count = batch if mode == SEQ else batch * heads
     cu_q = uniform_offsets(count, length, q.device)
     cu_k = uniform_offsets(count, length_k, q.device)
     _, lse = run_forward(_DENSE_NAMES, qf, kf, vf, cu_q, cu_k, length, length_k, scale, window,
-                         fold(target, mode))
+                         target_view)
     if target is not out:
         out.copy_(target)
     return out, lse_to_dense(lse, mode, batch, heads, length)
@@ -358,15 +384,15 @@ def _backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
     batch, length, heads, _ = query.shape
     length_k, heads_k = key.shape[1], key.shape[2]
     grads = (dq, dk, dv)
-    mode = choose_mode((grad_out, query, key, value, out) + grads, heads == heads_k)
-    inputs = [fold_or_copy(x, mode) for x in (grad_out, query, key, value, out)]
-    targets = [g if _foldable(g, mode) else empty_folded(g.shape, g, mode) for g in grads]
+    mode, layouts = _fold_plan((grad_out, query, key, value, out) + grads, heads == heads_k)
+    inputs = _folded_inputs((grad_out, query, key, value, out), layouts, mode)
+    targets = _fold_targets(grads, layouts[5:], mode)
     count = batch if mode == SEQ else batch * heads
     cu_q = uniform_offsets(count, length, query.device)
     cu_k = uniform_offsets(count, length_k, query.device)
     run_backward(*inputs, lse_from_dense(logsumexp, mode), cu_q, cu_k, length, length_k, scale,
-                 window, deterministic, *(fold(t, mode) for t in targets))
-    for grad, target in zip(grads, targets):
+                 window, deterministic, *(view for _, view in targets))
+    for grad, (target, _) in zip(grads, targets):
         if target is not grad:
             grad.copy_(target)
     return grads
