@@ -8,6 +8,11 @@ Timed calls: the eager forward (inputs without grad), the functional backward, a
 forward + backward as training calls it (``torch.autograd.grad`` of the forward's output). The
 profile lists the functions with the most own time, per call; a second one profiles our backward
 on the autograd engine's thread, where it runs during the autograd call.
+
+``--sdpa`` adds dense ``F.scaled_dot_product_attention`` on the flash backend (B16 x L1024 x H16 x
+D128, bshd views, causal: bench_sdpa's row where the provider's route trailed varlen_attn):
+through the provider (``activate_flash_attention_impl("cupy_varlen")``), through torch's own flash
+kernel, and our ``varlen_attn`` on the same tokens packed, with a cProfile of the provider's route.
 """
 
 from __future__ import annotations
@@ -118,6 +123,44 @@ def autograd_parts(fwdbwd, qg, kg, vg, dout, calls, torch, bv):
                 round(floor, 1)}
 
 
+def sdpa_host_us(args, torch, bv):
+    """Host µs of one dense SDPA forward through the provider, through torch's flash kernel and
+    as our varlen_attn on the same packed tokens; and a cProfile of the provider's route."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import bench_sdpa
+    import cupy_varlen
+
+    batch, length, heads, dim = 16, 1024, 16, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    packed = [torch.randn(batch * length, heads, dim, device="cuda", dtype=torch.bfloat16,
+                          generator=g) for _ in range(3)]
+    q, k, v = (x.view(batch, length, heads, dim).transpose(1, 2) for x in packed)
+    cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device="cuda")
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def direct():
+        return cupy_varlen.varlen_attn(*packed, cu, cu, length, length, causal=True)
+
+    row, provider_profile = {}, ""
+    for _ in range(3):  # alternated: this host's speed drifts within seconds
+        for name, active in (("provider", True), ("torch_flash", False)):
+            with bench_sdpa.provider_state(active):
+                for _ in range(20):
+                    sdpa()
+                row.setdefault(name, []).append(bv.host_overhead_us(sdpa, args.calls))
+        row.setdefault("varlen_attn", []).append(bv.host_overhead_us(direct, args.calls))
+    with bench_sdpa.provider_state(True):
+        if args.profile_calls > 0:
+            provider_profile = (f"==== sdpa through the provider: {args.profile_calls} calls "
+                                f"====\n" + profile(sdpa, args.profile_calls, torch, args.top))
+    return {name: round(min(t), 1) for name, t in row.items()}, provider_profile
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="seed_full")
@@ -125,6 +168,8 @@ def main():
     ap.add_argument("--profile-calls", type=int, default=2000)
     ap.add_argument("--top", type=int, default=35)
     ap.add_argument("--out", type=Path, default=None, help="directory for the profiles and JSON")
+    ap.add_argument("--sdpa", action="store_true",
+                    help="also dense SDPA through the provider, torch's flash and varlen_attn")
     args = ap.parse_args()
 
     import torch
@@ -178,6 +223,13 @@ def main():
     result["autograd_parts_us"] = autograd_parts(calls["fwd+bwd autograd"][0], qg, kg, vg, dout,
                                                  args.calls, torch, bv)
     print("autograd parts:", result["autograd_parts_us"], flush=True)
+    if args.sdpa:
+        result["host_us"]["sdpa fwd dense"], provider_profile = sdpa_host_us(args, torch, bv)
+        print("sdpa fwd dense:", result["host_us"]["sdpa fwd dense"], flush=True)
+        if args.out:
+            (args.out / "profile_sdpa_provider.txt").write_text(provider_profile)
+        else:
+            print(provider_profile)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "host_profile.json").write_text(json.dumps(result, indent=1))
