@@ -260,19 +260,21 @@ def _calls(plan, causal, window, device):
 
 
 def varlen_attn_cp(q, k, v, cu_seqlens, max_seqlen=None, *, group=None, causal=False,
-                   window_size=(-1, -1), scale=None, attn_fn=None):
+                   window_size=(-1, -1), scale=None, return_lse=False, attn_fn=None):
     """Attention over a packed batch sharded by :func:`shard_plan` across ``group``'s ranks.
 
     ``q`` (local tokens, H, D), ``k`` and ``v`` (local tokens, H_kv, D) are this rank's shards
     (``plan.shard(x)``); ``cu_seqlens`` the batch's *global* offsets on the host (list or CPU
     tensor); ``max_seqlen``, if given, is checked against them. ``causal``, ``window_size`` and
     ``scale`` mean what they mean for :func:`cupy_varlen.varlen_attn` on the whole batch. Returns
-    this rank's output (local tokens, H, D), differentiable with respect to q, k and v. Every rank
+    this rank's output (local tokens, H, D), differentiable with respect to q, k and v, and with
+    ``return_lse`` also its rows' lse (H, local tokens) float32 as ``varlen_attn`` returns it (no
+    gradient; rows of a document with no allowed key: -inf). Every rank
     of ``group`` must call it with the same ``cu_seqlens`` and arguments (it runs collectives, also
     in the backward). ``attn_fn`` replaces the kernel (default :func:`cupy_varlen.varlen_attn`;
     the tests pass the float64 reference): it is called as ``attn_fn(q, k, v, cu_q, cu_k, max_q,
-    max_k, causal=..., scale=scale, window_size=...)`` once per distinct effective window of this
-    rank's chunks (once for causal or full attention).
+    max_k, causal=..., scale=scale, window_size=..., return_lse=return_lse)`` once per distinct
+    effective window of this rank's chunks (once for causal or full attention).
     """
     if attn_fn is None:
         from . import varlen_attn as attn_fn
@@ -301,9 +303,15 @@ def varlen_attn_cp(q, k, v, cu_seqlens, max_seqlen=None, *, group=None, causal=F
     if not calls:
         # No local queries; q and the gathered K/V still join the graph, so that this rank takes
         # part in the backward's collective like every other (and its q gets a gradient).
-        return q * 0 + 0 * kv.sum()
-    outs = [attn_fn(q.index_select(0, call.q_rows), k_all.index_select(0, call.k_rows),
-                    v_all.index_select(0, call.k_rows), call.cu_q, call.cu_k, call.max_q,
-                    call.max_k, causal=call.causal, scale=scale, window_size=call.window)
-            for call in calls]
-    return torch.cat(outs).index_select(0, inverse)
+        out = q * 0 + 0 * kv.sum()
+        return (out, q.new_empty((q.shape[1], 0), dtype=torch.float32)) if return_lse else out
+    results = [attn_fn(q.index_select(0, call.q_rows), k_all.index_select(0, call.k_rows),
+                       v_all.index_select(0, call.k_rows), call.cu_q, call.cu_k, call.max_q,
+                       call.max_k, causal=call.causal, scale=scale, window_size=call.window,
+                       return_lse=return_lse)
+               for call in calls]
+    if not return_lse:
+        return torch.cat(results).index_select(0, inverse)
+    out = torch.cat([o for o, _ in results]).index_select(0, inverse)
+    lse = torch.cat([l.detach() for _, l in results], dim=1).index_select(1, inverse)
+    return out, lse.float()

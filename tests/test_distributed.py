@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import MIN_BOUND, make_packed, reference_grads, rel_error, requires_gpu
 from cupy_varlen.distributed import _key_span, shard_plan, varlen_attn_cp
@@ -87,6 +89,29 @@ def test_key_span_allows_what_the_window_allows(causal, window):
         assert not full[chunk.start:chunk.end, end:].any()
 
 
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=6), st.integers(1, 5),
+       st.booleans(), st.integers(-1, 9), st.integers(-1, 9))
+def test_any_batch_shards_and_windows_like_one_gpu(lengths, world, causal, left, right):
+    """Every token on exactly one rank, and every chunk's key span and effective window allow each
+    query exactly what one-GPU attention allows it (brute force over random batches)."""
+    cu = offsets(lengths)
+    seen = []
+    for rank in range(world):
+        plan = shard_plan(cu, world, rank)
+        seen += plan.global_rows()
+        for chunk in plan.chunks:
+            if chunk.end == chunk.start:
+                continue
+            full = allowed_keys_mask(chunk.doc_len, chunk.doc_len, causal, (left, right))
+            first, end, eff = _key_span(chunk, causal, (left, right))
+            got = allowed_keys_mask(chunk.end - chunk.start, end - first, False, eff)
+            assert torch.equal(got, full[chunk.start:chunk.end, first:end])
+            assert not full[chunk.start:chunk.end, :first].any()
+            assert not full[chunk.start:chunk.end, end:].any()
+    assert sorted(seen) == list(range(cu[-1]))
+
+
 # With processes: gloo on CPU, the float64 reference as the kernel.
 
 SCENARIOS = [
@@ -117,14 +142,16 @@ def _check_scenario(rank, world, lengths, heads, heads_kv, causal, window):
     k, v = (torch.randn(total, heads_kv, dim, generator=g, dtype=torch.float64) for _ in range(2))
     cu_t = torch.tensor(cu, dtype=torch.int32)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    expect = varlen_attn_reference(*leaves, cu_t, cu_t, causal=causal, window_size=window)
+    expect, expect_lse = varlen_attn_reference(*leaves, cu_t, cu_t, causal=causal,
+                                               window_size=window, return_lse=True)
     expect_grads = torch.autograd.grad(expect, leaves, dout)
 
     plan = shard_plan(cu, world, rank)
     local = [plan.shard(x).requires_grad_() for x in (q, k, v)]
-    out = varlen_attn_cp(*local, cu, max(lengths), causal=causal, window_size=window,
-                         attn_fn=varlen_attn_reference)
+    out, lse = varlen_attn_cp(*local, cu, max(lengths), causal=causal, window_size=window,
+                              return_lse=True, attn_fn=varlen_attn_reference)
     torch.testing.assert_close(out, plan.shard(expect.detach()))
+    torch.testing.assert_close(lse, plan.shard(expect_lse.detach().t()).t().float())
     (out * plan.shard(dout)).sum().backward()
     for name, leaf, grad in zip("qkv", local, expect_grads):
         torch.testing.assert_close(leaf.grad, plan.shard(grad), msg=lambda m: f"d{name}: {m}")
@@ -173,14 +200,17 @@ def test_cp_of_one_rank_on_the_gpu(causal, window):
                                 rank=0, world_size=1)
         try:
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-            out = varlen_attn_cp(*leaves, cu.cpu(), causal=causal, window_size=window)
+            out, lse = varlen_attn_cp(*leaves, cu.cpu(), causal=causal, window_size=window,
+                                      return_lse=True)
             grads = torch.autograd.grad(out, leaves, dout)
         finally:
             dist.destroy_process_group()
     direct = [x.clone().requires_grad_() for x in (q, k, v)]
-    out_direct = cupy_varlen.varlen_attn(*direct, cu, cu, max(lengths), max(lengths),
-                                         causal=causal, window_size=window)
+    out_direct, lse_direct = cupy_varlen.varlen_attn(*direct, cu, cu, max(lengths), max(lengths),
+                                                     causal=causal, window_size=window,
+                                                     return_lse=True)
     grads_direct = torch.autograd.grad(out_direct, direct, dout)
+    torch.testing.assert_close(lse, lse_direct, rtol=1e-4, atol=1e-4)
     assert rel_error(out, ref) <= max(1.5 * rel_error(out_direct, ref), MIN_BOUND[q.dtype])
     for got, theirs, expect in zip(grads, grads_direct, ref_grads):
         assert rel_error(got, expect) <= max(1.5 * rel_error(theirs, expect), MIN_BOUND[q.dtype])
