@@ -86,19 +86,25 @@ class ShardPlan:
         """The global packed tensor from every rank's local tokens (an all-gather; for tests and
         for outputs that must be whole on every rank; no autograd)."""
         gathered = _gather_padded(x_local, self, group)
-        return gathered.index_select(0, self._index("global_from_gathered", x_local.device))
+        return gathered.index_select(0, self._index("gathered", x_local.device))
+
+    def gathered_rows(self) -> list:
+        """The row of every global token in the gathered buffer (each rank's local tokens padded
+        to ``max_local_tokens``, rank after rank)."""
+        rows = self._device_cache.get("gathered_rows")
+        if rows is None:
+            rows = [0] * self.cu_seqlens[-1]
+            for r in range(self.world):
+                for i, g in enumerate(self.global_rows(r)):
+                    rows[g] = r * self.max_local_tokens + i
+            self._device_cache["gathered_rows"] = rows
+        return rows
 
     def _index(self, name, device):
         key = (name, device)
         index = self._device_cache.get(key)
         if index is None:
-            if name == "local":
-                rows = self.global_rows()
-            else:  # row of every global token in the gathered (world, max_local_tokens) buffer
-                rows = [0] * self.cu_seqlens[-1]
-                for r in range(self.world):
-                    for i, g in enumerate(self.global_rows(r)):
-                        rows[g] = r * self.max_local_tokens + i
+            rows = self.global_rows() if name == "local" else self.gathered_rows()
             index = torch.tensor(rows, dtype=torch.long, device=device)
             self._device_cache[key] = index
         return index
@@ -200,7 +206,7 @@ class _Call:
     causal: bool
     window: tuple
     q_rows: torch.Tensor  # local rows of the call's queries, in call order
-    k_rows: torch.Tensor  # global rows of the call's keys, in call order
+    kv_rows: torch.Tensor  # rows of the call's keys in the gathered K/V buffer, in call order
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     max_q: int
@@ -234,13 +240,14 @@ def _calls(plan, causal, window, device):
             continue
         first, end, eff = _key_span(chunk, causal, window)
         groups.setdefault(eff, []).append((i, first, end))
+    gathered = plan.gathered_rows()
     calls = []
     for eff, members in groups.items():
         q_rows, k_rows, cu_q, cu_k = [], [], [0], [0]
         for i, first, end in members:
             chunk = plan.chunks[i]
             q_rows.extend(range(plan.local_cu_seqlens[i], plan.local_cu_seqlens[i + 1]))
-            k_rows.extend(range(chunk.doc_start + first, chunk.doc_start + end))
+            k_rows.extend(gathered[chunk.doc_start + first:chunk.doc_start + end])
             cu_q.append(len(q_rows))
             cu_k.append(len(k_rows))
         longs = functools.partial(torch.tensor, dtype=torch.long, device=device)
@@ -295,21 +302,23 @@ def varlen_attn_cp(q, k, v, cu_seqlens, max_seqlen=None, *, group=None, causal=F
     window = tuple(int(w) for w in window_size)
     if len(window) != 2:
         raise ValueError(f"varlen_attn_cp: window_size must be (left, right), got {window_size}")
-    # K and V travel as one tensor: one collective each way, in the same order on every rank.
+    # K and V travel as one tensor: one collective each way, in the same order on every rank;
+    # each call then takes its key rows (K and V together) straight from the gathered buffer.
     kv = _GatherTokens.apply(torch.cat([k, v], dim=1), plan, group)
-    kv = kv.index_select(0, plan._index("global_from_gathered", q.device))
-    k_all, v_all = kv[:, :k.shape[1]], kv[:, k.shape[1]:]
+    heads_kv = k.shape[1]
     calls, inverse = _calls(plan, bool(causal), window, q.device)
     if not calls:
         # No local queries; q and the gathered K/V still join the graph, so that this rank takes
         # part in the backward's collective like every other (and its q gets a gradient).
         out = q * 0 + 0 * kv.sum()
         return (out, q.new_empty((q.shape[1], 0), dtype=torch.float32)) if return_lse else out
-    results = [attn_fn(q.index_select(0, call.q_rows), k_all.index_select(0, call.k_rows),
-                       v_all.index_select(0, call.k_rows), call.cu_q, call.cu_k, call.max_q,
-                       call.max_k, causal=call.causal, scale=scale, window_size=call.window,
-                       return_lse=return_lse)
-               for call in calls]
+    results = []
+    for call in calls:
+        kv_call = kv.index_select(0, call.kv_rows)
+        results.append(attn_fn(q.index_select(0, call.q_rows), kv_call[:, :heads_kv],
+                               kv_call[:, heads_kv:], call.cu_q, call.cu_k, call.max_q,
+                               call.max_k, causal=call.causal, scale=scale,
+                               window_size=call.window, return_lse=return_lse))
     if not return_lse:
         return torch.cat(results).index_select(0, inverse)
     out = torch.cat([o for o, _ in results]).index_select(0, inverse)
