@@ -231,6 +231,7 @@ def _worker(rank, world, init_file, argv):
     """One process of a --smoke run (torchrun is not needed on the CPU)."""
     import torch.distributed as dist
 
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: the two processes share a host
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
