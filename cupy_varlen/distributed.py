@@ -241,7 +241,7 @@ def _calls(plan, causal, window, device):
         first, end, eff = _key_span(chunk, causal, window)
         groups.setdefault(eff, []).append((i, first, end))
     gathered = plan.gathered_rows()
-    calls = []
+    calls, rows = [], []  # rows: every call's q_rows in order, kept on the host
     for eff, members in groups.items():
         q_rows, k_rows, cu_q, cu_k = [], [], [0], [0]
         for i, first, end in members:
@@ -258,7 +258,8 @@ def _calls(plan, causal, window, device):
                            longs(k_rows), ints(cu_q), ints(cu_k),
                            max(b - a for a, b in zip(cu_q, cu_q[1:])),
                            max(b - a for a, b in zip(cu_k, cu_k[1:]))))
-    rows = [r for call in calls for r in call.q_rows.tolist()]
+        rows.extend(q_rows)
+    # From the host list: reading the device copies back would synchronize with the device.
     inverse = torch.empty(len(rows), dtype=torch.long)
     inverse[torch.tensor(rows, dtype=torch.long)] = torch.arange(len(rows))
     cached = (calls, inverse.to(device))
