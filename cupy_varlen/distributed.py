@@ -193,7 +193,8 @@ class _GatherTokens(torch.autograd.Function):
         if dist.get_backend(group) in ("nccl", "xccl"):
             mine = grad.new_empty((rows,) + tuple(grad.shape[1:]))
             _reduce_scatter_single(mine, grad, group=group)
-        else:  # gloo and others have no reduce-scatter
+        else:  # gloo and others have no reduce-scatter; all_reduce works in place, on a copy
+            grad = grad.clone()
             dist.all_reduce(grad, group=group)
             mine = grad[plan.rank * rows:(plan.rank + 1) * rows]
         return mine[:ctx.local], None, None
