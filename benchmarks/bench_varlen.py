@@ -474,7 +474,9 @@ def _kernel_choice(choice):
     return context
 
 
-def prepare_cupy_varlen(inp, choice="auto", deterministic=False):
+def prepare_cupy_varlen(inp, choice="auto", deterministic=False, **modifiers):
+    """``modifiers`` (softcap=, sinks=, alibi_slopes=) go to varlen_attn as they are
+    (bench_mods.py)."""
     import cupy_varlen
     from cupy_varlen import _api, _spec
 
@@ -483,7 +485,8 @@ def prepare_cupy_varlen(inp, choice="auto", deterministic=False):
 
     def fn():
         return cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, mq, mk, causal=cfg.causal,
-                                       window_size=cfg.window, deterministic=deterministic)
+                                       window_size=cfg.window, deterministic=deterministic,
+                                       **modifiers)
 
     arch = _api._device_arch(q.device.index if q.device.index is not None else 0)
     kernel = _spec.kernel_for(arch, _spec.head_dim_tile(cfg.head_dim), choice)
@@ -741,7 +744,10 @@ def document_block_mask(lengths, causal, window, block=128, device="cuda", max_e
                                     mask_mod=mask_mod, seq_lengths=(total, total))
 
 
-def prepare_flex(inp, compile_limit_s=60.0):
+def prepare_flex(inp, compile_limit_s=60.0, score_mod=None, attention=None):
+    """``score_mod`` goes to flex_attention; ``attention`` (default flex_attention itself) is the
+    function compiled, called as attention(q, k, v, score_mod=, block_mask=, enable_gqa=) on
+    (1, H, T, D) tensors, for callers that add work around flex (bench_mods.py's sinks)."""
     import torch
     import torch._dynamo
 
@@ -756,10 +762,10 @@ def prepare_flex(inp, compile_limit_s=60.0):
     q, k, v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (inp.q, inp.k, inp.v))
     gqa = cfg.heads_kv < cfg.heads
     torch._dynamo.reset()  # fresh compile per config, so the recompile limit never falls back
-    compiled = torch.compile(flex_attention, dynamic=False)
+    compiled = torch.compile(attention or flex_attention, dynamic=False)
 
     def fn():
-        return compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -816,20 +822,22 @@ def _error_text(exc):
     return " ".join(text.split())[:2000]
 
 
-def with_backward(prepared, inp, mode):
+def with_backward(prepared, inp, mode, dout=None, leaves=None):
     """The backward (``bwd``) or forward + backward (``fwdbwd``) of a prepared forward: autograd
-    into the packed q, k, v (which require grad) with one fixed random dout."""
+    into the packed q, k, v (which require grad; or into ``leaves``) with one fixed dout (random,
+    or ``dout`` in the layout of the method's output, for callers that check the gradients)."""
     import torch
 
     fwd = prepared.fn
-    leaves = [inp.q, inp.k, inp.v]
+    leaves = [inp.q, inp.k, inp.v] if leaves is None else list(leaves)
 
     def first(out):
         return out[0] if isinstance(out, tuple) else out
 
     with prepared.context():
         saved = first(fwd())
-    dout = torch.randn_like(saved)
+    if dout is None:
+        dout = torch.randn_like(saved)
 
     def bwd():
         return torch.autograd.grad(saved, leaves, dout, retain_graph=True)

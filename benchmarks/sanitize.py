@@ -6,12 +6,16 @@ and fails on any report.
     python benchmarks/sanitize.py                 # all tools, both kernel families where they run
     python benchmarks/sanitize.py --tools memcheck --head-dims 64 128
     python benchmarks/sanitize.py --paths bwd bwd-det      # the backward only
+    python benchmarks/sanitize.py --mods                   # every path with all score modifiers
 
 Each case is a child process (``--child``) that runs cupy_varlen on a ragged batch (empty
 sequences, Lq != Lk, GQA 4/2, full and causal, one sliding window) and checks the result against
 the float64 reference (the backward cases: dq, dk, dv against float64 autograd), so a clean
 sanitizer report also means a correct result under it. The sm90 (wgmma) kernels are exercised on
-Hopper GPUs only; there the backward runs on both dK/dV families where the head dim has both. Exit status: 0 when every case is clean.
+Hopper GPUs only; there the backward runs on both dK/dV families where the head dim has both.
+``--mods`` runs every call with the score modifiers on (softcap, sinks, per-sequence ALiBi slopes:
+the kernels compiled with all three, and the dsinks kernel), against the reference with them.
+Exit status: 0 when every case is clean.
 """
 
 from __future__ import annotations
@@ -44,6 +48,19 @@ _CLEAN = {
 }
 
 
+_MODS_ENV = "CUPY_VARLEN_SANITIZE_MODS"
+
+
+def score_mods(heads: int, batch: int, g) -> dict:
+    """The score modifiers of a --mods run (none without it): softcap, sinks, (B, H) ALiBi."""
+    import torch
+
+    if os.environ.get(_MODS_ENV) != "1":
+        return {}
+    return dict(softcap=4.0, sinks=(torch.randn(heads, generator=g) + 2).cuda(),
+                alibi_slopes=(torch.rand(batch, heads, generator=g) * 0.3).cuda())
+
+
 def run_child(kernel: str, head_dim: int) -> None:
     sys.path.insert(0, str(_REPO_ROOT))
     import torch
@@ -68,30 +85,38 @@ def run_child(kernel: str, head_dim: int) -> None:
     q = torch.randn(sum(lens_q), 4, head_dim, generator=g).to("cuda", torch.bfloat16)
     k = torch.randn(sum(lens_k), 2, head_dim, generator=g).to("cuda", torch.bfloat16)
     v = torch.randn(sum(lens_k), 2, head_dim, generator=g).to("cuda", torch.bfloat16)
+    mods = score_mods(4, len(lens_q), g)
     if path == "paged":
-        run_paged(q, k, v, cu_q, cu_k, lens_k, g)
+        run_paged(q, k, v, cu_q, cu_k, lens_k, g, mods=mods)
         return
     if path == "decode":
         for num_splits in (None, 3):  # 4 and 3 splits of the 1024 keys max_seqlen_k allows
-            run_paged(q, k, v, cu_q, cu_k, lens_k, g, max_q=1, max_k=1000, num_splits=num_splits)
+            run_paged(q, k, v, cu_q, cu_k, lens_k, g, max_q=1, max_k=1000, num_splits=num_splits,
+                      mods=mods)
             for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
                 out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 1, 1000, causal=causal,
-                                              window_size=window, num_splits=num_splits)
+                                              window_size=window, num_splits=num_splits, **mods)
                 torch.cuda.synchronize()
                 _check(out, varlen_attn_reference(q.double(), k.double(), v.double(), cu_q,
-                                                  cu_k, causal=causal, window_size=window))
+                                                  cu_k, causal=causal, window_size=window,
+                                                  **mods))
         return
     for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
         out, lse = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 200, 300, causal=causal,
-                                           window_size=window, return_lse=True)
+                                           window_size=window, return_lse=True, **mods)
         leaves = [x.double().requires_grad_(backward) for x in (q, k, v)]
-        ref = varlen_attn_reference(*leaves, cu_q, cu_k, causal=causal, window_size=window)
+        ref_mods = dict(mods)
+        if "sinks" in mods:
+            ref_mods["sinks"] = mods["sinks"].double().requires_grad_(backward)
+            leaves.append(ref_mods["sinks"])
+        ref = varlen_attn_reference(*leaves[:3], cu_q, cu_k, causal=causal, window_size=window,
+                                    **ref_mods)
         results, refs = [out], [ref.detach()]
         if backward:
             dout = torch.randn(out.shape, generator=g).to("cuda", torch.bfloat16)
             results += cupy_varlen.varlen_attn_backward(
                 dout, q, k, v, out, lse, cu_q, cu_k, 200, 300, causal=causal,
-                window_size=window, deterministic=path == "bwd-det")
+                window_size=window, deterministic=path == "bwd-det", **mods)
             refs += torch.autograd.grad(ref, leaves, dout.double())
         torch.cuda.synchronize()
         for got, want in zip(results, refs):
@@ -104,7 +129,7 @@ def _check(got, want):
         sys.exit(f"wrong result under the sanitizer: relative error {err:.3g}")
 
 
-def run_paged(q, k, v, cu_q, cu_k, lens_k, g, max_q=200, max_k=300, num_splits=None):
+def run_paged(q, k, v, cu_q, cu_k, lens_k, g, max_q=200, max_k=300, num_splits=None, mods=None):
     """The batch's keys moved into shuffled pages (NaN where no count reaches), read through a
     block table, against the reference on the contiguous keys."""
     import torch
@@ -127,10 +152,10 @@ def run_paged(q, k, v, cu_q, cu_k, lens_k, g, max_q=200, max_k=300, num_splits=N
         for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
             out = cupy_varlen.varlen_attn(q, *pools, cu_q, None, max_q, max_k, causal=causal,
                                           window_size=window, seqused_k=used, block_table=table,
-                                          num_splits=num_splits)
+                                          num_splits=num_splits, **(mods or {}))
             torch.cuda.synchronize()
             _check(out, varlen_attn_reference(q.double(), k.double(), v.double(), cu_q, cu_k,
-                                              causal=causal, window_size=window))
+                                              causal=causal, window_size=window, **(mods or {})))
 
 
 def main() -> int:
@@ -139,8 +164,12 @@ def main() -> int:
     ap.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
     ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
                     help="kernel paths to run (default: all that apply to this GPU)")
+    ap.add_argument("--mods", action="store_true",
+                    help="every call with softcap, sinks and ALiBi (the modifier kernels)")
     ap.add_argument("--child", nargs=2, metavar=("KERNEL", "HEAD_DIM"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.mods:
+        os.environ[_MODS_ENV] = "1"  # the children inherit it
     if args.child:
         run_child(args.child[0], int(args.child[1]))
         return 0

@@ -19,10 +19,16 @@
 //  - deterministic mode (CV_DQ_ATOMIC=0): varlen_bwd_dq, one CTA per (query tile, head), streams
 //    the key tiles and recomputes S and dP to form dQ in registers: no atomics, bitwise repeatable
 //    gradients, for two extra GEMMs per tile pair.
+//  - varlen_bwd_dsinks (with attention sinks): dsinks[h] = -sum_i exp(sink_h - lse_i) delta_i over
+//    head h's query rows, in a fixed order (bitwise repeatable in both modes).
+//
+// Score modifiers (score_mod.cuh; CV_SOFTCAP, CV_ALIBI): the kernels that recompute S apply them
+// as the forward did, before the mask; a softcap also scales dS by its slope, 1 - tanh^2. Sinks
+// change nothing here beyond dsinks: the forward's lse holds the sink, so P is already right.
 //
 // Specialization (-D from cupy_varlen/_spec.py): CV_DTYPE_BF16, CV_HEAD_DIM, CV_BLOCK_M (queries per
 // step), CV_BLOCK_N (keys per CTA), CV_WINDOWED, CV_DQ_ATOMIC, CV_DQ_ORDERED, CV_DQ_BLOCK_N,
-// CV_DQ_STAGES, and the dK/dV family's own.
+// CV_DQ_STAGES, CV_SOFTCAP, CV_ALIBI, and the dK/dV family's own.
 //
 // Ordered mode (CV_DQ_ATOMIC=1 and CV_DQ_ORDERED=1, the sm90 family's deterministic mode): the
 // atomic mode's kernels, but the dK/dV CTAs add each query tile's dQ partials one after the other in
@@ -36,6 +42,7 @@
 #include "mask.cuh"
 #include "mma_sm80.cuh"
 #include "scheduler.cuh"
+#include "score_mod.cuh"
 #include "seqlen.cuh"
 #include "softmax.cuh"
 #include "tiles.cuh"
@@ -69,14 +76,20 @@ struct BwdParams {
   // Ordered mode (CV_DQ_ORDERED): per (query head, first row of a query tile, consumer) the count
   // of key tiles whose dQ partial has been added, (heads, total_q, 2), zeroed by the preprocess.
   int* dq_order;
+  const float* alibi_slopes;  // CV_ALIBI: (batch, heads) with row stride alibi_batch_stride
+  const float* sinks;         // (heads,) or null: no sinks, no dsinks
+  float* dsinks;              // (heads,)
+  float* sink_partials;       // (heads, varlen_bwd_dsinks' chunks)
+  int* sink_tickets;          // (heads,), zeroed by the preprocess
   i64 q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride;
   i64 o_row_stride, o_head_stride, do_row_stride, do_head_stride;
   i64 dq_row_stride, dq_head_stride, dk_row_stride, dk_head_stride, dv_row_stride, dv_head_stride;
   i64 lse_head_stride, lse_row_stride;
   i64 total_q;
   i64 dq_accum_floats;  // the accumulator's size, a multiple of 4 (0 without one)
+  i64 alibi_batch_stride;
   int heads, heads_per_kv, head_dim;
-  float scale, scale_log2;
+  float scale, scale_log2, softcap_in, softcap_out;
   int window_left, window_right;
   int batch;
   int use_qdo_map;  // 1: q_map and do_map are valid maps of q and dout
@@ -84,9 +97,15 @@ struct BwdParams {
   // swizzle (QTile's panels): the sm90 dK/dV kernel's TMA loads of whole query tiles.
   TensorMap q_map, do_map;
 };
-// The host packs this byte for byte (cupy_varlen/_launch.py, _BWD_PARAMS: 17 pointers, 20 int64,
-// 3 int32, 2 float, 4 int32, padding to the maps' 64-byte alignment, two 128-byte maps).
-static_assert(sizeof(BwdParams) == 640, "BwdParams layout must match the host's packing");
+// The host packs this byte for byte (cupy_varlen/_launch.py, _BWD_PARAMS: 22 pointers, 21 int64,
+// 3 int32, 4 float, 4 int32, padding to the maps' 64-byte alignment, two 128-byte maps).
+static_assert(sizeof(BwdParams) == 704, "BwdParams layout must match the host's packing");
+
+// The ALiBi slope of a sequence's query head in raw units (score_mod.cuh), and the softcap.
+CV_DEVICE float bwd_alibi_slope(const BwdParams& p, int batch, int head) {
+  return alibi_slope(p.alibi_slopes, p.alibi_batch_stride, batch, head, p.scale);
+}
+CV_DEVICE Softcap bwd_softcap(const BwdParams& p) { return Softcap{p.softcap_in, p.softcap_out}; }
 
 CV_DEVICE AttnWindow bwd_window(const BwdParams& p) {
 #if CV_WINDOWED
@@ -108,6 +127,8 @@ varlen_bwd_preprocess(const BwdParams p) {
   for (i64 i = (i64)blockIdx.x * kPrepThreads + threadIdx.x; i < p.dq_accum_floats / 4;
        i += (i64)gridDim.x * kPrepThreads)
     reinterpret_cast<float4*>(p.dq_accum)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (p.sink_tickets != nullptr && blockIdx.x == 0)
+    for (int h = threadIdx.x; h < p.heads; h += kPrepThreads) p.sink_tickets[h] = 0;
   const i64 item = ((i64)blockIdx.x * kPrepThreads + threadIdx.x) / kPrepLanes;
   const int sub = threadIdx.x % kPrepLanes;
   // No early return: the lanes of a row reduce with shuffles over the whole warp.
@@ -135,6 +156,63 @@ varlen_bwd_preprocess(const BwdParams p) {
     p.lse_log2[at] = lse == neg_inf() ? -neg_inf() : lse * kLog2e;
     if (p.dq_order) reinterpret_cast<int2*>(p.dq_order)[at] = make_int2(0, 0);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dsinks: grid (chunks, heads). Chunk c of head h sums its kSinkRows rows in a fixed thread order
+// and tree and stores the partial; the head's last chunk to finish (by ticket) adds the partials
+// in chunk order. Which CTA does the last sum varies, what it sums and in which order does not: the
+// same bits on every run. One chunk writes its sum straight away (no ticket, no preprocess: the
+// batch without query rows gets 0).
+
+constexpr int kSinkThreads = 256;  // cupy_varlen/_launch.py: SINK_THREADS
+constexpr int kSinkRows = 8192;    // cupy_varlen/_launch.py: SINK_ROWS
+
+// The CTA's sum of one value per thread in a fixed tree; thread 0 gets it.
+CV_DEVICE float block_sum_fixed(float x, float* warp_sums) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) x += __shfl_xor_sync(0xffffffffu, x, d);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = x;
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x == 0)
+#pragma unroll
+    for (int w = 0; w < kSinkThreads / 32; ++w) total += warp_sums[w];
+  __syncthreads();  // warp_sums may be written again
+  return total;
+}
+
+extern "C" __global__ void __launch_bounds__(kSinkThreads)
+varlen_bwd_dsinks(const BwdParams p) {
+  __shared__ float warp_sums[kSinkThreads / 32];
+  __shared__ int last;
+  const int head = blockIdx.y, chunk = blockIdx.x;
+  const float sink_log2 = __ldg(p.sinks + head) * kLog2e;
+  const i64 begin = (i64)chunk * kSinkRows;
+  const i64 end = begin + kSinkRows < p.total_q ? begin + kSinkRows : p.total_q;
+  const float* lse_log2 = p.lse_log2 + (i64)head * p.total_q;
+  const float* delta = p.delta + (i64)head * p.total_q;
+  float acc = 0.f;
+  for (i64 i = begin + threadIdx.x; i < end; i += kSinkThreads)
+    acc += fast_exp2(sink_log2 - lse_log2[i]) * delta[i];  // the sink's probability in row i
+  const float total = block_sum_fixed(acc, warp_sums);
+  if (gridDim.x == 1) {
+    if (threadIdx.x == 0) p.dsinks[head] = 0.f - total;  // 0, not -0, for a sum of nothing
+    return;
+  }
+  if (threadIdx.x == 0) {
+    p.sink_partials[(i64)head * gridDim.x + chunk] = total;
+    __threadfence();  // the partial before the ticket
+    last = atomicAdd(p.sink_tickets + head, 1) == (int)gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // every other chunk's partial, seen through its ticket
+  float part = 0.f;
+  for (int c = threadIdx.x; c < (int)gridDim.x; c += kSinkThreads)
+    part += __ldcg(p.sink_partials + (i64)head * gridDim.x + c);
+  const float sum = block_sum_fixed(part, warp_sums);
+  if (threadIdx.x == 0) p.dsinks[head] = 0.f - sum;
 }
 
 // A position of the walk, advanced a step at a time (QueryTileWalk::advance): no division by the
@@ -270,6 +348,9 @@ varlen_bwd_dq(const __grid_constant__ BwdParams p) {
   }
 
   const LaneCoords lc(lane);
+#if CV_ALIBI
+  const float alibi = bwd_alibi_slope(p, work.batch_idx, head);
+#endif
   float acc_dq[1][kDAtoms][4];
   zero_fragments(acc_dq);
   for (int it = 0; it < n_iters; ++it) {
@@ -286,6 +367,12 @@ varlen_bwd_dq(const __grid_constant__ BwdParams p) {
                                                                  k_smem + slot, 0, lc);
     gemm_ss<1, kDqNAtoms, kHeadDim, QTile, false, DqKVTile, false>(ds, do_smem, warp_row0,
                                                                  v_smem + slot, 0, lc);
+#if CV_SOFTCAP
+    apply_softcap(s, bwd_softcap(p));
+#endif
+#if CV_ALIBI
+    apply_alibi(s, m0 + warp_row0, n0, seq.k_len - seq.q_len, alibi, lane);
+#endif
     if (mask_test.needs_mask(n0)) apply_mask(s, m0 + warp_row0, n0, lane, seq.k_len, band);
 #pragma unroll
     for (int n = 0; n < kDqNAtoms; ++n)
@@ -293,6 +380,9 @@ varlen_bwd_dq(const __grid_constant__ BwdParams p) {
       for (int e = 0; e < 4; ++e) {
         const float pv = fast_exp2(fmaf(s[0][n][e], p.scale_log2, -row_lse[e / 2]));
         ds[0][n][e] = pv * (ds[0][n][e] - row_delta[e / 2]);
+#if CV_SOFTCAP
+        ds[0][n][e] *= softcap_slope(s[0][n][e], p.softcap_in);
+#endif
       }
     gemm_pv<1, kDqNAtoms, kDAtoms, kHeadDim, kDqBlockN>(acc_dq, ds, k_smem + slot, 0, lc);
   }

@@ -12,6 +12,7 @@
 #include "epilogue.cuh"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
+#include "score_mod.cuh"
 #include "softmax.cuh"
 
 constexpr int kWarps = CV_WARPS;
@@ -145,11 +146,24 @@ varlen_bwd_dkdv(const __grid_constant__ BwdParams p) {
         pt, k_smem, sg.row0, q_slot, sg.col0, lc);
     gemm_ss<SGrid::kMAtoms, SGrid::kNAtoms, kHeadDim, KTile, false, QTile, false, kSUnroll>(
         dst, v_smem, sg.row0, do_slot, sg.col0, lc);
+#if CV_SOFTCAP
+    apply_softcap(pt, bwd_softcap(p));
+#endif
+#if CV_ALIBI
+    apply_alibi(pt, n0 + sg.row0, m0 + sg.col0, seq.q_len - seq.k_len,
+                bwd_alibi_slope(p, work.batch_idx, kv_head * p.heads_per_kv + walk.head_in_group(it)),
+                lane);
+#endif
     if (mask_test.needs_mask(m0))
       apply_mask(pt, n0 + sg.row0, m0 + sg.col0, lane, seq.q_len, band_t);
     // Keys past the sequence hold zeros, whose score is 0, not -inf: exp2(0 - lse) could overflow.
     if (keys_valid < kBlockN) mask_rows_from(pt, sg.row0, keys_valid, lane);
+#if CV_SOFTCAP
+    softmax_backward_softcap(pt, dst, stats, stats + kBlockM * 4, sg.col0, p.scale_log2,
+                             p.softcap_in, lane);
+#else
     softmax_backward(pt, dst, stats, stats + kBlockM * 4, sg.col0, p.scale_log2, lane);
+#endif
     stage_fragments<STile>(pt, pt_smem, sg.row0, sg.col0 / 8, lane);
     stage_fragments<STile>(dst, ds_smem, sg.row0, sg.col0 / 8, lane);
     __syncthreads();

@@ -27,6 +27,7 @@
 #include "epilogue.cuh"
 #include "mask.cuh"
 #include "pipeline.cuh"
+#include "score_mod.cuh"
 #include "softmax.cuh"
 #include "sync_sm90.cuh"
 #include "wgmma.cuh"
@@ -66,7 +67,8 @@ static_assert(kConsumers * kDqChunkFloats == kBlockM * kHeadDim,
 // 64-query tile's. Larger tiles read all of delta ahead (P is packed to 16 bits by then) but
 // little lse (beside S^T and dP^T): two atoms at 80 queries, none at 128 (d64), which also keeps
 // delta where used in fp16, whose unpacking of P needs more registers (12-byte spill otherwise).
-constexpr int kStatsAhead = kQAtoms <= 8 ? kQAtoms : kDqSwapAB ? 2 : 0;
+// A softcap reads lse again for dS (softcap_scores_gradient_packed): there lse is read where used.
+constexpr int kStatsAhead = CV_SOFTCAP ? 0 : kQAtoms <= 8 ? kQAtoms : kDqSwapAB ? 2 : 0;
 constexpr int kDeltaAhead = kQAtoms <= 8 || CV_DTYPE_BF16 ? kQAtoms : 0;
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
@@ -147,7 +149,7 @@ CV_DEVICE i64 first_dq_slot(i64 q_start, int b) { return (q_start + (i64)b * kBl
 
 // Everything about this CTA's key tile, derived identically by producer and consumers.
 struct KeyTileWork {
-  int kv_head;
+  int kv_head, batch;
   SeqInfo seq;
   i64 dq_slot0;  // first_dq_slot of the sequence
   int n0, keys_valid;
@@ -166,6 +168,7 @@ CV_DEVICE bool load_key_tile(const BwdParams& p, KeyTileWork& t) {
   // tile's predecessor in the dQ order is launched two CTAs before it, not one), the last group
   // widened where a head's work is short beside its longest tile (cupy_varlen/_launch.py).
   if (!decode_tile_in_head_order(p.schedule_kv, blockIdx.x, work, t.kv_head)) return false;
+  t.batch = work.batch_idx;
   t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, nullptr, work.batch_idx);
   t.dq_slot0 = first_dq_slot(t.seq.q_start, work.batch_idx);
   t.n0 = work.m_block * kBlockN;
@@ -336,6 +339,13 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
 #endif
     wgmma_wait<1>();  // S^T is done; dP^T may still run
     fence_registers(s);
+#if CV_SOFTCAP
+    apply_softcap(s, bwd_softcap(p));
+#endif
+#if CV_ALIBI
+    apply_alibi(s, t.n0 + key_row0, m0, t.seq.q_len - t.seq.k_len,
+                bwd_alibi_slope(p, t.batch, t.head(p, at)), lane);
+#endif
     if (mask_test.needs_mask(m0))
       apply_mask(s, t.n0 + key_row0, m0, lane, t.seq.q_len, t.band_t);
     // Keys past the sequence hold zeros, whose score is 0, not -inf: exp2(0 - lse) could overflow.
@@ -349,7 +359,11 @@ CV_DEVICE void consume(const BwdParams& p, const KeyTileWork& t, const Smem& sme
 
     wgmma_wait<1>();  // dP^T is done; dV's GEMM may still run
     fence_registers(dp);
+#if CV_SOFTCAP
+    softcap_scores_gradient_packed(pa, dp, delta, lse_log2, p.softcap_in / p.scale_log2);
+#else
     scores_gradient_packed(pa, dp, delta);  // P's fp32 registers were free while dP^T ran
+#endif
     u32 dsa[kBlockM / 16][4];
     pack_a_fragments(dp, dsa);
 #if CV_DQ_ATOMIC

@@ -27,14 +27,18 @@
 // heads, sequences) from the host's shapes alone; a CTA strides over its sequence's query tiles, so
 // a loose max_seqlen_q never loses rows.
 //
+// Score modifiers (score_mod.cuh; CV_SOFTCAP, CV_ALIBI, CV_SINKS): softcap and ALiBi apply to each
+// score tile before the mask, the sink at the end (with split keys, in the combine instead).
+//
 // Specialization (-D from cupy_varlen/_spec.py): CV_HEAD_DIM (head-dim tile), CV_BLOCK_M,
 // CV_BLOCK_N, CV_SUB_N, CV_WARPS, CV_STAGES, CV_WINDOWED, CV_MIN_BLOCKS, CV_QK_UNROLL,
-// CV_DTYPE_BF16, CV_PAGED, CV_DECODE.
+// CV_DTYPE_BF16, CV_PAGED, CV_DECODE, CV_SOFTCAP, CV_ALIBI, CV_SINKS.
 
 #include "common.cuh"
 #include "epilogue.cuh"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
+#include "score_mod.cuh"
 #include "seqlen.cuh"
 #include "softmax.cuh"
 #include "tiles.cuh"
@@ -73,12 +77,13 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
            const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
            const int* __restrict__ schedule, const int* __restrict__ seqused_k,
            const int* __restrict__ block_table, float* __restrict__ partial,
+           const float* __restrict__ alibi_slopes, const float* __restrict__ sinks,
            i64 q_row_stride, i64 q_head_stride, i64 k_row_stride, i64 k_head_stride,
            i64 v_row_stride, i64 v_head_stride, i64 o_row_stride, i64 o_head_stride,
            i64 lse_head_stride, i64 k_page_stride, i64 v_page_stride, i64 block_table_stride,
-           int heads_per_kv, int head_dim, float scale, float scale_log2, int window_left,
-           int window_right, int page_size, int k_capacity, int num_splits, int num_heads,
-           int total_q) {
+           i64 alibi_batch_stride, int heads_per_kv, int head_dim, float scale, float scale_log2,
+           float softcap_in, float softcap_out, int window_left, int window_right, int page_size,
+           int k_capacity, int num_splits, int num_heads, int total_q) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
@@ -197,6 +202,27 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   OnlineSoftmax<kMAtoms> softmax;
   const LaneCoords lc(lane);
   const int warp_row0 = warp * kWarpRows;
+#if CV_ALIBI
+#if CV_DECODE
+  // Each packed row's own query position (as a key position: token + Lk - Lq) and head's slope.
+  float alibi_pos[kMAtoms][2], alibi_row_slope[kMAtoms][2];
+#pragma unroll
+  for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = warp_row0 + 16 * m + (lane >> 2) + 8 * h;
+      const int token = (m0 + row) / group;
+      alibi_pos[m][h] = (float)token + (float)(seq.k_len - seq.q_len);
+      // Rows past the tile's last are never stored: no slope to read for them.
+      alibi_row_slope[m][h] =
+          row < rows_valid ? alibi_slope(alibi_slopes, alibi_batch_stride, work.batch_idx,
+                                         kv_head * group + m0 + row - token * group, scale)
+                           : 0.f;
+    }
+#else
+  const float alibi = alibi_slope(alibi_slopes, alibi_batch_stride, work.batch_idx, head, scale);
+#endif
+#endif
 
   for (int it = 0; it < n_iters; ++it) {
     const u32 k_slot = k_smem + (it % kStages) * KVTile::kBytes;
@@ -218,6 +244,16 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
       gemm_qk<kMAtoms, kNAtoms, kHeadDim, kBlockM, kBlockN, CV_QK_UNROLL>(
           s, q_smem, k_slot, warp_row0, sub * kSubN, lc);
       const int sub_n0 = n0 + sub * kSubN;
+#if CV_SOFTCAP
+      apply_softcap(s, Softcap{softcap_in, softcap_out});
+#endif
+#if CV_ALIBI
+#if CV_DECODE
+      apply_alibi_rows(s, alibi_pos, alibi_row_slope, sub_n0, lane);
+#else
+      apply_alibi(s, m0 + warp_row0, sub_n0, seq.k_len - seq.q_len, alibi, lane);
+#endif
+#endif
 #if CV_DECODE
       if (mask_test.needs_mask(sub_n0))
         apply_mask_grouped(s, m0 + warp_row0, sub_n0, lane, seq.k_len, band, group);
@@ -237,14 +273,29 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   }
 
 #if CV_DECODE
-  float row_lse[kMAtoms][2];
-  softmax.finalize(acc_o, scale, row_lse);
   {
   // As the scheduled tiles below: re-derived, not held through the main loop; query rows only.
   const int kv_head = opaque(blockIdx.y);
   seq = load_paged_seq_info(cu_seqlens_q, nullptr, nullptr, opaque(blockIdx.z), 0);
   m0 = work.m_block * kBlockM;
   rows_valid = min(kBlockM, seq.q_len * group - m0);
+  float row_lse[kMAtoms][2];
+#if CV_SINKS
+  // Split keys leave the sink to the combine, which meets every split's share of a row.
+  float sink[kMAtoms][2];
+#pragma unroll
+  for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = warp_row0 + 16 * m + (lane >> 2) + 8 * h;
+      sink[m][h] = num_splits == 1 && row < rows_valid
+                       ? __ldg(sinks + kv_head * group + (m0 + row) % group)
+                       : neg_inf();
+    }
+  softmax.finalize_with_sink(acc_o, scale, sink, row_lse);
+#else
+  softmax.finalize(acc_o, scale, row_lse);
+#endif
   // Straight from the fragments (few rows: no staging, no barrier). Tile row r: token
   // (m0 + r) / group, query head kv_head * group + (m0 + r) % group. One split writes O and lse;
   // several, each split's share of O (normalized) and its lse in fp32 (split_combine.cuh).
@@ -299,7 +350,15 @@ varlen_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
   rows_valid = min(kBlockM, seq.q_len - m0);
 
   float row_lse[kMAtoms][2];
+#if CV_SINKS
+  float sink[kMAtoms][2];
+  const float head_sink = __ldg(sinks + head);
+#pragma unroll
+  for (int m = 0; m < kMAtoms; ++m) sink[m][0] = sink[m][1] = head_sink;
+  softmax.finalize_with_sink(acc_o, scale, sink, row_lse);
+#else
   softmax.finalize(acc_o, scale, row_lse);
+#endif
   if (lse != nullptr)
     store_lse(row_lse, lse + (i64)head * lse_head_stride + seq.q_start + m0, rows_valid, warp_row0,
               lane);

@@ -23,14 +23,18 @@
 // and O of 96-key tiles (m64n96 wgmma). The dispatch takes them by the batch's mean length
 // (cupy_varlen/_spec.py, _TILES_WGMMA_LONG).
 //
+// Score modifiers (score_mod.cuh; CV_SOFTCAP, CV_ALIBI, CV_SINKS): softcap and ALiBi apply to each
+// finished score tile before its mask and row max, the sink in the epilogue.
+//
 // Specialization (-D from cupy_varlen/_spec.py): CV_HEAD_DIM (64, 128 or 256), CV_BLOCK_M (128 or
-// 192), CV_BLOCK_N, CV_STAGES, CV_WINDOWED, CV_DTYPE_BF16.
+// 192), CV_BLOCK_N, CV_STAGES, CV_WINDOWED, CV_DTYPE_BF16, CV_SOFTCAP, CV_ALIBI, CV_SINKS.
 
 #include "common.cuh"
 #include "epilogue.cuh"
 #include "mask.cuh"
 #include "pipeline.cuh"
 #include "scheduler.cuh"
+#include "score_mod.cuh"
 #include "seqlen.cuh"
 #include "softmax.cuh"
 #include "sync_sm90.cuh"
@@ -108,23 +112,25 @@ struct Params {
   const int* cu_seqlens_k;
   int* workspace;
   const int* seqused_k;  // null: every key of a sequence's slot (seqlen.cuh)
+  const float* alibi_slopes;  // CV_ALIBI: (batch, heads) with row stride alibi_batch_stride
+  const float* sinks;         // CV_SINKS: (heads,)
   i64 q_row_stride, q_head_stride, k_row_stride, k_head_stride;
   i64 v_row_stride, v_head_stride, o_row_stride, o_head_stride;
-  i64 lse_head_stride;
+  i64 lse_head_stride, alibi_batch_stride;
   int heads_per_kv, num_heads, head_dim;
-  float scale, scale_log2;
+  float scale, scale_log2, softcap_in, softcap_out;
   int window_left, window_right;
   int use_tma;  // 1: tma_k and tma_v are valid maps of k and v (cupy_varlen/_tma.py)
   TensorMap tma_k, tma_v;
 };
-// The host packs this struct byte for byte (cupy_varlen/_launch.py, _SM90_PARAMS: 9 pointers,
-// 9 int64, 3 int32, 2 float, 3 int32, padding to 64 bytes, two 128-byte maps); a field added on one
-// side only changes the size.
-static_assert(sizeof(Params) == 448, "Params layout must match the host's packing");
+// The host packs this struct byte for byte (cupy_varlen/_launch.py, _SM90_PARAMS: 11 pointers,
+// 10 int64, 3 int32, 4 float, 3 int32, padding to 64 bytes, two 128-byte maps); a field added on
+// one side only changes the size.
+static_assert(sizeof(Params) == 512, "Params layout must match the host's packing");
 
 // Everything one work item needs, derived identically by producer and consumers.
 struct WorkTile {
-  int head, kv_head;
+  int head, batch;
   SeqInfo seq;
   int m0, rows_valid;
   MaskBand band;
@@ -209,7 +215,7 @@ CV_DEVICE WorkTile load_work(const Params& p, const PersistentScheduler& schedul
   t.head = -1;
   if (scheduler.done(item)) return t;
   const TileWork w = scheduler.tile(item, t.head);
-  t.kv_head = t.head / p.heads_per_kv;
+  t.batch = w.batch_idx;
   t.seq = load_seq_info(p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k, w.batch_idx);
   t.m0 = w.m_block * kBlockM;
   derive_work(p, t);
@@ -256,6 +262,7 @@ CV_DEVICE void produce(const Params& p, const Smem& smem, int ptid) {
     mbarrier_arrive_on_copies(smem.q_full());
 
     const int n_iters = t.range.count();
+    const int kv_head = t.head / p.heads_per_kv;
     for (int it = 0; it < n_iters; ++it, kv_pipe.advance()) {
       const int stage = kv_pipe.index();
       const int n0 = (t.range.n_block_max - 1 - it) * kBlockN;
@@ -267,10 +274,10 @@ CV_DEVICE void produce(const Params& p, const Smem& smem, int ptid) {
       auto send = [&](u32 dst, const TensorMap& map, const u16* base, i64 row_stride,
                       i64 head_stride, u32 full) {
         if (bulk) {
-          load_bulk(dst, map, t.kv_head, (int)row, full, ptid);
+          load_bulk(dst, map, kv_head, (int)row, full, ptid);
         } else {
           load_tile_async<kBlockN, kHeadDim, kWarpgroupThreads>(
-              dst, base + row * row_stride + (i64)t.kv_head * head_stride, row_stride,
+              dst, base + row * row_stride + (i64)kv_head * head_stride, row_stride,
               t.seq.k_len - n0, chunks_valid, ptid);
           mbarrier_arrive_on_copies(full);
         }
@@ -307,14 +314,35 @@ CV_DEVICE void issue_output(float (&o)[1][kDAtoms][4], const u32 (&pa)[kBlockN /
                                       kBlockN * kPanelBytes);
 }
 
-// Mask and row max of a finished score tile: the first half of the online softmax, which needs
-// neither the output nor P's registers, so it runs while P V may still be in flight.
-CV_DEVICE void mask_and_max(float (&s)[1][kNAtoms][4], const WorkTile& t,
-                            const TileMaskTest<kBlockN>& mask_test, int n0, int row0, int lane,
-                            float scale_log2, OnlineSoftmax<1>& softmax, float (&correction)[1][2],
-                            float (&max_scaled)[1][2]) {
+// The score modifiers' constants of one work item (score_mod.cuh).
+struct ItemMods {
+  float alibi;       // the item's ALiBi slope in raw units
+  int alibi_offset;  // Lk - Lq
+};
+
+CV_DEVICE ItemMods item_mods(const Params& p, const WorkTile& t) {
+  ItemMods mods{0.f, 0};
+#if CV_ALIBI
+  mods.alibi = alibi_slope(p.alibi_slopes, p.alibi_batch_stride, t.batch, t.head, p.scale);
+  mods.alibi_offset = t.seq.k_len - t.seq.q_len;
+#endif
+  return mods;
+}
+
+// Modifiers, mask and row max of a finished score tile: the first half of the online softmax,
+// which needs neither the output nor P's registers, so it runs while P V may still be in flight.
+CV_DEVICE void mask_and_max(float (&s)[1][kNAtoms][4], const Params& p, const WorkTile& t,
+                            const ItemMods& mods, const TileMaskTest<kBlockN>& mask_test, int n0,
+                            int row0, int lane, OnlineSoftmax<1>& softmax,
+                            float (&correction)[1][2], float (&max_scaled)[1][2]) {
+#if CV_SOFTCAP
+  apply_softcap(s, Softcap{p.softcap_in, p.softcap_out});
+#endif
+#if CV_ALIBI
+  apply_alibi(s, row0, n0, mods.alibi_offset, mods.alibi, lane);
+#endif
   if (mask_test.needs_mask(n0)) apply_mask(s, row0, n0, lane, t.seq.k_len, t.band);
-  softmax.update_max(s, scale_log2, correction, max_scaled);
+  softmax.update_max(s, p.scale_log2, correction, max_scaled);
 }
 
 // Per warpgroup, software-pipelined over key tiles: iteration i issues S(i+1) = Q K(i+1)^T and then
@@ -340,6 +368,7 @@ CV_DEVICE void consume(const Params& p, const Smem& smem, int wg, int ctid) {
     if (t.head < 0) break;
     derive_work(p, t);
     const TileMaskTest<kBlockN> mask_test(t.m0, t.m0 + t.rows_valid - 1, t.seq.k_len, t.band);
+    const ItemMods mods = item_mods(p, t);
     const int row0 = t.m0 + warp_row0;
     fence_proxy_async();  // Q's copies, observed through q_full, before wgmma reads them
 
@@ -366,7 +395,7 @@ CV_DEVICE void consume(const Params& p, const Smem& smem, int wg, int ctid) {
       mbarrier_arrive(smem.k_empty(kv_pipe.index()));
       if (n_iters == 1) mbarrier_arrive(smem.q_empty());
       float max_scaled[1][2];
-      mask_and_max(s, t, mask_test, n0_of(0), row0, lane, p.scale_log2, softmax, correction,
+      mask_and_max(s, p, t, mods, mask_test, n0_of(0), row0, lane, softmax, correction,
                    max_scaled);
       softmax.exponentiate(s, p.scale_log2, correction, max_scaled);
       pack_a_fragments(s, pa);  // O is still 0: no rescale
@@ -394,7 +423,7 @@ CV_DEVICE void consume(const Params& p, const Smem& smem, int wg, int ctid) {
       mbarrier_arrive(smem.k_empty(k_pipe.index()));
       if (it + 2 == n_iters) mbarrier_arrive(smem.q_empty());  // that was the last read of Q
       float max_scaled[1][2];
-      mask_and_max(s, t, mask_test, n0_of(it + 1), row0, lane, p.scale_log2, softmax, correction,
+      mask_and_max(s, p, t, mods, mask_test, n0_of(it + 1), row0, lane, softmax, correction,
                    max_scaled);
       wgmma_wait<0>();
       fence_registers(acc_o);
@@ -419,7 +448,13 @@ CV_DEVICE void consume(const Params& p, const Smem& smem, int wg, int ctid) {
     }
 
     float row_lse[1][2];
+#if CV_SINKS
+    const float head_sink = __ldg(p.sinks + t.head);
+    const float sink[1][2] = {{head_sink, head_sink}};
+    softmax.finalize_with_sink(acc_o, p.scale, sink, row_lse);
+#else
     softmax.finalize(acc_o, p.scale, row_lse);
+#endif
     if (p.lse != nullptr)
       store_lse(row_lse, p.lse + (i64)t.head * p.lse_head_stride + t.seq.q_start + t.m0,
                 t.rows_valid, warp_row0, lane);

@@ -172,6 +172,36 @@ struct OnlineSoftmax {
         }
       }
   }
+
+  // finalize with an attention sink per row (score_mod.cuh): `sink`, a scaled logit, joins the
+  // row's denominator and adds no value. Both terms are taken relative to the larger of the sink
+  // and the row's max, so neither overflows. A row with no allowed key gets output 0 and lse =
+  // sink; a sink of -inf is no sink (finalize's results).
+  template <int kDAtoms>
+  CV_DEVICE void finalize_with_sink(float (&acc_o)[kMAtoms][kDAtoms][4], float scale,
+                                    const float (&sink)[kMAtoms][2], float (&lse)[kMAtoms][2]) {
+#pragma unroll
+    for (int m = 0; m < kMAtoms; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float sum = quad_sum(row_sum[m][h]);
+        const float keys_max = sum > 0.f ? row_max[m][h] * scale : neg_inf();
+        const float top = fmaxf(keys_max, sink[m][h]);
+        float inv = 0.f;
+        lse[m][h] = neg_inf();
+        if (top != neg_inf()) {
+          const float keys_weight = __expf(keys_max - top);  // 0 for a row without keys
+          const float denom = sum * keys_weight + __expf(sink[m][h] - top);
+          inv = keys_weight / denom;
+          lse[m][h] = top + __logf(denom);
+        }
+#pragma unroll
+        for (int d = 0; d < kDAtoms; ++d) {
+          acc_o[m][d][2 * h] *= inv;
+          acc_o[m][d][2 * h + 1] *= inv;
+        }
+      }
+  }
 };
 
 // Softmax backward on a transposed tile (rows = keys, columns = queries), whose row statistics

@@ -6,7 +6,8 @@
 // exp(lse_s - lse). Layout, fp32, rows (token, head) token-major over the whole batch:
 //   lse_s: partial[s * rows + row],  O_s: partial[lse_entries + (s * rows + row) * head_dim]
 // with rows = total_q * num_heads and lse_entries = num_splits * rows rounded up to 16 bytes (the
-// O rows' 8-byte stores stay aligned).
+// O rows' 8-byte stores stay aligned). An attention sink (score_mod.cuh; sinks non-null, one logit
+// per head) is one more share here, of output 0: the splits leave it out.
 #pragma once
 
 #include "common.cuh"
@@ -39,7 +40,7 @@ CV_DEVICE float warp_sum(float x) {
 extern "C" __global__ void __launch_bounds__(kCombineThreads)
 varlen_fwd_combine(const float* __restrict__ partial, u16* __restrict__ out,
                    float* __restrict__ lse, const int* __restrict__ cu_seqlens_q,
-                   i64 o_row_stride, i64 o_head_stride, i64 lse_head_stride, int num_splits,
+                   const float* __restrict__ sinks, i64 o_row_stride, i64 o_head_stride, i64 lse_head_stride, int num_splits,
                    int num_heads, int total_q, int head_dim) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int q_start = __ldg(cu_seqlens_q + blockIdx.y);
@@ -54,11 +55,14 @@ varlen_fwd_combine(const float* __restrict__ partial, u16* __restrict__ out,
     float row_max = neg_inf();
     for (int s = lane; s < num_splits; s += 32) row_max = fmaxf(row_max, lse_part[s * split_rows + row]);
     row_max = warp_max(row_max);
+    const float sink = sinks != nullptr ? __ldg(sinks + head) : neg_inf();
+    row_max = fmaxf(row_max, sink);
     const bool empty = row_max == neg_inf();
     float sum = 0.f;
     if (!empty)
       for (int s = lane; s < num_splits; s += 32) sum += __expf(lse_part[s * split_rows + row] - row_max);
     sum = warp_sum(sum);
+    if (sinks != nullptr && !empty) sum += __expf(sink - row_max);
     const float row_lse = empty ? neg_inf() : row_max + __logf(sum);
 
     float2 acc[kCombinePairs];

@@ -67,9 +67,10 @@ def _l2_bytes(device: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _dispatch(dtype: str, head_dim: int, windowed: bool, device: int, choice: str,
-              long_rows: bool = False, paged: bool = False, decode: bool = False):
+              long_rows: bool = False, paged: bool = False, decode: bool = False,
+              softcap: bool = False, alibi: bool = False, sinks: bool = False):
     spec = _spec.choose_fwd_spec(dtype, head_dim, windowed, _device_arch(device), choice,
-                                 long_rows, paged, decode)
+                                 long_rows, paged, decode, softcap, alibi, sinks)
     return spec, _build.load_kernels(spec, device)
 
 
@@ -88,7 +89,7 @@ def _strided_offsets(info) -> bool:
 def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                 causal=False, scale=None, window_size=(-1, -1), return_lse=False, out=None,
                 deterministic=False, check_inputs=False, seqused_k=None, block_table=None,
-                num_splits=None):
+                num_splits=None, softcap=0.0, sinks=None, alibi_slopes=None):
     r"""Attention over a packed batch of variable-length sequences.
 
     Sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key/value rows
@@ -161,6 +162,18 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             so the last bits of a row can change with the batch it is in. 1: no split and no
             shape-dependent kernel choice, so each sequence's output bits do not depend on the
             rest of the batch (batch invariance). N > 1: at most N splits.
+        softcap: a float >= 0 (0: none): the scaled score s becomes ``softcap * tanh(s /
+            softcap)`` (Gemma 2's logit cap, FlashAttention's ``softcap``); backward through the
+            tanh.
+        sinks: optional float32 array (H,), contiguous, of q's type and device: one logit per
+            query head that joins every row's softmax denominator and adds nothing to the
+            output (gpt-oss's attention sinks). lse includes it, and a row with no allowed key
+            gets out 0 and lse ``sinks[h]``. Differentiable: torch autograd fills ``sinks.grad``;
+            :func:`varlen_attn_backward` returns dsinks.
+        alibi_slopes: optional float32 array (H,) or (B, H), contiguous along its last dimension:
+            ``slope * |i + Lk - Lq - j|`` is subtracted from the scaled score of query row i and
+            key j (FlashAttention-2's ALiBi, bottom-right aligned like the causal mask; Lk is the
+            used count with seqused_k). No gradient reaches the slopes.
 
     Returns:
         ``out``, or ``(out, lse)`` with ``return_lse=True``. A query row with no allowed key
@@ -184,40 +197,46 @@ def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     if block_table is not None:
         return _varlen_attn(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                             max_seqlen_k, causal, scale, window_size, return_lse, out,
-                            deterministic, check_inputs, seqused_k, block_table, num_splits)
+                            deterministic, check_inputs, seqused_k, block_table, num_splits,
+                            softcap, sinks, alibi_slopes)
     # _varlen_attn's body for a contiguous cache, inlined: one Python call less on every call.
-    if _needs_autograd(q, k, v):
+    if _needs_autograd(q, k, v) or (sinks is not None and _needs_autograd(sinks, sinks, sinks)):
         return _torch.varlen_attn_autograd(
             VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
             scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k, None,
-            num_splits)
+            num_splits, softcap, sinks, alibi_slopes)
     return _varlen_attn_eager(VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, causal, scale, window_size, return_lse, out,
-                              deterministic, check_inputs, seqused_k, num_splits)
+                              deterministic, check_inputs, seqused_k, num_splits, softcap, sinks,
+                              alibi_slopes)
 
 
 def _varlen_attn(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                  scale, window_size, return_lse, out, deterministic, check_inputs,
-                 seqused_k=None, block_table=None, num_splits=None):
+                 seqused_k=None, block_table=None, num_splits=None, softcap=0.0, sinks=None,
+                 alibi_slopes=None):
     """:func:`varlen_attn` for callers with other argument names (compat): errors speak
     ``names``."""
-    if _needs_autograd(q, k, v):
+    if _needs_autograd(q, k, v) or (sinks is not None and _needs_autograd(sinks, sinks, sinks)):
         return _torch.varlen_attn_autograd(
             names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
             scale, window_size, return_lse, out, deterministic, check_inputs, seqused_k,
-            block_table, num_splits)
+            block_table, num_splits, softcap, sinks, alibi_slopes)
     if block_table is not None:
         return _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, causal, scale, window_size, return_lse, out,
-                                  check_inputs, seqused_k, block_table, num_splits)
+                                  check_inputs, seqused_k, block_table, num_splits, softcap,
+                                  sinks, alibi_slopes)
     return _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, causal, scale, window_size, return_lse, out,
-                              deterministic, check_inputs, seqused_k, num_splits)
+                              deterministic, check_inputs, seqused_k, num_splits, softcap, sinks,
+                              alibi_slopes)
 
 
 def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, out, deterministic, check_inputs,
-                       seqused_k=None, num_splits=None):
+                       seqused_k=None, num_splits=None, softcap=0.0, sinks=None,
+                       alibi_slopes=None):
     """varlen_attn without autograd: checks every argument, allocates and launches. Also the
     custom op's implementation, where it is the check that guards the kernels against a direct
     ``torch.ops`` call.
@@ -226,47 +245,52 @@ def _varlen_attn_eager(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     checks and runs its plan."""
     key = _forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, out, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, deterministic, check_inputs,
-                       seqused_k, None, num_splits)
+                       seqused_k, None, num_splits, softcap, sinks, alibi_slopes)
     plan = _cached_plan(_forward_plans, key)
     if plan is not None:
-        return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, None,
-                        key[2])
+        return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, None, sinks,
+                        alibi_slopes, key[2])
     adopt = _arrays.adopt
-    q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k = (
+    q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, sinks, alibi_slopes = (
         adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out),
-        adopt(seqused_k))
+        adopt(seqused_k), adopt(sinks), adopt(alibi_slopes))
     fw = _checks.framework(names, q)
     (qi, ki, vi, cu_qi, cu_ki, oi, _causal, scale, left, right, return_lse, _deterministic,
      check_inputs) = _checks.check_forward_args(
         fw, names, fw.info, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         causal, scale, window_size, return_lse, out, deterministic, check_inputs)
     ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, fw.info)
+    mods = _checks.check_score_mods(fw, names, softcap, sinks, alibi_slopes, qi,
+                                    cu_qi.shape[0] - 1, fw.info)
     num_splits = _checks.check_num_splits(names, num_splits)
     batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi, cu_ki,
-                                 oi, max_seqlen_q, max_seqlen_k, check_inputs, seqused_k, ui)
+                                 oi, max_seqlen_q, max_seqlen_k, check_inputs, seqused_k, ui,
+                                 extra=(("sinks", mods[1]), ("alibi_slopes", mods[2])))
     plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui,
-                         None, (max_seqlen_q, max_seqlen_k, num_splits))
+                         None, (max_seqlen_q, max_seqlen_k, num_splits), mods)
     if key is not None:
         _remember(_forward_plans, key[0], plan)
-    return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, None)
+    return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, None,
+                          sinks, alibi_slopes)
 
 
 def _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, out, check_inputs, seqused_k,
-                       block_table, num_splits=None):
+                       block_table, num_splits=None, softcap=0.0, sinks=None,
+                       alibi_slopes=None):
     """varlen_attn over a paged KV cache (block_table) without autograd, with launch plans as
     :func:`_varlen_attn_eager`'s; also the custom op's implementation for it."""
     key = _forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, out, max_seqlen_q, max_seqlen_k,
                        causal, scale, window_size, return_lse, False, check_inputs, seqused_k,
-                       block_table, num_splits)
+                       block_table, num_splits, softcap, sinks, alibi_slopes)
     plan = _cached_plan(_forward_plans, key)
     if plan is not None:
         return plan.run(key[1], q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k,
-                        block_table, key[2])
+                        block_table, sinks, alibi_slopes, key[2])
     adopt = _arrays.adopt
-    q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, block_table = (
+    q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k, block_table, sinks, alibi_slopes = (
         adopt(q), adopt(k), adopt(v), adopt(cu_seqlens_q), adopt(cu_seqlens_k), adopt(out),
-        adopt(seqused_k), adopt(block_table))
+        adopt(seqused_k), adopt(block_table), adopt(sinks), adopt(alibi_slopes))
     fw = _checks.framework(names, q)
     (qi, ki, vi, cu_qi, _cu_ki, oi, _causal, scale, left, right, return_lse, _deterministic,
      check_inputs) = _checks.check_forward_args(
@@ -275,16 +299,19 @@ def _varlen_attn_paged(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     bi, _page_size, cu_ki = _checks.check_paged(fw, names, block_table, seqused_k, cu_seqlens_k,
                                                 cu_qi, ki, fw.info)
     ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, fw.info)
+    mods = _checks.check_score_mods(fw, names, softcap, sinks, alibi_slopes, qi,
+                                    cu_qi.shape[0] - 1, fw.info)
     num_splits = _checks.check_num_splits(names, num_splits)
     batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi, cu_ki,
                                  oi, max_seqlen_q, max_seqlen_k, check_inputs, seqused_k, ui,
-                                 block_table, bi)
+                                 block_table, bi,
+                                 extra=(("sinks", mods[1]), ("alibi_slopes", mods[2])))
     plan = _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui,
-                         bi, (max_seqlen_q, max_seqlen_k, num_splits))
+                         bi, (max_seqlen_q, max_seqlen_k, num_splits), mods)
     if key is not None:
         _remember(_forward_plans, key[0], plan)
     return _run_on_device(plan, fw, q, k, v, cu_seqlens_q, cu_seqlens_k, out, seqused_k,
-                          block_table)
+                          block_table, sinks, alibi_slopes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,7 +382,8 @@ def _decode_shape(max_q: int, max_k: int):
 
 
 def _forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_size, return_lse,
-                 deterministic, check_inputs, seqused_k=None, block_table=None, num_splits=None):
+                 deterministic, check_inputs, seqused_k=None, block_table=None, num_splits=None,
+                 softcap=0.0, sinks=None, alibi_slopes=None):
     """(key, framework, pointers) of a forward call that may run a cached plan, or None.
 
     Beyond the checks, max_seqlen_q/k take part only where the decode tiles may serve the call
@@ -363,15 +391,17 @@ def _forward_key(q, k, v, cu_q, cu_k, out, max_q, max_k, causal, scale, window_s
     takes the checked path."""
     if check_inputs is not False or not (_is_index(max_q) and _is_index(max_k)) \
             or type(window_size) is not tuple \
+            or (type(softcap) is not float and type(softcap) is not int) \
             or not (num_splits is None or (type(num_splits) is int and num_splits >= 1)):
         return None
-    signature = _signature((q, k, v, cu_q, cu_k, out, seqused_k, block_table))
+    signature = _signature((q, k, v, cu_q, cu_k, out, seqused_k, block_table, sinks,
+                            alibi_slopes))
     if signature is None:
         return None
     fw, layouts, ptrs = signature
     aligned = (ptrs[0] & 15, ptrs[1] & 15, ptrs[2] & 15, ptrs[5] & 15)
     return ((layouts, aligned, causal, scale, window_size, return_lse, deterministic,
-             _spec.forward_kernel, num_splits, _decode_shape(max_q, max_k)), fw, ptrs)
+             _spec.forward_kernel, num_splits, _decode_shape(max_q, max_k), softcap), fw, ptrs)
 
 
 def _run_on_device(plan, fw, *arrays, ptrs=None):
@@ -412,9 +442,9 @@ class _ForwardPlan:
     (misaligned ones: slower, never wrong), and the launches (None: nothing to compute)."""
 
     __slots__ = ("device", "out_shape", "lse_shape", "copies", "out_aside", "launch", "scale",
-                 "left", "right", "batch")
+                 "left", "right", "batch", "softcap")
 
-    def run(self, fw, q, k, v, cu_q, cu_k, out, seqused_k, block_table, ptrs):
+    def run(self, fw, q, k, v, cu_q, cu_k, out, seqused_k, block_table, sinks, alibi, ptrs):
         if self.copies is not None:
             (q, k, v, cu_q, cu_k, _out, seqused_k), ptrs = _copy_marked(
                 fw, (q, k, v, cu_q, cu_k, out, seqused_k), ptrs, self.copies)
@@ -431,22 +461,40 @@ class _ForwardPlan:
                           ptrs[5] if target is out else fw.ptr(target),
                           0 if lse is None else fw.ptr(lse), ptrs[3], ptrs[4],
                           0 if workspace is None else fw.ptr(workspace),
-                          ptrs[6], 0 if block_table is None else fw.ptr(block_table))
+                          ptrs[6], 0 if block_table is None else fw.ptr(block_table),
+                          ptrs[9], ptrs[8])
             if target is not result:
                 fw.copy_into(result, target)
         return result if lse is None else (result, lse)
 
 
+def _mod_flags(mods) -> dict:
+    """The spec flags of check_score_mods' (softcap, sinks info, alibi info)."""
+    softcap, si, ai = mods
+    return dict(softcap=softcap > 0, alibi=ai is not None, sinks=si is not None)
+
+
+def _launch_mods(scale, mods) -> _launch.ScoreMods:
+    softcap, si, ai = mods
+    stride = ai.strides[0] if ai is not None and len(ai.shape) == 2 else 0
+    return _launch.ScoreMods(scale, softcap, stride, si is not None)
+
+
+_NO_MODS = (0.0, None, None)
+
+
 def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse, ui=None,
-                  bi=None, sizes=(None, None, None)):
+                  bi=None, sizes=(None, None, None), mods=_NO_MODS):
     """The plan of a forward whose arguments have been checked (their infos, scale resolved,
     causal folded into the window; ``ui`` seqused_k's info or None; ``bi`` a paged cache's block
     table's, k and v then page pools, cu_ki None; ``sizes`` (max_seqlen_q, max_seqlen_k,
-    num_splits), which choose the decode tiles and their splits, max_seqlen_q None for never)."""
+    num_splits), which choose the decode tiles and their splits, max_seqlen_q None for never;
+    ``mods`` check_score_mods' result)."""
     total_q, heads, head_dim = qi.shape
     plan = _ForwardPlan()
     plan.device, plan.batch = qi.device, batch
     plan.scale, plan.left, plan.right = scale, left, right
+    plan.softcap = mods[0]
     plan.out_shape = qi.shape
     plan.lse_shape = (heads, total_q) if return_lse else None
     copies = (_needs_copy(qi), _needs_copy(ki), _needs_copy(vi), _strided_offsets(cu_qi),
@@ -479,26 +527,26 @@ def _plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, retur
                                                         heads // heads_per_kv):
         with _on(device):
             spec, kernels = _dispatch(dtype, head_dim, windowed, device, "sm80", False,
-                                      bi is not None, True)
+                                      bi is not None, True, **_mod_flags(mods))
         plan.launch = _launch.DecodeLaunch(
             kernels, spec, q_strides=q_strides, k_strides=k_strides, v_strides=v_strides,
             o_strides=o_strides, lse_head_stride=total_q, total_q=total_q, batch=batch,
             heads=heads, heads_per_kv=heads_per_kv, head_dim=head_dim, scale=scale,
             scale_log2=scale * _LOG2E, window=window, max_seqlen_q=max_q,
             keys_bound=1 << max_k.bit_length(), num_sms=_num_sms(device), num_splits=num_splits,
-            paged=paged)
+            paged=paged, mods=_launch_mods(scale, mods))
         return plan
     # num_splits=1: no choice from the batch's shape (long_rows reads its mean length).
     long_rows = num_splits != 1 and _spec.long_rows(total_q, batch)
     with _on(device):
         spec, kernels = _dispatch(dtype, head_dim, windowed, device, _spec.forward_kernel,
-                                  long_rows, bi is not None)
+                                  long_rows, bi is not None, **_mod_flags(mods))
     plan.launch = _launch.ForwardLaunch(
         kernels, spec, q_strides=q_strides, k_strides=k_strides, v_strides=v_strides,
         o_strides=o_strides, lse_head_stride=total_q, total_q=total_q, total_k=total_k,
         batch=batch, heads=heads, heads_per_kv=heads_per_kv, head_dim=head_dim,
         scale=scale, scale_log2=scale * _LOG2E, window=window, num_sms=_num_sms(device),
-        l2_bytes=_l2_bytes(device), paged=paged)
+        l2_bytes=_l2_bytes(device), paged=paged, mods=_launch_mods(scale, mods))
     return plan
 
 
@@ -509,16 +557,18 @@ def _on(device):
 
 @functools.lru_cache(maxsize=None)
 def _dispatch_backward(dtype: str, head_dim: int, windowed: bool, device: int,
-                       deterministic: bool, choice: str):
+                       deterministic: bool, choice: str, softcap: bool = False,
+                       alibi: bool = False):
     spec = _spec.choose_bwd_spec(dtype, head_dim, windowed, _device_arch(device), deterministic,
-                                 choice)
+                                 choice, softcap, alibi)
     return spec, _build.load_kernels(spec, device)
 
 
 def varlen_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, *, causal=False, scale=None, window_size=(-1, -1),
-                         deterministic=False, dq=None, dk=None, dv=None):
-    r"""Gradients of :func:`varlen_attn` with respect to q, k and v.
+                         deterministic=False, dq=None, dk=None, dv=None, softcap=0.0, sinks=None,
+                         alibi_slopes=None, dsinks=None):
+    r"""Gradients of :func:`varlen_attn` with respect to q, k and v (and sinks).
 
     Functional form for CuPy (and any DLPack) users; torch users get the same kernels through
     autograd (``out.backward()``) on tensors that require grad.
@@ -534,8 +584,11 @@ def varlen_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     dk, dv          (T_k, H_kv, D)             GQA/MQA: summed over each group's query heads
     ============== ========================== ==============================================
 
-    ``causal``, ``scale`` and ``window_size`` must be the forward's. Only the last dimension of
-    each array must be contiguous; dq, dk and dv may be strided views, written in place.
+    ``causal``, ``scale``, ``window_size`` and the score modifiers (``softcap``, ``sinks``,
+    ``alibi_slopes``) must be the forward's; with sinks, ``lse`` holds them (the forward's). Only
+    the last dimension of each array must be contiguous; dq, dk and dv may be strided views,
+    written in place. With sinks the gradient of the sinks comes too: float32 (H,), ``dsinks`` if
+    given (contiguous, written in place), always bitwise repeatable.
 
     ``deterministic=True`` gives bitwise repeatable gradients: dQ is computed by its own kernel
     (one CTA per query tile, key tiles in a fixed order) instead of fp32 atomics from the dK/dV
@@ -546,60 +599,68 @@ def varlen_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     never NaN. Runs on the caller's current stream without host synchronization.
 
     Returns:
-        ``(dq, dk, dv)``, arrays of q's type.
+        ``(dq, dk, dv)``, arrays of q's type; ``(dq, dk, dv, dsinks)`` with sinks.
     """
     key = _backward_key(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv,
-                        max_seqlen_q, max_seqlen_k, causal, scale, window_size, deterministic)
+                        max_seqlen_q, max_seqlen_k, causal, scale, window_size, deterministic,
+                        softcap, sinks, alibi_slopes, dsinks)
     plan = _cached_plan(_backward_plans, key)
     if plan is not None:
         return plan.run(key[1], dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv,
-                        key[2])
-    dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv = (
-        _arrays.adopt(x) for x in (dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk,
-                                   dv)
-    )
+                        sinks, alibi_slopes, dsinks, key[2])
+    (dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv, sinks, alibi_slopes,
+     dsinks) = (_arrays.adopt(x) for x in (dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                            dq, dk, dv, sinks, alibi_slopes, dsinks))
     names = VARLEN_ATTN_BACKWARD
     fw = _checks.framework(names, q)
-    (doi, qi, ki, vi, oi, li, cu_qi, cu_ki, scale, left, right, deterministic,
-     batch) = _checks.check_backward_args(
+    (doi, qi, ki, vi, oi, li, cu_qi, cu_ki, scale, left, right, deterministic, batch,
+     (softcap, si, ai, _dsi)) = _checks.check_backward_args(
         fw, names, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, causal, scale, window_size, deterministic, dq, dk, dv)
+        max_seqlen_k, causal, scale, window_size, deterministic, dq, dk, dv, softcap, sinks,
+        alibi_slopes, dsinks)
     grads = [None if x is None else fw.info(x) for x in (dq, dk, dv)]
     plan = _plan_backward(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, grads, batch, scale, left, right,
-                          deterministic)
+                          deterministic, (softcap, si, ai))
     if key is not None:
         _remember(_backward_plans, key[0], plan)
     return _run_on_device(plan, fw, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk,
-                          dv)
+                          dv, sinks, alibi_slopes, dsinks)
 
 
 def _autograd_backward(fw, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right,
-                       deterministic, batch):
+                       deterministic, batch, softcap=0.0, sinks=None, alibi_slopes=None):
     """The backward of an autograd call whose forward checked every argument: dout has out's
     shape, dtype and device (autograd's engine sees to that) and a unit last stride
     (``_torch._dout_for_kernels``), so nothing is checked again. Shares its plans with
     :func:`varlen_attn_backward` (causal is in the window)."""
     key = _backward_key(dout, q, k, v, out, lse, cu_q, cu_k, None, None, None, max_q, max_k,
-                        False, scale, (left, right), deterministic)
+                        False, scale, (left, right), deterministic, softcap, sinks, alibi_slopes)
     plan = _cached_plan(_backward_plans, key)
     if plan is not None:
-        return plan.run(fw, dout, q, k, v, out, lse, cu_q, cu_k, None, None, None, key[2])
+        return plan.run(fw, dout, q, k, v, out, lse, cu_q, cu_k, None, None, None, sinks,
+                        alibi_slopes, None, key[2])
     info = fw.info
+    mods = (softcap, None if sinks is None else info(sinks),
+            None if alibi_slopes is None else info(alibi_slopes))
     plan = _plan_backward(info(dout), info(q), info(k), info(v), info(out), info(lse), info(cu_q),
                           info(cu_k), (None, None, None), batch, scale, left, right,
-                          deterministic)
+                          deterministic, mods)
     if key is not None:
         _remember(_backward_plans, key[0], plan)
-    return _run_on_device(plan, fw, dout, q, k, v, out, lse, cu_q, cu_k, None, None, None)
+    return _run_on_device(plan, fw, dout, q, k, v, out, lse, cu_q, cu_k, None, None, None, sinks,
+                          alibi_slopes, None)
 
 
 def _backward_key(dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, max_q, max_k, causal, scale,
-                  window_size, deterministic):
+                  window_size, deterministic, softcap=0.0, sinks=None, alibi_slopes=None,
+                  dsinks=None):
     """(key, framework, pointers) of a backward call that may run a cached plan, or None (see
     :func:`_forward_key`)."""
-    if not (_is_index(max_q) and _is_index(max_k)) or type(window_size) is not tuple:
+    if not (_is_index(max_q) and _is_index(max_k)) or type(window_size) is not tuple \
+            or (type(softcap) is not float and type(softcap) is not int):
         return None
-    signature = _signature((dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv))
+    signature = _signature((dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, sinks, alibi_slopes,
+                            dsinks))
     if signature is None:
         return None
     fw, layouts, ptrs = signature
@@ -607,16 +668,18 @@ def _backward_key(dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, max_q, max_k,
     aligned = (ptrs[0] & 15, ptrs[1] & 15, ptrs[2] & 15, ptrs[3] & 15, ptrs[4] & 15,
                ptrs[8] & 15, ptrs[9] & 15, ptrs[10] & 15)
     return ((layouts, aligned, causal, scale, window_size, deterministic,
-             _spec.backward_kernel), fw, ptrs)
+             _spec.backward_kernel, softcap), fw, ptrs)
 
 
 class _BackwardPlan:
     """A checked backward signature's work, as :class:`_ForwardPlan`: the gradients to allocate,
-    the inputs to copy first, the gradients to compute aside, and the launches."""
+    the inputs to copy first, the gradients to compute aside, and the launches. With sinks, dsinks
+    comes too (``sinks_shape``)."""
 
-    __slots__ = ("device", "shapes", "copies", "aside", "launch")
+    __slots__ = ("device", "shapes", "copies", "aside", "launch", "sinks_shape")
 
-    def run(self, fw, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, ptrs):
+    def run(self, fw, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, sinks, alibi, dsinks,
+            ptrs):
         inputs = (dout, q, k, v, out, lse, cu_q, cu_k)
         if self.copies is not None:
             inputs, ptrs = _copy_marked(fw, inputs, ptrs, self.copies)
@@ -624,8 +687,13 @@ class _BackwardPlan:
         grads = [x if x is not None else fw.empty(shape, like)
                  for x, shape, like in zip((dq, dk, dv), self.shapes, (q, k, v))]
         launch = self.launch
+        if self.sinks_shape is not None:
+            if dsinks is None:
+                dsinks = fw.empty(self.sinks_shape, sinks, "float32")
+            if launch is None:  # no query rows: no sink probability anywhere
+                fw.zero_(dsinks)
         if launch is None:
-            return tuple(grads)
+            return tuple(grads) if dsinks is None else (*grads, dsinks)
         # Misaligned gradients are computed aside and copied in; the caller gets its own.
         targets = [fw.empty(shape, like) if aside else x
                    for x, shape, like, aside in zip(grads, self.shapes, (q, k, v), self.aside)]
@@ -634,22 +702,25 @@ class _BackwardPlan:
         workspace = fw.empty((launch.workspace_entries,), cu_q, "int32")
         launch.launch(fw.stream_ptr(self.device), dout=ptrs[0], q=ptrs[1], k=ptrs[2], v=ptrs[3],
                       out=ptrs[4], lse=ptrs[5], cu_q=ptrs[6], cu_k=ptrs[7], dq=gp[0], dk=gp[1],
-                      dv=gp[2], workspace=fw.ptr(workspace))
+                      dv=gp[2], workspace=fw.ptr(workspace), alibi=ptrs[12], sinks=ptrs[11],
+                      dsinks=0 if dsinks is None else fw.ptr(dsinks))
         for grad, target in zip(grads, targets):
             if target is not grad:
                 fw.copy_into(grad, target)
-        return tuple(grads)
+        return tuple(grads) if dsinks is None else (*grads, dsinks)
 
 
 def _plan_backward(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, grads, batch, scale, left, right,
-                   deterministic):
+                   deterministic, mods=_NO_MODS):
     """The plan of a backward whose arguments have been checked (see :func:`_plan_forward`);
-    ``grads``: the infos of the given dq, dk, dv (None where not given)."""
+    ``grads``: the infos of the given dq, dk, dv (None where not given); ``mods``: (softcap,
+    sinks' info, alibi_slopes' info)."""
     total_q, heads, head_dim = qi.shape
     total_k, heads_kv, _ = ki.shape
     plan = _BackwardPlan()
     plan.device = qi.device
     plan.shapes = (qi.shape, ki.shape, vi.shape)
+    plan.sinks_shape = None if mods[1] is None else mods[1].shape
     copies = (_needs_copy(doi), _needs_copy(qi), _needs_copy(ki), _needs_copy(vi),
               _needs_copy(oi), False, _strided_offsets(cu_qi), _strided_offsets(cu_ki))
     plan.copies = copies if any(copies) else None
@@ -667,11 +738,14 @@ def _plan_backward(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, grads, batch, scale, l
     device = qi.device
     window = _kernel_window(left, right, total_q + total_k)
     with _on(device):
+        flags = _mod_flags(mods)
         spec, kernels = _dispatch_backward(_arrays.DTYPE_NAMES[qi.dtype], head_dim,
                                            window != (-1, -1), device, deterministic,
-                                           _spec.backward_kernel)
+                                           _spec.backward_kernel, flags["softcap"],
+                                           flags["alibi"])
     plan.launch = _launch.BackwardLaunch(
         kernels, spec, strides=strides, lse_strides=li.strides, total_q=total_q, total_k=total_k,
         batch=batch, heads=heads, heads_kv=heads_kv, head_dim=head_dim, scale=scale,
-        scale_log2=scale * _LOG2E, window=window, num_sms=_num_sms(device))
+        scale_log2=scale * _LOG2E, window=window, num_sms=_num_sms(device),
+        mods=_launch_mods(scale, mods))
     return plan

@@ -69,6 +69,10 @@ class Framework:
     def copy_into(self, dst, src) -> None:
         raise NotImplementedError
 
+    def zero_(self, x) -> None:
+        """Fills ``x`` with zeros, on its framework's current stream."""
+        raise NotImplementedError
+
     def offsets_summary(self, cu) -> tuple:
         """(first, last, smallest step, largest step) of a 1-D offsets array, reduced on its device
         and read back in one transfer (this synchronizes: check_inputs=True only)."""
@@ -171,6 +175,9 @@ class TorchFramework(Framework):
     def copy_into(self, dst, src):
         dst.copy_(src)
 
+    def zero_(self, x):
+        x.zero_()
+
     def offsets_summary(self, cu):
         torch = self._torch
         steps = cu[1:] - cu[:-1]
@@ -238,6 +245,10 @@ class CupyFramework(Framework):
     def copy_into(self, dst, src):
         with dst.device:
             dst[...] = src
+
+    def zero_(self, x):
+        with x.device:
+            x.fill(0)
 
     def offsets_summary(self, cu):
         with cu.device:

@@ -218,6 +218,68 @@ def check_seqused_k(fw, names, seqused_k, cu_qi, describe):
     return info
 
 
+def check_softcap(names, softcap) -> float:
+    """The softcap as a float: 0 (off) or finite and positive."""
+    if type(softcap) is float and softcap == 0.0:  # the common case, without the ABC check
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        fail(TypeError, names, "softcap", f"must be a float (0 for none), got "
+             f"{type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        fail(ValueError, names, "softcap", f"must be finite and >= 0 (0 for none), got {softcap}")
+    return softcap
+
+
+def _check_float32_vector(fw, names, name, x, describe):
+    _check_array_type(fw, names, name, x)
+    info = describe(x)
+    if info.dtype != "float32":
+        fail(TypeError, names, name, f"must be float32, got {info.dtype}")
+    return info
+
+
+def check_score_mods(fw, names, softcap, sinks, alibi_slopes, qi, batch, describe):
+    """The score modifiers (cuda_src/score_mod.cuh): softcap a float >= 0; sinks float32 (H,)
+    contiguous; alibi_slopes float32 (H,) or (batch, H), contiguous along its rows. Returns
+    (softcap, sinks' info or None, alibi_slopes' info or None); their devices are checked with
+    the other arrays' (check_launch's ``extra``)."""
+    softcap = check_softcap(names, softcap)
+    heads = qi.shape[1]
+    si = ai = None
+    if sinks is not None:
+        si = _check_float32_vector(fw, names, "sinks", sinks, describe)
+        if si.shape != (heads,):
+            fail(ValueError, names, "sinks",
+                 f"must have shape ({heads},), one logit per query head, got {si.shape}")
+        if heads > 1 and si.strides[0] != 1:
+            fail(ValueError, names, "sinks", f"must be contiguous, got strides {si.strides}")
+    if alibi_slopes is not None:
+        ai = _check_float32_vector(fw, names, "alibi_slopes", alibi_slopes, describe)
+        if ai.shape not in ((heads,), (batch, heads)):
+            fail(ValueError, names, "alibi_slopes", f"must have shape ({heads},) or "
+                 f"({batch}, {heads}) (per head, or per sequence and head), got {ai.shape}")
+        if heads > 1 and ai.strides[-1] != 1:
+            fail(ValueError, names, "alibi_slopes",
+                 f"must be contiguous along its last dimension, got strides {ai.strides}")
+    return softcap, si, ai
+
+
+def check_dsinks(fw, names, dsinks, si, describe):
+    """A preallocated dsinks: float32 of sinks' shape, contiguous. Returns its info or None."""
+    if dsinks is None:
+        return None
+    if si is None:
+        fail(ValueError, names, "dsinks", f"is given without {names('sinks')}")
+    info = _check_float32_vector(fw, names, "dsinks", dsinks, describe)
+    if info.shape != si.shape:
+        fail(ValueError, names, "dsinks", f"shape {info.shape} must equal "
+             f"{names('sinks')}'s shape {si.shape}")
+    if info.shape[0] > 1 and info.strides[0] != 1:
+        fail(ValueError, names, "dsinks", f"must be contiguous, got strides {info.strides}")
+    return info
+
+
 def check_paged(fw, names, block_table, seqused_k, cu_seqlens_k, cu_qi, ki, describe):
     """A paged cache's block table: int32 (batch, pages per sequence), contiguous along its rows,
     with the keys' counts per sequence from seqused_k or cu_seqlens_k's differences (or both: the
@@ -328,18 +390,20 @@ def check_offsets(fw, names, name, cu, total, tensor_name, max_name, max_seqlen)
 
 
 def check_launch(fw, names, cu_q, cu_k, qi, ki, vi, cu_qi, cu_ki, oi, max_seqlen_q, max_seqlen_k,
-                 check_inputs, seqused_k=None, ui=None, block_table=None, bi=None) -> int:
+                 check_inputs, seqused_k=None, ui=None, block_table=None, bi=None,
+                 extra=()) -> int:
     """The forward's checks that need real arrays (after :func:`check_forward_args`): tokens
     without sequences, device placement and, with ``check_inputs``, the offsets' values (and
     seqused_k's, ``ui`` its info; with a block table, ``bi`` its info, the counts against the
-    table and max_seqlen_k, and the pages they reach against the pool). Returns the number of
-    sequences."""
+    table and max_seqlen_k, and the pages they reach against the pool). ``extra``: more (name,
+    info or None) whose device is checked with the rest (the modifiers' arrays). Returns the
+    number of sequences."""
     total_q = qi.shape[0]
     total_k = ki.shape[0] * ki.shape[1] if bi is not None else ki.shape[0]
     batch = check_batch(names, cu_qi, total_q, 0 if bi is not None else total_k)
     check_devices(names, (("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
                           ("cu_seqlens_k", cu_ki), ("out", oi), ("seqused_k", ui),
-                          ("block_table", bi)))
+                          ("block_table", bi)) + tuple(extra))
     if check_inputs and bi is not None:
         check_offsets(fw, names, "cu_seqlens_q", cu_q, total_q, "q", "max_seqlen_q", max_seqlen_q)
         page_size, capacity = ki.shape[1], bi.shape[1] * ki.shape[1]
@@ -378,11 +442,12 @@ def check_launch(fw, names, cu_q, cu_k, qi, ki, vi, cu_qi, cu_ki, oi, max_seqlen
 
 def check_backward_args(fw, names, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                         max_seqlen_q, max_seqlen_k, causal, scale, window_size, deterministic, dq,
-                        dk, dv):
+                        dk, dv, softcap=0.0, sinks=None, alibi_slopes=None, dsinks=None):
     """Every argument of varlen_attn_backward, the device placement last.
 
-    Returns ``(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, scale, left, right, deterministic, batch)``:
-    infos, scale resolved, the window with causal folded in, the number of sequences."""
+    Returns ``(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, scale, left, right, deterministic, batch,
+    (softcap, si, ai, dsi))``: infos, scale resolved, the window with causal folded in, the number
+    of sequences, the modifiers (check_score_mods) with dsinks' info."""
     describe = fw.info
     qi, ki, vi, cu_qi, cu_ki, causal, scale, left, right, deterministic = check_attention_args(
         fw, names, describe, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -401,8 +466,13 @@ def check_backward_args(fw, names, dout, q, k, v, out, lse, cu_seqlens_q, cu_seq
     grads = [None if x is None else check_like(fw, names, name, x, like_name, like, describe)
              for name, x, like_name, like in (("dq", dq, "q", qi), ("dk", dk, "k", ki),
                                               ("dv", dv, "v", vi))]
+    softcap, si, ai = check_score_mods(fw, names, softcap, sinks, alibi_slopes, qi,
+                                       cu_qi.shape[0] - 1, describe)
+    dsi = check_dsinks(fw, names, dsinks, si, describe)
     batch = check_batch(names, cu_qi, total_q, ki.shape[0])
     check_devices(names, (("q", qi), ("k", ki), ("v", vi), ("cu_seqlens_q", cu_qi),
                           ("cu_seqlens_k", cu_ki), ("dout", doi), ("out", oi), ("lse", li),
-                          ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])))
-    return doi, qi, ki, vi, oi, li, cu_qi, cu_ki, scale, left, right, deterministic, batch
+                          ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2]), ("sinks", si),
+                          ("alibi_slopes", ai), ("dsinks", dsi)))
+    return (doi, qi, ki, vi, oi, li, cu_qi, cu_ki, scale, left, right, deterministic, batch,
+            (softcap, si, ai, dsi))

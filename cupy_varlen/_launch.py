@@ -14,19 +14,22 @@ SCHEDULE_THREADS = 1024  # cuda_src/scheduler.cuh: kScheduleThreads
 SCHEDULE_HEADER = 16  # cuda_src/scheduler.cuh: kScheduleHeader
 # Every kernel's parameters, packed as the kernel lays them out (each at its natural alignment;
 # these formats need no padding between fields).
-# cuda_src/fwd_sm90.cu: struct Params, passed by value as one __grid_constant__ argument: 9 pointers
-# (the last seqused_k, 0 for none), 9 int64 strides, 3 int32, 2 float32, 3 int32 (window, use_tma),
-# padding to the 64-byte alignment of the two 128-byte tensor maps of k and v.
-_SM90_PARAMS = struct.Struct("<9Q9q3i2f3i16x128s128s")
+# cuda_src/fwd_sm90.cu: struct Params, passed by value as one __grid_constant__ argument: 11
+# pointers (seqused_k, the ALiBi slopes and the sinks last, 0 for none), 10 int64 (strides, the
+# slopes' batch stride), 3 int32, 4 float32 (scale, its log2 form, the softcap's two constants),
+# 3 int32 (window, use_tma), padding to the 64-byte alignment of the two 128-byte tensor maps of
+# k and v.
+_SM90_PARAMS = struct.Struct("<11Q10q3i4f3i48x128s128s")
 _NO_MAP = bytes(_tma.MAP_BYTES)
-# cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 11 pointers (the last three seqused_k, block_table
-# and the split partials), 12 int64 strides (the last three the pools' page strides and the block
-# table's row stride), 2 int32, 2 float32, 4 int32 (window, page size, keys per sequence of a paged
-# cache), 3 int32 (the decode tiles' splits, heads, total_q).
-_SM80_PARAMS = struct.Struct("<11Q12q2i2f4i3i")
-# cuda_src/split_combine.cuh: varlen_fwd_combine(partial, out, lse, cu_seqlens_q, 3 int64 strides,
-# num_splits, num_heads, total_q, head_dim).
-_COMBINE_PARAMS = struct.Struct("<4Q3q4i")
+# cuda_src/fwd_sm80.cu: varlen_fwd's arguments: 13 pointers (the last five seqused_k, block_table,
+# the split partials, the ALiBi slopes and the sinks), 13 int64 (strides: the pools' page strides,
+# the block table's row stride and the slopes' batch stride last), 2 int32, 4 float32 (scale, its
+# log2 form, the softcap's two constants), 4 int32 (window, page size, keys per sequence of a
+# paged cache), 3 int32 (the decode tiles' splits, heads, total_q).
+_SM80_PARAMS = struct.Struct("<13Q13q2i4f4i3i")
+# cuda_src/split_combine.cuh: varlen_fwd_combine(partial, out, lse, cu_seqlens_q, sinks, 3 int64
+# strides, num_splits, num_heads, total_q, head_dim).
+_COMBINE_PARAMS = struct.Struct("<5Q3q4i")
 COMBINE_THREADS = 128  # kCombineThreads
 # cuda_src/scheduler.cuh: varlen_tile_schedule(cu_q, cu_k, seqused_k, workspace, batch, block_m,
 # block_n, left, right, tile_bound, in_order, heads, head_group, sms, ranks_bound, k_capacity).
@@ -86,6 +89,24 @@ def _launch_schedule(function, stream_ptr: int, cu_rows, cu_cols, seqused_cols, 
         function, 1, SCHEDULE_THREADS, stream_ptr)
 
 
+class ScoreMods:
+    """A call's score modifiers as the kernels take them (cuda_src/score_mod.cuh): the softcap's
+    constants scale / c and c / scale (0 and 0 without one), the ALiBi slopes' batch stride in
+    elements (0: one (H,) row for every sequence), and whether there are sinks. The slopes' and
+    sinks' pointers come with each launch."""
+
+    __slots__ = ("softcap_in", "softcap_out", "alibi_stride", "sinks")
+
+    def __init__(self, scale: float, softcap: float = 0.0, alibi_stride: int = 0,
+                 sinks: bool = False):
+        self.softcap_in = scale / softcap if softcap else 0.0
+        self.softcap_out = softcap / scale if softcap else 0.0
+        self.alibi_stride, self.sinks = alibi_stride, sinks
+
+
+NO_MODS = ScoreMods(1.0)
+
+
 def tile_bound(total_q: int, batch: int, block_m: int) -> int:
     """Host-side upper bound on sum_b ceil(len_b / block_m), from totals alone.
 
@@ -114,10 +135,10 @@ class ForwardLaunch:
     def __init__(self, kernels, spec, *, q_strides, k_strides, v_strides, o_strides,
                  lse_head_stride: int, total_q: int, total_k: int, batch: int, heads: int,
                  heads_per_kv: int, head_dim: int, scale: float, scale_log2: float, window,
-                 num_sms: int, l2_bytes: int, paged=None):
+                 num_sms: int, l2_bytes: int, paged=None, mods: ScoreMods = NO_MODS):
         """``paged`` (a paged cache, spec.paged): (page size, pages per sequence, k's and v's page
         strides, the block table's row stride); k_strides and v_strides are then the pools' (row
-        in a page, head) strides."""
+        in a page, head) strides. ``mods``: the score modifiers' constants (spec's flags)."""
         tiles = spec.tiles
         bound = tile_bound(total_q, batch, tiles.block_m)
         ctas = bound * heads
@@ -138,22 +159,26 @@ class ForwardLaunch:
         strides = (q_strides[0], q_strides[1], k_strides[0], k_strides[1], v_strides[0],
                    v_strides[1], o_strides[0], o_strides[1], lse_head_stride)
         if spec.persistent:
-            self.scalars = strides + (heads_per_kv, heads, head_dim, scale, scale_log2,
-                                      window[0], window[1])
+            self.scalars = strides + (mods.alibi_stride, heads_per_kv, heads, head_dim, scale,
+                                      scale_log2, mods.softcap_in, mods.softcap_out, window[0],
+                                      window[1])
             # tile_map's arguments after the pointer, for k and for v.
             self.map_args = tuple((spec.dtype, total_k, heads_kv, head_dim, s[0], s[1],
                                    tiles.block_n) for s in (k_strides, v_strides))
             self.grid = min(ctas, num_sms)
         else:
-            self.scalars = strides + (k_page, v_page, table_stride, heads_per_kv, head_dim, scale,
-                                      scale_log2, window[0], window[1], page_size, k_capacity,
-                                      1, heads, total_q)
+            self.scalars = strides + (k_page, v_page, table_stride, mods.alibi_stride,
+                                      heads_per_kv, head_dim, scale, scale_log2, mods.softcap_in,
+                                      mods.softcap_out, window[0], window[1], page_size,
+                                      k_capacity, 1, heads, total_q)
             self.grid = ctas
 
     def launch(self, stream_ptr: int, q: int, k: int, v: int, out: int, lse: int, cu_q: int,
-               cu_k: int, workspace: int, seqused_k: int = 0, block_table: int = 0) -> None:
+               cu_k: int, workspace: int, seqused_k: int = 0, block_table: int = 0,
+               alibi: int = 0, sinks: int = 0) -> None:
         """Launches on ``stream_ptr``; every argument is a device pointer (lse 0: not written;
-        seqused_k 0: none; block_table 0: no paged cache, else cu_k 0: no offsets)."""
+        seqused_k 0: none; block_table 0: no paged cache, else cu_k 0: no offsets; alibi and sinks
+        0: none, which the spec's flags must agree with)."""
         kernels, spec = self.kernels, self.spec
         _launch_schedule(kernels.schedule, stream_ptr, cu_q, cu_k, seqused_k, self.schedule,
                          workspace)
@@ -162,14 +187,15 @@ class ForwardLaunch:
             k_args, v_args = self.map_args
             k_map, v_map = _tma.tile_map(k, *k_args), _tma.tile_map(v, *v_args)
             use_tma = k_map is not None and v_map is not None
-            _SM90_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, seqused_k, *self.scalars,
+            _SM90_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, seqused_k, alibi, sinks,
+                            *self.scalars,
                             int(use_tma),
                             k_map if use_tma else _NO_MAP,
                             v_map if use_tma else _NO_MAP).launch(
                 kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
         else:
             _SM80_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, workspace, seqused_k, block_table, 0,
-                            *self.scalars).launch(
+                            alibi, sinks, *self.scalars).launch(
                 kernels.main, self.grid, spec.threads, stream_ptr, spec.smem_bytes)
 
 
@@ -223,9 +249,10 @@ class DecodeLaunch:
     def __init__(self, kernels, spec, *, q_strides, k_strides, v_strides, o_strides,
                  lse_head_stride: int, total_q: int, batch: int, heads: int, heads_per_kv: int,
                  head_dim: int, scale: float, scale_log2: float, window, max_seqlen_q: int,
-                 keys_bound: int, num_sms: int, num_splits=None, paged=None):
+                 keys_bound: int, num_sms: int, num_splits=None, paged=None,
+                 mods: ScoreMods = NO_MODS):
         """``keys_bound``: an upper bound on any sequence's key count (sizes the splits);
-        ``paged`` as for ForwardLaunch."""
+        ``paged`` and ``mods`` as for ForwardLaunch."""
         self.kernels, self.spec = kernels, spec
         heads_kv = heads // heads_per_kv
         # Query tiles per sequence, from max_seqlen_q; a CTA strides over more where it is loose.
@@ -238,9 +265,10 @@ class DecodeLaunch:
         k_capacity = page_size * pages if paged else -1
         strides = (q_strides[0], q_strides[1], k_strides[0], k_strides[1], v_strides[0],
                    v_strides[1], o_strides[0], o_strides[1], lse_head_stride)
-        self.scalars = strides + (k_page, v_page, table_stride, heads_per_kv, head_dim, scale,
-                                  scale_log2, window[0], window[1], page_size, k_capacity,
-                                  splits, heads, total_q)
+        self.scalars = strides + (k_page, v_page, table_stride, mods.alibi_stride, heads_per_kv,
+                                  head_dim, scale, scale_log2, mods.softcap_in, mods.softcap_out,
+                                  window[0], window[1], page_size, k_capacity, splits, heads,
+                                  total_q)
         # lse and O partials per split and (token, head) row (split_combine.cuh's layout: the lse
         # entries rounded up to 16 bytes, then the O rows).
         rows = splits * total_q * heads
@@ -252,30 +280,35 @@ class DecodeLaunch:
                                 total_q, head_dim)
 
     def launch(self, stream_ptr: int, q: int, k: int, v: int, out: int, lse: int, cu_q: int,
-               cu_k: int, workspace: int, seqused_k: int = 0, block_table: int = 0) -> None:
+               cu_k: int, workspace: int, seqused_k: int = 0, block_table: int = 0,
+               alibi: int = 0, sinks: int = 0) -> None:
         """As ForwardLaunch.launch; ``workspace`` holds workspace_entries fp32 partials."""
         kernels, spec = self.kernels, self.spec
         split = self.splits > 1
         gx, gy, gz = self.grid
         _SM80_ARGS.pack(q, k, v, out, lse, cu_q, cu_k, 0, seqused_k, block_table,
-                        workspace if split else 0, *self.scalars).launch(
+                        workspace if split else 0, alibi, sinks, *self.scalars).launch(
             kernels.main, gx, spec.threads, stream_ptr, spec.smem_bytes, gy, gz)
         if split:
             cx, cy = self.combine_grid
-            _COMBINE_ARGS.pack(workspace, out, lse, cu_q, *self.combine_scalars).launch(
+            _COMBINE_ARGS.pack(workspace, out, lse, cu_q, sinks, *self.combine_scalars).launch(
                 kernels.combine, cx, COMBINE_THREADS, stream_ptr, 0, cy)
 
 
-# cuda_src/bwd_common.cuh: struct BwdParams (both backward families), by value: 17 pointers,
-# 20 int64 (strides, total_q, the dQ accumulator's size), 3 int32, 2 float32, 4 int32 (window,
-# batch, use_qdo_map), padding to the 64-byte alignment of the 128-byte tensor maps of q and dout.
-# Through kernelParams, as the forward's Params.
-_BWD_PARAMS = struct.Struct("<17Q20q3i2f4i52x128s128s")
+# cuda_src/bwd_common.cuh: struct BwdParams (both backward families), by value: 22 pointers (the
+# last five the ALiBi slopes, the sinks, dsinks and dsinks' partials and tickets), 21 int64
+# (strides, total_q, the dQ accumulator's size, the slopes' batch stride), 3 int32, 4 float32
+# (scale, its log2 form, the softcap's two constants), 4 int32 (window, batch, use_qdo_map),
+# padding to the 64-byte alignment of the 128-byte tensor maps of q and dout. Through
+# kernelParams, as the forward's Params.
+_BWD_PARAMS = struct.Struct("<22Q21q3i4f4i60x128s128s")
 _BWD_ARGS = _ParamBuffer(_BWD_PARAMS, by_struct=True)
 _PREP_THREADS = 256  # cuda_src/bwd_common.cuh: kPrepThreads (8 lanes per row and head)
 # The dQ conversion's block: bwd_sm80.cu's kConvertThreads (one thread per 8 elements), bwd_sm90.cu's
 # kConsumerThreads (one CTA per query-tile slot and head).
 _CONVERT_THREADS = 256
+SINK_THREADS = 256  # cuda_src/bwd_common.cuh: kSinkThreads
+SINK_ROWS = 8192  # kSinkRows: query rows per CTA of varlen_bwd_dsinks
 
 
 def dq_accum_slots(total_q: int, batch: int, block_m: int) -> int:
@@ -294,11 +327,14 @@ class BackwardLaunch:
 
     __slots__ = ("kernels", "spec", "workspace_entries", "int_offset", "accum_bytes", "scalars",
                  "schedule_kv", "schedule_q", "grid_kv", "grid_q", "grid_prep", "grid_convert",
-                 "q_map_args", "do_map_args", "heads", "total_q")
+                 "q_map_args", "do_map_args", "heads", "total_q", "sink_chunks",
+                 "sink_partials_offset", "sink_tickets_offset")
 
     def __init__(self, kernels, spec, *, strides: dict, lse_strides, total_q: int, total_k: int,
                  batch: int, heads: int, heads_kv: int, head_dim: int, scale: float,
-                 scale_log2: float, window, num_sms: int):
+                 scale_log2: float, window, num_sms: int, mods: ScoreMods = NO_MODS):
+        """``mods``: the score modifiers' constants; with sinks, the launches also compute dsinks
+        (varlen_bwd_dsinks)."""
         t = spec.tiles
         self.kernels, self.spec, self.heads, self.total_q = kernels, spec, heads, total_q
         bound_k = tile_bound(total_k, batch, t.block_n)
@@ -313,6 +349,7 @@ class BackwardLaunch:
         # int2 entries need 8) and after it, with the dQ kernel, the query-tile schedule or,
         # ordered, the counters of the dQ additions. The accumulator is row-major on the sm80
         # family; on the sm90 family whole query tiles in fragment order, one per slot and head.
+        # With sinks, dsinks' partials close the float part and its tickets the int part.
         slots = dq_accum_slots(total_q, batch, t.block_m) if total_q else 0
         if spec.dq_kernel:
             accum_floats = 0
@@ -321,12 +358,19 @@ class BackwardLaunch:
         else:
             accum_floats = total_q * heads * head_dim
         self.accum_bytes = 4 * accum_floats
-        float_entries = -(-(2 * heads * total_q + self.accum_bytes // 4) // 4) * 4
+        self.sink_chunks = max(1, -(-total_q // SINK_ROWS)) if mods.sinks else 0
+        floats = 2 * heads * total_q + accum_floats
+        self.sink_partials_offset = 4 * floats
+        floats += heads * self.sink_chunks
+        float_entries = -(-floats // 4) * 4
         int_entries = SCHEDULE_HEADER + 2 * bound_k
         if spec.dq_kernel:
             int_entries += SCHEDULE_HEADER + 2 * bound_q
         elif spec.ordered_dq:
             int_entries += 2 * heads * total_q
+        self.sink_tickets_offset = 4 * (float_entries + int_entries)
+        if mods.sinks:
+            int_entries += heads
         self.int_offset = 4 * float_entries
         self.workspace_entries = float_entries + int_entries
         left, right = window
@@ -343,8 +387,9 @@ class BackwardLaunch:
                            heads // heads_kv, num_sms, 1, -1)
         s = strides
         self.scalars = (*s["q"], *s["k"], *s["v"], *s["out"], *s["dout"], *s["dq"], *s["dk"],
-                        *s["dv"], *lse_strides, total_q, accum_floats, heads, heads // heads_kv,
-                        head_dim, scale, scale_log2, left, right, batch)
+                        *s["dv"], *lse_strides, total_q, accum_floats, mods.alibi_stride, heads,
+                        heads // heads_kv, head_dim, scale, scale_log2, mods.softcap_in,
+                        mods.softcap_out, left, right, batch)
         rows = total_q * heads
         self.grid_prep = -(-rows * 8 // _PREP_THREADS)
         self.grid_convert = (slots * heads if spec.kernel == "sm90"
@@ -359,9 +404,10 @@ class BackwardLaunch:
                 for name in ("q", "dout"))
 
     def launch(self, stream_ptr: int, *, q, k, v, out, dout, dq, dk, dv, lse, workspace, cu_q,
-               cu_k) -> None:
+               cu_k, alibi=0, sinks=0, dsinks=0) -> None:
         """Launches on ``stream_ptr``; every argument is a device pointer, ``workspace`` one of
-        ``workspace_entries`` 32-bit words."""
+        ``workspace_entries`` 32-bit words (alibi, sinks: 0 for none; dsinks written with
+        sinks)."""
         kernels, spec = self.kernels, self.spec
         float_ws, int_ws = workspace, workspace + self.int_offset
         dq_accum = 0 if spec.dq_kernel else float_ws
@@ -376,13 +422,18 @@ class BackwardLaunch:
             q_map = _tma.tile_map(q, *self.q_map_args)
             do_map = _tma.tile_map(dout, *self.do_map_args)
         use_qdo = q_map is not None and do_map is not None
+        chunks = self.sink_chunks
         params = _BWD_ARGS.pack(
             q, k, v, out, dout, dq, dk, dv, lse, lse_log2, delta, dq_accum, cu_q, cu_k, ws_kv,
-            ws_after if spec.dq_kernel else 0, ws_after if spec.ordered_dq else 0,
+            ws_after if spec.dq_kernel else 0, ws_after if spec.ordered_dq else 0, alibi, sinks,
+            dsinks, workspace + self.sink_partials_offset if chunks else 0,
+            workspace + self.sink_tickets_offset if chunks > 1 else 0,
             *self.scalars, int(use_qdo), q_map if use_qdo else _NO_MAP,
             do_map if use_qdo else _NO_MAP)
         if self.total_q:
             params.launch(kernels.preprocess, self.grid_prep, _PREP_THREADS, stream_ptr)
+        if chunks:  # the preprocess's lse_log2 and delta (and zeroed tickets) are what it reads
+            params.launch(kernels.dsinks, chunks, SINK_THREADS, stream_ptr, 0, self.heads)
         _launch_schedule(kernels.schedule, stream_ptr, cu_k, cu_q, 0, self.schedule_kv, ws_kv)
         params.launch(kernels.main, self.grid_kv, spec.threads, stream_ptr, spec.smem_bytes)
         if spec.dq_kernel:

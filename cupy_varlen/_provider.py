@@ -20,10 +20,15 @@ strides of the fake implementations (``torch/_meta_registrations.py``):
 Dense tensors become the packed form without copies where their strides allow, in one of two
 foldings (see :func:`fold`), with offsets made on the device (no host synchronization).
 
+``alibi_slopes`` (float32 ``(H,)`` or ``(B, H)``) is served on varlen calls that autograd does
+not record: aten's backward op takes no slopes, so a recorded call would get gradients without
+them; those go to torch's kernel, as do dense calls with slopes.
+
 What the kernels do not serve (dropout, float32, head dims outside 8..256 in steps of 8,
-``return_debug_mask``, alibi, a dense call with a paged or partly used cache, a non-positive
-scale, a GPU older than sm80) goes to torch's own kernel for the op, captured before the override
-was installed; where there is none, the call fails with a message that names the feature.
+``return_debug_mask``, alibi as above, a dense call with a paged or partly used cache, a
+non-positive scale, a GPU older than sm80) goes to torch's own kernel for the op, captured before
+the override was installed; where there is none, the call fails with a message that names the
+feature.
 """
 
 from __future__ import annotations
@@ -295,14 +300,15 @@ def _deterministic() -> bool:
 
 
 def run_forward(names, q, k, v, cu_q, cu_k, max_q, max_k, scale, window, out, seqused_k=None,
-                block_table=None, num_splits=None):
+                block_table=None, num_splits=None, alibi_slopes=None):
     """(out, lse) of the packed forward; ``out`` is written in place."""
     if block_table is not None:
         return _api._varlen_attn_paged(names, q, k, v, cu_q, cu_k, max_q, max_k, False, scale,
                                        window, True, out, False, seqused_k, block_table,
-                                       num_splits)
+                                       num_splits, alibi_slopes=alibi_slopes)
     return _api._varlen_attn_eager(names, q, k, v, cu_q, cu_k, max_q, max_k, False, scale, window,
-                                   True, out, False, False, seqused_k, num_splits)
+                                   True, out, False, False, seqused_k, num_splits,
+                                   alibi_slopes=alibi_slopes)
 
 
 def run_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window, deterministic,
@@ -326,22 +332,34 @@ def _forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, i
         raise Unsupported(f"dropout_p={dropout_p}")
     if return_debug_mask:
         raise Unsupported("return_debug_mask=True")
-    if alibi_slopes is not None:
-        raise Unsupported("alibi_slopes")
     dense = cum_seq_q is None
+    if alibi_slopes is not None:
+        _check_alibi(alibi_slopes, query, key, value, dense)
     _check_tensors(query, key, value, dense)
     _check_scale(scale)
     num_splits = _check_num_splits(num_splits)
     if dense and (seqused_k is not None or block_table is not None or cum_seq_k is not None):
         raise Unsupported("seqused_k, block_table or cum_seq_k with dense (4-D) inputs")
-    _require_device(query, query, key, value, cum_seq_q, cum_seq_k, seqused_k, block_table, out)
+    _require_device(query, query, key, value, cum_seq_q, cum_seq_k, seqused_k, block_table, out,
+                    alibi_slopes)
     window = _window(window_size_left, window_size_right, is_causal)
     if out is None:
         out = torch.empty_like(query)
     if not dense:
         return run_forward(_FORWARD_NAMES, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k,
-                           scale, window, out, seqused_k, block_table, num_splits)
+                           scale, window, out, seqused_k, block_table, num_splits, alibi_slopes)
     return _dense_forward(query, key, value, scale, window, out)
+
+
+def _check_alibi(alibi_slopes, query, key, value, dense):
+    """Raises Unsupported for slopes the kernels do not take here (see the module docstring)."""
+    if dense:
+        raise Unsupported("alibi_slopes with dense (4-D) inputs")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise Unsupported("alibi_slopes on inputs that require grad (aten's backward takes no "
+                          "slopes)")
+    if alibi_slopes.dtype != torch.float32:
+        raise Unsupported(f"{alibi_slopes.dtype} alibi_slopes (float32 only)")
 
 
 def _dense_forward(q, k, v, scale, window, out):

@@ -1,7 +1,8 @@
 """Kernel specializations.
 
 A :class:`FwdSpec` is the complete, frozen description of one compiled forward kernel: kernel family,
-element type, head-dim tile, tile shape, pipeline depth, mask kind and target architecture. Its
+element type, head-dim tile, tile shape, pipeline depth, mask kind, score modifiers and target
+architecture. Its
 fields become the kernel's ``-D`` macros and, with the assembled source, its cache key, in one place.
 :func:`choose_fwd_spec` is the dispatcher; :func:`all_fwd_specs` lists every specialization it can
 choose, which the CPU test suite compiles.
@@ -240,6 +241,10 @@ class FwdSpec(_KernelSpec):
     paged: bool = False
     # Decode tiles (cuda_src/fwd_sm80.cu, CV_DECODE): GQA-packed rows, split keys, the combine.
     decode: bool = False
+    # Score modifiers (cuda_src/score_mod.cuh): logit softcap, ALiBi, attention sinks.
+    softcap: bool = False
+    alibi: bool = False
+    sinks: bool = False
 
     kernel_name = "varlen_fwd"
     schedule_kernel_name = "varlen_tile_schedule"
@@ -287,7 +292,8 @@ class FwdSpec(_KernelSpec):
     @property
     def defines(self) -> dict:
         t = self.tiles
-        common = self._common_defines()
+        common = dict(self._common_defines(), CV_SOFTCAP=int(self.softcap),
+                      CV_ALIBI=int(self.alibi), CV_SINKS=int(self.sinks))
         if self.kernel == "sm90":
             return dict(common, CV_SMEM_BYTES=self.smem_bytes)
         return dict(common, CV_SUB_N=t.keys_per_subtile, CV_WARPS=t.warps,
@@ -304,8 +310,19 @@ class FwdSpec(_KernelSpec):
         decode = " decode" if self.decode else ""
         return (
             f"fwd[{self.kernel} {self.dtype} d{self.head_dim_tile} {t.block_m}x{t.block_n}{sub} "
-            f"w{t.warps} s{t.stages}{unroll} {mask}{paged}{decode} {self.arch}]"
+            f"w{t.warps} s{t.stages}{unroll} {mask}{paged}{decode}{_mods_str(self)} {self.arch}]"
         )
+
+
+# The score modifiers a spec may carry, as its field names (cuda_src/score_mod.cuh). The backward
+# has no sinks field: its kernels are the same with sinks (the forward's lse holds the sink), and
+# every backward module carries the dsinks kernel.
+FWD_MODS = ("softcap", "alibi", "sinks")
+BWD_MODS = ("softcap", "alibi")
+
+
+def _mods_str(spec) -> str:
+    return "".join(f" {m}" for m in FWD_MODS if getattr(spec, m, False))
 
 
 def head_dim_tile(head_dim: int) -> int:
@@ -342,22 +359,24 @@ def kernel_for(arch: str, tile: int, choice: str = "auto", sm90_tiles=None) -> s
 
 def choose_fwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
                     choice: str = "auto", long_rows: bool = False,
-                    paged: bool = False, decode: bool = False) -> FwdSpec:
+                    paged: bool = False, decode: bool = False, softcap: bool = False,
+                    alibi: bool = False, sinks: bool = False) -> FwdSpec:
     """``long_rows``: the batch's mean query length reaches LONG_ROWS_MEAN (see _TILES_WGMMA_LONG).
     ``paged``: k and v are page pools (the sm80 family on every architecture). ``decode``: the
     decode tiles (sm80 family, every architecture; see _decode_tiles), where choice and long_rows
-    do not apply."""
+    do not apply. ``softcap``, ``alibi``, ``sinks``: the score modifiers, on the same tiles."""
     tile = head_dim_tile(head_dim)
+    mods = dict(softcap=softcap, alibi=alibi, sinks=sinks)
     if decode:
         tiles = tile_overrides.get(("decode", arch, tile)) or _decode_tiles(arch, tile)
-        return FwdSpec(dtype, tile, tiles, windowed, arch, "sm80", paged, True)
+        return FwdSpec(dtype, tile, tiles, windowed, arch, "sm80", paged, True, **mods)
     kernel = "sm80" if paged else kernel_for(arch, tile, choice)
     if kernel == "sm90":
         table = _TILES_WGMMA_LONG if long_rows and tile in _TILES_WGMMA_LONG else _TILES_WGMMA
         tiles = tile_overrides.get(("sm90", tile)) or table[tile]
     else:
         tiles = tile_overrides.get((arch, tile)) or _TILE_TABLES[arch][tile]
-    return FwdSpec(dtype, tile, tiles, windowed, arch, kernel, paged)
+    return FwdSpec(dtype, tile, tiles, windowed, arch, kernel, paged, **mods)
 
 
 def _distinct_specs(archs, make) -> list:
@@ -375,11 +394,22 @@ def _distinct_specs(archs, make) -> list:
     return specs
 
 
-def all_fwd_specs(archs=ARCHS):
-    """Every specialization the dispatcher can return, for the given architectures."""
+def mod_sets(names) -> tuple:
+    """Every subset of the modifiers ``names``, each as a tuple, the empty one first."""
+    sets = [()]
+    for name in names:
+        sets += [subset + (name,) for subset in sets]
+    return tuple(sets)
+
+
+def all_fwd_specs(archs=ARCHS, mods=((),)):
+    """Every specialization the dispatcher can return, for the given architectures, with each of
+    the modifier sets ``mods`` (default: none; ``mod_sets(FWD_MODS)``: every one)."""
     return _distinct_specs(archs, lambda arch, choice, dtype, tile, windowed: tuple(
-        choose_fwd_spec(dtype, tile, windowed, arch, choice, long_rows, paged, decode)
-        for long_rows in (False, True) for paged in (False, True) for decode in (False, True)))
+        choose_fwd_spec(dtype, tile, windowed, arch, choice, long_rows, paged, decode,
+                        **{m: m in chosen for m in FWD_MODS})
+        for chosen in mods for long_rows in (False, True) for paged in (False, True)
+        for decode in (False, True)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +467,7 @@ _BWD_TILES["sm_89"] = _BWD_TILES["sm_86"]
 # Atomic-dQ mode only, where the register budget differs (the dK/dV kernel also holds the dQ
 # partial). Measured on the H100 (bf16, 4 x 8192, H16, 2026-11-24): d128 with S^T warps 4x2 and
 # dK/dV warps 2x4 251 / 247 TFLOP/s (full / causal) against 233 / 224 for the table's 2x4 / 4x2;
-# it spills in deterministic mode, hence not in the table.
+# it spills in deterministic mode and with ALiBi (16 bytes), hence not in the table.
 _BWD_ATOMIC_TILES = {("sm_90a", 128): _B(64, 128, 8, 2, 4, 2, 2, 64)}
 # The sm90 family (sm_90a only): 128 keys per CTA, 64 per consumer warpgroup; queries per step
 # bounded by S^T and dP^T (block_m / 2 registers each) beside dK and dV (head_dim / 2 each) in a
@@ -448,7 +478,8 @@ _BWD_TILES_WGMMA = {
 }
 # Without a mask, FA4's width at head dim 128: 80 queries per step, where the shared-memory GEMMs
 # (S^T, dP^T, dQ) at N = 64 read their operands at the pipe's whole rate. Both dQ modes (atomic and
-# ordered). Masked tiles keep 64 (finer masking); so does fp16, whose P unpacking spills at 80.
+# ordered). Masked tiles keep 64 (finer masking); so does fp16, whose P unpacking spills at 80, and
+# softcap with ALiBi (8-16 bytes of spill at 80).
 _BWD_TILES_WGMMA_FULL = {
     ("bf16", 128): _B(80, 128, 12, 2, 0, 0, 0, 64),
 }
@@ -464,6 +495,9 @@ class BwdSpec(_KernelSpec):
 
     deterministic: bool
     kernel: str = "sm80"  # the dK/dV family, one of KERNELS
+    # Score modifiers the kernels that recompute S apply (cuda_src/score_mod.cuh; see BWD_MODS).
+    softcap: bool = False
+    alibi: bool = False
 
     kernel_name = "varlen_bwd_dkdv"
     schedule_kernel_name = "varlen_tile_schedule"
@@ -523,14 +557,16 @@ class BwdSpec(_KernelSpec):
                   else ("dq_convert", ("varlen_bwd_dq_convert", 0)))
         return dict((("main", (self.kernel_name, self.smem_bytes)),
                      ("schedule", (self.schedule_kernel_name, 0)),
-                     ("preprocess", ("varlen_bwd_preprocess", 0)), second))
+                     ("preprocess", ("varlen_bwd_preprocess", 0)), second,
+                     ("dsinks", ("varlen_bwd_dsinks", 0))))
 
     @property
     def defines(self) -> dict:
         t = self.tiles
         common = dict(self._common_defines(), CV_DQ_ATOMIC=int(not self.dq_kernel),
                       CV_DQ_ORDERED=int(self.ordered_dq), CV_DQ_BLOCK_N=t.dq_block_n,
-                      CV_DQ_STAGES=t.dq_stages)
+                      CV_DQ_STAGES=t.dq_stages, CV_SOFTCAP=int(self.softcap),
+                      CV_ALIBI=int(self.alibi))
         if self.kernel == "sm90":
             return dict(common, CV_SMEM_BYTES=self.smem_bytes)
         return dict(common, CV_WARPS=t.warps, CV_S_WARP_ROWS=t.s_warp_rows,
@@ -541,7 +577,7 @@ class BwdSpec(_KernelSpec):
         mode = "ordered" if self.ordered_dq else "deterministic" if self.deterministic else "atomic"
         mask = "window" if self.windowed else "full"
         return (f"bwd[{self.kernel} {self.dtype} d{self.head_dim_tile} {t.block_n}x{t.block_m} "
-                f"w{t.warps} s{t.stages} {mode} {mask} {self.arch}]")
+                f"w{t.warps} s{t.stages} {mode} {mask}{_mods_str(self)} {self.arch}]")
 
 
 def backward_kernel_for(arch: str, tile: int, choice: str = "auto") -> str:
@@ -550,21 +586,27 @@ def backward_kernel_for(arch: str, tile: int, choice: str = "auto") -> str:
 
 
 def choose_bwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
-                    deterministic: bool, choice: str = "auto") -> BwdSpec:
+                    deterministic: bool, choice: str = "auto", softcap: bool = False,
+                    alibi: bool = False) -> BwdSpec:
     tile = head_dim_tile(head_dim)
     kernel = backward_kernel_for(arch, tile, choice)
     if kernel == "sm90":
         tiles = (bwd_tile_overrides.get(("sm90", tile))
-                 or (None if windowed else _BWD_TILES_WGMMA_FULL.get((dtype, tile)))
+                 or (None if windowed or (softcap and alibi)
+                     else _BWD_TILES_WGMMA_FULL.get((dtype, tile)))
                  or _BWD_TILES_WGMMA[tile])
     else:
         tiles = (bwd_tile_overrides.get((arch, tile))
-                 or (None if deterministic else _BWD_ATOMIC_TILES.get((arch, tile)))
+                 or (None if deterministic or alibi else _BWD_ATOMIC_TILES.get((arch, tile)))
                  or _BWD_TILES[arch][tile])
-    return BwdSpec(dtype, tile, tiles, windowed, arch, deterministic, kernel)
+    return BwdSpec(dtype, tile, tiles, windowed, arch, deterministic, kernel, softcap, alibi)
 
 
-def all_bwd_specs(archs=ARCHS):
-    """Every backward specialization the dispatcher can return (both dQ modes)."""
+def all_bwd_specs(archs=ARCHS, mods=((),)):
+    """Every backward specialization the dispatcher can return (both dQ modes), with each of the
+    modifier sets ``mods`` (default: none; ``mod_sets(BWD_MODS)``: every one; names outside
+    BWD_MODS are ignored)."""
     return _distinct_specs(archs, lambda arch, choice, dtype, tile, windowed: (
-        choose_bwd_spec(dtype, tile, windowed, arch, det, choice) for det in (False, True)))
+        choose_bwd_spec(dtype, tile, windowed, arch, det, choice,
+                        **{m: m in chosen for m in BWD_MODS})
+        for chosen in mods for det in (False, True)))

@@ -94,6 +94,9 @@ def _varlen_attn_op(
     seqused_k: Optional[torch.Tensor] = None,
     block_table: Optional[torch.Tensor] = None,
     num_splits: Optional[int] = None,
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # The op is callable directly (torch.ops.cupy_varlen.varlen_attn) and from compiled graphs,
     # whose arguments were checked on fake tensors at trace time at most: the eager
@@ -105,17 +108,18 @@ def _varlen_attn_op(
         return _api._varlen_attn_paged(
             VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
             scale, (window_left, window_right), True, None, check_inputs, seqused_k, block_table,
-            num_splits)
+            num_splits, softcap, sinks, alibi_slopes)
     return _api._varlen_attn_eager(
         VARLEN_ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
         scale, (window_left, window_right), True, None, deterministic, check_inputs, seqused_k,
-        num_splits)
+        num_splits, softcap, sinks, alibi_slopes)
 
 
 @_varlen_attn_op.register_fake
 def _varlen_attn_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                       scale, window_left, window_right, deterministic=False, check_inputs=False,
-                      seqused_k=None, block_table=None, num_splits=None):
+                      seqused_k=None, block_table=None, num_splits=None, softcap=0.0, sinks=None,
+                      alibi_slopes=None):
     # Contiguous, like the eager path's allocation: compiled code trusts these strides.
     out = q.new_empty(q.shape)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -148,47 +152,61 @@ def _varlen_attn_backward_op(
     window_left: int,
     window_right: int,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Checked in full, as the forward op is, by the public function.
-    return _api.varlen_attn_backward(
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Checked in full, as the forward op is, by the public function. An op returns tensors only:
+    # without sinks, dsinks is an empty placeholder.
+    grads = _api.varlen_attn_backward(
         _dout_for_kernels(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, causal=causal, scale=scale, window_size=(window_left, window_right),
-        deterministic=deterministic)
+        deterministic=deterministic, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+    return grads if sinks is not None else (*grads, _no_dsinks(q))
+
+
+def _no_dsinks(q):
+    return q.new_empty((0,), dtype=torch.float32)
 
 
 @_varlen_attn_backward_op.register_fake
 def _varlen_attn_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                max_seqlen_k, causal, scale, window_left, window_right,
-                               deterministic):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+                               deterministic, softcap=0.0, sinks=None, alibi_slopes=None):
+    dsinks = _no_dsinks(q) if sinks is None else sinks.new_empty(sinks.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
-def _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse, scalars):
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+def _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse, scalars, softcap=0.0, sinks=None,
+                       alibi_slopes=None):
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, sinks, alibi_slopes)
     ctx.mark_non_differentiable(lse)  # see the module docstring
     # The backward op's scalar arguments: max_seqlen_q/k, causal, scale, window_left/right,
-    # deterministic.
+    # deterministic; then the softcap.
     ctx.scalars = scalars
+    ctx.softcap = softcap
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right, deterministic,
-     _check_inputs, seqused_k, block_table, _num_splits) = inputs
+     _check_inputs, seqused_k, block_table, _num_splits, softcap, sinks, alibi_slopes) = inputs
     # As torch's varlen_attn: no backward for a partially used or a paged cache.
     if block_table is not None:
         raise RuntimeError("varlen_attn: block_table is an inference-only parameter")
     if seqused_k is not None:
         raise RuntimeError("varlen_attn: seqused_k is an inference-only parameter")
     _save_for_backward(ctx, q, k, v, cu_q, cu_k, *output,
-                       (max_q, max_k, causal, scale, left, right, deterministic))
+                       (max_q, max_k, causal, scale, left, right, deterministic), softcap, sinks,
+                       alibi_slopes)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = _varlen_attn_backward_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.scalars)
+    q, k, v, out, lse, cu_q, cu_k, sinks, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv, dsinks = _varlen_attn_backward_op(dout, q, k, v, out, lse, cu_q, cu_k,
+                                                  *ctx.scalars, ctx.softcap, sinks, alibi_slopes)
     # cu_seqlens_q/k, max_seqlen_q/k, causal, scale, window_left/right, deterministic, check_inputs,
-    # seqused_k, block_table, num_splits
-    return (dq, dk, dv) + (None,) * 13
+    # seqused_k, block_table, num_splits, softcap; sinks; alibi_slopes
+    return (dq, dk, dv) + (None,) * 14 + (None if sinks is None else dsinks, None)
 
 
 _varlen_attn_op.register_autograd(_backward, setup_context=_setup_context)
@@ -204,30 +222,34 @@ class _EagerVarlenAttn(torch.autograd.Function):
     plan and the pointers read while looking it up (None: read them)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, deterministic, prepared):
+    def forward(ctx, q, k, v, sinks, alibi_slopes, cu_q, cu_k, max_q, max_k, causal,
+                deterministic, prepared):
         plan, ptrs = prepared
-        out, lse = _api._run_on_device(plan, _FW, q, k, v, cu_q, cu_k, None, None, None,
-                                       ptrs=ptrs)
+        out, lse = _api._run_on_device(plan, _FW, q, k, v, cu_q, cu_k, None, None, None, sinks,
+                                       alibi_slopes, ptrs=ptrs)
         _save_for_backward(ctx, q, k, v, cu_q, cu_k, out, lse,
                            (max_q, max_k, causal, plan.scale, plan.left, plan.right,
-                            deterministic))
+                            deterministic), plan.softcap, sinks, alibi_slopes)
         ctx.batch = plan.batch
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, sinks, alibi_slopes = ctx.saved_tensors
         if _dispatch_modes() or _profiling():
             # Something watching (FlopCounterMode, the profiler) must see the backward op, also
             # when the forward ran before it started to watch.
-            dq, dk, dv = _varlen_attn_backward_op(dout, q, k, v, out, lse, cu_q, cu_k,
-                                                  *ctx.scalars)
+            dq, dk, dv, dsinks = _varlen_attn_backward_op(
+                dout, q, k, v, out, lse, cu_q, cu_k, *ctx.scalars, ctx.softcap, sinks,
+                alibi_slopes)
         else:
             max_q, max_k, _causal, scale, left, right, deterministic = ctx.scalars
-            dq, dk, dv = _api._autograd_backward(
+            grads = _api._autograd_backward(
                 _FW, _dout_for_kernels(dout), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale,
-                left, right, deterministic, ctx.batch)
-        return (dq, dk, dv) + (None,) * 7
+                left, right, deterministic, ctx.batch, ctx.softcap, sinks, alibi_slopes)
+            dq, dk, dv = grads[:3]
+            dsinks = grads[3] if sinks is not None else None
+        return (dq, dk, dv, None if sinks is None else dsinks) + (None,) * 8
 
 
 # Tests set this to False to run eager calls through the op (both paths must agree).
@@ -322,10 +344,12 @@ def _check_max_seqlen(names, name, value):
 
 def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          causal, scale, window_size, return_lse, out, deterministic,
-                         check_inputs, seqused_k=None, block_table=None, num_splits=None):
+                         check_inputs, seqused_k=None, block_table=None, num_splits=None,
+                         softcap=0.0, sinks=None, alibi_slopes=None):
     """:func:`cupy_varlen.varlen_attn` for torch tensors that autograd records, torch compiles or
     a dispatch mode watches. Same arguments (positional, with ``names`` for the messages) and
-    results.
+    results. ``sinks`` is differentiable like q, k and v (it may be the only input that requires
+    grad).
 
     Every argument is checked here, once, and resolved (scale defaults to 1/sqrt(D), causal folds
     into the window) so the op sees constants. On plain tensors with nothing tracing, the checks
@@ -350,7 +374,8 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     for name, given in (("block_table", block_table), ("seqused_k", seqused_k)):
         if given is None:
             continue
-        if _grad_enabled() and any(isinstance(x, _Tensor) and x.requires_grad for x in (q, k, v)):
+        if _grad_enabled() and any(isinstance(x, _Tensor) and x.requires_grad
+                                   for x in (q, k, v, sinks)):
             raise RuntimeError(
                 f"{names.function}: {names(name)} is an inference-only parameter (no "
                 "backward): call under torch.no_grad() or with inputs that do not require grad")
@@ -359,14 +384,19 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     key = None
     if direct and out is None and (return_lse is True or return_lse is False):
         # The forward always returns lse (the backward needs it): the plan of return_lse=True.
+        # A sinks Parameter keys the plan by its data (the key takes exact tensors only).
+        key_sinks = sinks.detach() if isinstance(sinks, _Tensor) and type(sinks) is not _Tensor \
+            else sinks
         key = _api._forward_key(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
                                 max_seqlen_k, causal, scale, window_size, True, deterministic,
-                                check_inputs, None, None, num_splits)
+                                check_inputs, None, None, num_splits, softcap, key_sinks,
+                                alibi_slopes)
         plan = _api._cached_plan(_api._forward_plans, key)
         if plan is not None:
-            result, lse = _EagerVarlenAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                                 max_seqlen_q, max_seqlen_k, bool(causal),
-                                                 bool(deterministic), (plan, key[2]))
+            result, lse = _EagerVarlenAttn.apply(q, k, v, sinks, alibi_slopes, cu_seqlens_q,
+                                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                 bool(causal), bool(deterministic),
+                                                 (plan, key[2]))
             return (result, lse) if return_lse else result
     (qi, ki, vi, cu_qi, cu_ki, oi, causal, scale, left, right, return_lse, deterministic,
      check_inputs) = _checks.check_forward_args(
@@ -378,27 +408,34 @@ def varlen_attn_autograd(names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         bi, _page_size, cu_ki = _checks.check_paged(fw, names, block_table, seqused_k,
                                                     cu_seqlens_k, cu_qi, ki,
                                                     fw.info if real else fw.meta)
-    ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, fw.info if real else fw.meta)
+    describe = fw.info if real else fw.meta
+    ui = _checks.check_seqused_k(fw, names, seqused_k, cu_qi, describe)
+    mods = _checks.check_score_mods(fw, names, softcap, sinks, alibi_slopes, qi,
+                                    cu_qi.shape[0] - 1, describe)
+    softcap = mods[0]
     num_splits = _checks.check_num_splits(names, num_splits)
     if real:
         # The op checks these again (it must, see _varlen_attn_op), but with varlen_attn's names;
         # here they speak the caller's. The offsets' values (a device round trip) only once.
         batch = _checks.check_launch(fw, names, cu_seqlens_q, cu_seqlens_k, qi, ki, vi, cu_qi,
                                      cu_ki, oi, max_seqlen_q, max_seqlen_k,
-                                     check_inputs and direct, seqused_k, ui, block_table, bi)
+                                     check_inputs and direct, seqused_k, ui, block_table, bi,
+                                     extra=(("sinks", mods[1]), ("alibi_slopes", mods[2])))
     if direct:
         plan = _api._plan_forward(qi, ki, vi, cu_qi, cu_ki, None, batch, scale, left, right, True,
-                                  None, None, (max_seqlen_q, max_seqlen_k, num_splits))
+                                  None, None, (max_seqlen_q, max_seqlen_k, num_splits), mods)
         if key is not None:
             _api._remember(_api._forward_plans, key[0], plan)
-        result, lse = _EagerVarlenAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                             max_seqlen_k, causal, deterministic, (plan, None))
+        result, lse = _EagerVarlenAttn.apply(q, k, v, sinks, alibi_slopes, cu_seqlens_q,
+                                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                             deterministic, (plan, None))
     else:
         if not compiling and _dispatch_modes():  # (Dynamo cannot trace the stack's length)
             _teach_active_flop_counters()
         result, lse = _varlen_attn_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, causal, scale, left, right, deterministic,
-                                      check_inputs, seqused_k, block_table, num_splits)
+                                      check_inputs, seqused_k, block_table, num_splits, softcap,
+                                      sinks, alibi_slopes)
     if out is not None:
         result = out.copy_(result)
     return (result, lse) if return_lse else result

@@ -3,11 +3,19 @@ ptxas advisories that silently cost speed; sources assemble from their #include 
 cache is keyed and stored soundly. No GPU needed: NVRTC compiles for any target.
 
 By default a representative spec of every kernel family x architecture x head-dim tile class
-compiles (about 40 of the 416; a compile takes seconds). ``CUPY_VARLEN_COMPILE_ALL=1`` compiles
-every spec the dispatcher can choose, as CI does."""
+compiles (about 40 of the 800 without score modifiers; a compile takes seconds), and one with
+every score modifier per kernel family x architecture. ``CUPY_VARLEN_COMPILE_ALL=1``, as CI runs
+it, compiles every spec the dispatcher can choose without modifiers, every one with all of them
+(the variant that holds the most live state), and each modifier alone on the representative set:
+1,678 specs on as many threads as there are cores (NVRTC releases the GIL). Specs with some but
+not all of the modifiers (most of the 4,512 with any) are left out: each modifier's code in them
+is the code compiled in the all-on and the single-modifier specs."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import functools
 import os
 import stat
 import uuid
@@ -19,6 +27,12 @@ from cupy_varlen import _build, _spec
 SPECS = _spec.all_fwd_specs()
 BWD_SPECS = _spec.all_bwd_specs()
 COMPILE_ALL = os.environ.get("CUPY_VARLEN_COMPILE_ALL", "") not in ("", "0")
+
+
+def with_mods(spec, names):
+    """``spec`` with the score modifiers ``names`` on (those its kind has)."""
+    kinds = _spec.FWD_MODS if isinstance(spec, _spec.FwdSpec) else _spec.BWD_MODS
+    return dataclasses.replace(spec, **{m: True for m in names if m in kinds})
 
 
 def _tile_class(spec) -> str:
@@ -44,7 +58,45 @@ def representative_specs(specs) -> list:
     return chosen
 
 
-COMPILED_SPECS = SPECS + BWD_SPECS if COMPILE_ALL else representative_specs(SPECS + BWD_SPECS)
+def _every_mod_spec():
+    """Every spec with all the modifiers on, as the dispatcher chooses them."""
+    return (_spec.all_fwd_specs(mods=(_spec.FWD_MODS,))
+            + _spec.all_bwd_specs(mods=(_spec.BWD_MODS,)))
+
+
+def modifier_specs(compile_all: bool) -> list:
+    """The modifier specs compiled: all-on for every spec and each modifier alone on the
+    representative set (compile_all), or all-on once per (kind, family, architecture)."""
+    if not compile_all:
+        groups = {}
+        for spec in _every_mod_spec():
+            groups.setdefault((type(spec).__name__, spec.kernel, spec.arch), []).append(spec)
+        return [members[(n * 5) % len(members)] for n, members in enumerate(groups.values())]
+    chosen = _every_mod_spec()
+    for spec in representative_specs(SPECS + BWD_SPECS):
+        for name in _spec.FWD_MODS:
+            single = with_mods(spec, (name,))
+            if single != spec and single not in chosen:
+                chosen.append(single)
+    return chosen
+
+
+COMPILED_SPECS = ((SPECS + BWD_SPECS if COMPILE_ALL else representative_specs(SPECS + BWD_SPECS))
+                  + modifier_specs(COMPILE_ALL))
+
+
+def _compile_fresh(spec):
+    # Straight through NVRTC with a unique trailing comment, so no cache on any level can answer
+    # (NVRTC 13.0 was seen returning an empty ptxas report for a source it had compiled before).
+    source = _build.assemble_source(spec) + f"\n// {uuid.uuid4()}\n"
+    return _build._nvrtc_compile(source, spec.options, "spill_check.cu")
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_in_parallel():
+    """With CUPY_VARLEN_COMPILE_ALL, every spec compiled up front on all cores: spec -> future."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+    return {spec: pool.submit(_compile_fresh, spec) for spec in COMPILED_SPECS}
 
 
 def test_representative_specs_cover_every_family_arch_and_variant():
@@ -59,12 +111,25 @@ def test_representative_specs_cover_every_family_arch_and_variant():
     assert len(chosen) <= 48, "the default compile budget (a few seconds a spec)"
 
 
+def test_modifier_specs_cover_every_modifier_family_and_arch():
+    for chosen in (modifier_specs(False), modifier_specs(True)):
+        for specs in (_every_mod_spec(),):
+            assert {(type(s), s.kernel, s.arch) for s in specs} <= {
+                (type(s), s.kernel, s.arch) for s in chosen}
+        for name in _spec.FWD_MODS:
+            assert any(getattr(s, name, False) for s in chosen), name
+    every = modifier_specs(True)
+    assert len(set(every)) == len(every) and set(_every_mod_spec()) <= set(every)
+    for name in _spec.FWD_MODS:  # each alone, on every representative spec that has it
+        alone = {s for s in every if sum(getattr(s, m, False) for m in _spec.FWD_MODS) == 1
+                 and getattr(s, name, False)}
+        assert len(alone) >= len(representative_specs(SPECS + BWD_SPECS)) // 2, name
+
+
 @pytest.mark.parametrize("spec", COMPILED_SPECS, ids=str)
 def test_specialization_compiles_without_spills(spec):
-    # Straight through NVRTC with a unique trailing comment, so no cache on any level can answer
-    # (NVRTC 13.0 was seen returning an empty ptxas report for a source it had compiled before).
-    source = _build.assemble_source(spec) + f"\n// {uuid.uuid4()}\n"
-    cubin, log = _build._nvrtc_compile(source, spec.options, "spill_check.cu")
+    cubin, log = (_compiled_in_parallel()[spec].result() if COMPILE_ALL
+                  else _compile_fresh(spec))
     assert cubin[:4] == b"\x7fELF"
     # ptxas' advisories that silently cost the sm90 kernel its speed: wgmma serialized (C7513,
     # C7514, ...) or setmaxnreg ignored (C7508).
@@ -88,7 +153,7 @@ def test_backward_dispatch_covers_every_head_dim_and_mode():
                 roles = set(spec.entry_points)
                 # Deterministic: the dQ kernel on the sm80 family, ordered additions on sm90.
                 dq_kernel = deterministic and spec.kernel != "sm90"
-                assert roles == {"main", "schedule", "preprocess",
+                assert roles == {"main", "schedule", "preprocess", "dsinks",
                                  "dq" if dq_kernel else "dq_convert"}
                 assert spec.defines["CV_DQ_ATOMIC"] == int(not dq_kernel)
                 assert spec.defines["CV_DQ_ORDERED"] == int(deterministic and not dq_kernel)
@@ -434,16 +499,19 @@ def test_sm90_params_packing_matches_the_kernel_struct():
     source = (_build.SOURCE_DIR / "fwd_sm90.cu").read_text()
     assert f"sizeof(Params) == {packer.size}" in source
     k_map, v_map = bytes(range(128)), bytes(range(128, 256))
-    blob = packer.pack(*range(1, 19), 19, 20, 21, 0.5, 0.25, -1, 7, 1, k_map, v_map)
+    blob = packer.pack(*range(1, 22), 22, 23, 24, 0.5, 0.25, 2.0, 4.0, -1, 7, 1, k_map, v_map)
     assert struct.unpack_from("<Q", blob, 0)[0] == 1  # q
-    assert struct.unpack_from("<Q", blob, 64)[0] == 9  # seqused_k, the last pointer
-    assert struct.unpack_from("<q", blob, 72)[0] == 10  # q_row_stride, after 9 pointers
-    assert struct.unpack_from("<3i", blob, 144) == (19, 20, 21)  # heads_per_kv, num_heads, head_dim
-    assert struct.unpack_from("<2f", blob, 156) == (0.5, 0.25)  # scale, scale_log2
-    assert struct.unpack_from("<2i", blob, 164) == (-1, 7)  # window
-    assert struct.unpack_from("<i", blob, 172)[0] == 1  # use_tma
-    # The maps are alignas(64): at 192 and 320, after the padding.
-    assert blob[192:320] == k_map and blob[320:448] == v_map
+    assert struct.unpack_from("<Q", blob, 64)[0] == 9  # seqused_k
+    assert struct.unpack_from("<2Q", blob, 72) == (10, 11)  # alibi_slopes, sinks: the last
+    assert struct.unpack_from("<q", blob, 88)[0] == 12  # q_row_stride, after 11 pointers
+    assert struct.unpack_from("<q", blob, 160)[0] == 21  # alibi_batch_stride
+    assert struct.unpack_from("<3i", blob, 168) == (22, 23, 24)  # heads_per_kv, num_heads, head_dim
+    # scale, scale_log2, softcap_in, softcap_out
+    assert struct.unpack_from("<4f", blob, 180) == (0.5, 0.25, 2.0, 4.0)
+    assert struct.unpack_from("<2i", blob, 196) == (-1, 7)  # window
+    assert struct.unpack_from("<i", blob, 204)[0] == 1  # use_tma
+    # The maps are alignas(64): at 256 and 384, after the padding.
+    assert blob[256:384] == k_map and blob[384:512] == v_map
 
 
 def test_param_buffers_hold_the_packed_bytes_per_thread():
@@ -466,9 +534,9 @@ def test_param_buffers_hold_the_packed_bytes_per_thread():
     assert args.kernel_params == 0
 
     maps = bytes(range(128)), bytes(range(128, 256))
-    sm90 = _launch._SM90_ARGS.pack(*range(1, 19), 1, 16, 64, 0.5, 0.25, -1, 0, 1, *maps)
-    assert sm90.buf.raw == _launch._SM90_PARAMS.pack(*range(1, 19), 1, 16, 64, 0.5, 0.25, -1, 0,
-                                                     1, *maps)
+    sm90_fields = (*range(1, 22), 1, 16, 64, 0.5, 0.25, 0.0, 0.0, -1, 0, 1, *maps)
+    sm90 = _launch._SM90_ARGS.pack(*sm90_fields)
+    assert sm90.buf.raw == _launch._SM90_PARAMS.pack(*sm90_fields)
     assert sm90.extra == 0
     assert (ctypes.c_void_p * 1).from_address(sm90.kernel_params)[0] == ctypes.addressof(sm90.buf)
 
@@ -517,9 +585,10 @@ def test_tensor_maps_only_for_addressable_tensors(monkeypatch):
 
 
 def test_backward_params_packing_matches_the_kernel_struct():
-    """The backward kernels share one by-value BwdParams struct: 17 pointers, 20 int64 (strides,
-    total_q and the dQ accumulator's size), 3 int32, 2 float, 4 int32, and the tensor maps of q and
-    dout from its 64-byte alignment on. Its size is static_asserted in the source."""
+    """The backward kernels share one by-value BwdParams struct: 22 pointers, 21 int64 (strides,
+    total_q, the dQ accumulator's size, the ALiBi slopes' batch stride), 3 int32, 4 float, 4 int32,
+    and the tensor maps of q and dout from its 64-byte alignment on. Its size is static_asserted in
+    the source."""
     import struct
 
     from cupy_varlen import _launch
@@ -528,18 +597,23 @@ def test_backward_params_packing_matches_the_kernel_struct():
     source = (_build.SOURCE_DIR / "bwd_common.cuh").read_text()
     assert f"sizeof(BwdParams) == {packer.size}" in source
     q_map, do_map = bytes(range(1, 129)), bytes(range(2, 130))
-    blob = packer.pack(*range(1, 38), 38, 39, 40, 0.5, 0.25, -1, 7, 5, 1, q_map, do_map)
+    blob = packer.pack(*range(1, 44), 44, 45, 46, 0.5, 0.25, 2.0, 4.0, -1, 7, 5, 1, q_map,
+                       do_map)
     assert struct.unpack_from("<Q", blob, 0)[0] == 1  # q
     assert struct.unpack_from("<Q", blob, 120)[0] == 16  # schedule_q
-    assert struct.unpack_from("<Q", blob, 128)[0] == 17  # dq_order, the last pointer
-    assert struct.unpack_from("<q", blob, 136)[0] == 18  # q_row_stride
-    assert struct.unpack_from("<q", blob, 280)[0] == 36  # total_q
-    assert struct.unpack_from("<q", blob, 288)[0] == 37  # dq_accum_floats
-    assert struct.unpack_from("<3i", blob, 296) == (38, 39, 40)  # heads, heads_per_kv, head_dim
-    assert struct.unpack_from("<2f", blob, 308) == (0.5, 0.25)  # scale, scale_log2
-    assert struct.unpack_from("<2i", blob, 316) == (-1, 7)  # window
-    assert struct.unpack_from("<2i", blob, 324) == (5, 1)  # batch, use_qdo_map
-    assert blob[384:512] == q_map and blob[512:640] == do_map  # alignas(64), after the padding
+    assert struct.unpack_from("<Q", blob, 128)[0] == 17  # dq_order
+    # alibi_slopes, sinks, dsinks, sink_partials, sink_tickets: the last pointers
+    assert struct.unpack_from("<5Q", blob, 136) == (18, 19, 20, 21, 22)
+    assert struct.unpack_from("<q", blob, 176)[0] == 23  # q_row_stride
+    assert struct.unpack_from("<q", blob, 320)[0] == 41  # total_q
+    assert struct.unpack_from("<q", blob, 328)[0] == 42  # dq_accum_floats
+    assert struct.unpack_from("<q", blob, 336)[0] == 43  # alibi_batch_stride
+    assert struct.unpack_from("<3i", blob, 344) == (44, 45, 46)  # heads, heads_per_kv, head_dim
+    # scale, scale_log2, softcap_in, softcap_out
+    assert struct.unpack_from("<4f", blob, 356) == (0.5, 0.25, 2.0, 4.0)
+    assert struct.unpack_from("<2i", blob, 372) == (-1, 7)  # window
+    assert struct.unpack_from("<2i", blob, 380) == (5, 1)  # batch, use_qdo_map
+    assert blob[448:576] == q_map and blob[576:704] == do_map  # alignas(64), after the padding
     # By-value structs with 64-byte aligned members go through kernelParams (see _ParamBuffer).
     assert _launch._BWD_ARGS.extra == 0 and _launch._BWD_ARGS.kernel_params != 0
 

@@ -264,13 +264,13 @@ class _ReferenceKernels:
         self.backward_calls = []
 
     def run_forward(self, names, q, k, v, cu_q, cu_k, max_q, max_k, scale, window, out,
-                    seqused_k=None, block_table=None, num_splits=None):
+                    seqused_k=None, block_table=None, num_splits=None, alibi_slopes=None):
         self.forward_calls.append(dict(q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k, max_q=max_q,
                                        max_k=max_k, out=out, window=window,
-                                       num_splits=num_splits))
+                                       num_splits=num_splits, alibi_slopes=alibi_slopes))
         ref, lse = varlen_attn_reference(q, k, v, cu_q, cu_k, scale=scale, window_size=window,
                                          return_lse=True, seqused_k=seqused_k,
-                                         block_table=block_table)
+                                         block_table=block_table, alibi_slopes=alibi_slopes)
         out.copy_(ref)
         return out, lse.float()
 
@@ -481,12 +481,40 @@ def test_unsupported_forward_calls_name_the_feature(kernels, change, feature):
     assert not kernels.forward_calls
 
 
+def test_varlen_alibi_is_served_for_inference_only(kernels):
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    q, k, v = (torch.randn(7, 2, 8, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+               for i in range(3))
+    slopes = torch.tensor([[0.5, 0.25], [0.125, 1.0]])
+    out, lse = _provider.flash_attention_forward(q, k, v, cu, cu, 4, 4, 0.0, True, False,
+                                                 alibi_slopes=slopes)[:2]
+    assert kernels.forward_calls[-1]["alibi_slopes"] is slopes
+    ref, ref_lse = varlen_attn_reference(q, k, v, cu, cu, causal=True, alibi_slopes=slopes,
+                                         return_lse=True)
+    assert torch.allclose(out.double(), ref, atol=2e-2) and torch.allclose(lse.double(), ref_lse)
+    plain = varlen_attn_reference(q, k, v, cu, cu, causal=True)
+    assert (ref - plain).abs().max() > 0.05  # the slopes took part
+    calls = len(kernels.forward_calls)
+    # aten's backward takes no slopes: a recorded call, float64 slopes or dense inputs are
+    # torch's.
+    with torch.enable_grad():
+        leaf = q.clone().requires_grad_()
+        with pytest.raises(_provider.Unsupported, match="alibi_slopes on inputs that require"):
+            _provider.flash_attention_forward(leaf, k, v, cu, cu, 4, 4, 0.0, True, False,
+                                              alibi_slopes=slopes)
+    with pytest.raises(_provider.Unsupported, match="float32 only"):
+        _provider.flash_attention_forward(q, k, v, cu, cu, 4, 4, 0.0, True, False,
+                                          alibi_slopes=slopes.double())
+    dense = torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16)
+    with pytest.raises(_provider.Unsupported, match="alibi_slopes with dense"):
+        _provider.flash_attention_forward(dense, dense, dense, None, None, 4, 4, 0.0, False,
+                                          False, alibi_slopes=slopes)
+    assert len(kernels.forward_calls) == calls
+
+
 def test_unsupported_varlen_arguments(kernels):
     cu = torch.tensor([0, 4], dtype=torch.int32)
     q = torch.zeros(4, 2, 8, dtype=torch.bfloat16)
-    with pytest.raises(_provider.Unsupported, match="alibi"):
-        _provider.flash_attention_forward(q, q, q, cu, cu, 4, 4, 0.0, False, False,
-                                          alibi_slopes=torch.zeros(2))
     dense = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16)
     with pytest.raises(_provider.Unsupported, match="dense"):
         _provider.flash_attention_forward(dense, dense, dense, None, None, 4, 4, 0.0, False,

@@ -86,17 +86,20 @@ def reference_kernels(monkeypatch):
     class ForwardPlan:
         device = -1
 
-        def __init__(self, qi, batch, scale, left, right, return_lse):
+        def __init__(self, qi, batch, scale, left, right, return_lse, softcap):
             self.shape, self.scale, self.left, self.right = qi.shape, scale, left, right
-            self.batch, self.return_lse = batch, return_lse
+            self.batch, self.return_lse, self.softcap = batch, return_lse, softcap
 
-        def run(self, fw, q, k, v, cu_q, cu_k, out, seqused_k, block_table, ptrs):
+        def run(self, fw, q, k, v, cu_q, cu_k, out, seqused_k, block_table, sinks, alibi, ptrs):
             window = (self.left, self.right)
             calls.append(dict(kind="forward", scale=self.scale, window=window,
-                              seqused_k=seqused_k, block_table=block_table))
+                              seqused_k=seqused_k, block_table=block_table,
+                              softcap=self.softcap, sinks=sinks, alibi_slopes=alibi))
             o, lse_ref = varlen_attn_reference(q, k, v, cu_q, cu_k, scale=self.scale,
                                                window_size=window, return_lse=True,
-                                               seqused_k=seqused_k, block_table=block_table)
+                                               seqused_k=seqused_k, block_table=block_table,
+                                               softcap=self.softcap, sinks=sinks,
+                                               alibi_slopes=alibi)
             result = fw.empty(self.shape, q) if out is None else out
             result.copy_(o)
             return (result, lse_ref.float()) if self.return_lse else result
@@ -104,23 +107,35 @@ def reference_kernels(monkeypatch):
     class BackwardPlan:
         device = -1
 
-        def __init__(self, scale, left, right, deterministic):
+        def __init__(self, scale, left, right, deterministic, softcap):
             self.scale, self.window, self.deterministic = scale, (left, right), deterministic
+            self.softcap = softcap
 
-        def run(self, fw, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, ptrs):
+        def run(self, fw, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, sinks, alibi, dsinks,
+                ptrs):
             calls.append(dict(kind="backward", dout=dout, deterministic=self.deterministic,
-                              scale=self.scale, window=self.window))
-            grads = _analytic_grads(dout, q, k, v, cu_q, cu_k, False, self.scale, self.window)
-            return tuple(g.to(x.dtype) if given is None else given.copy_(g)
-                         for g, given, x in zip(grads, (dq, dk, dv), (q, k, v)))
+                              scale=self.scale, window=self.window, softcap=self.softcap,
+                              sinks=sinks, alibi_slopes=alibi))
+            if self.softcap or sinks is not None or alibi is not None:
+                grads = _modified_grads(dout, q, k, v, cu_q, cu_k, self.scale, self.window,
+                                        self.softcap, sinks, alibi)
+            else:
+                grads = _analytic_grads(dout, q, k, v, cu_q, cu_k, False, self.scale,
+                                        self.window)
+            result = tuple(g.to(x.dtype) if given is None else given.copy_(g)
+                           for g, given, x in zip(grads, (dq, dk, dv), (q, k, v)))
+            if sinks is None:
+                return result
+            dsinks = grads[3].float() if dsinks is None else dsinks.copy_(grads[3])
+            return (*result, dsinks)
 
     def plan_forward(qi, ki, vi, cu_qi, cu_ki, oi, batch, scale, left, right, return_lse,
-                     ui=None, bi=None, sizes=(None, None, None)):
-        return ForwardPlan(qi, batch, scale, left, right, return_lse)
+                     ui=None, bi=None, sizes=(None, None, None), mods=(0.0, None, None)):
+        return ForwardPlan(qi, batch, scale, left, right, return_lse, mods[0])
 
     def plan_backward(doi, qi, ki, vi, oi, li, cu_qi, cu_ki, grads, batch, scale, left, right,
-                      deterministic):
-        return BackwardPlan(scale, left, right, deterministic)
+                      deterministic, mods=(0.0, None, None)):
+        return BackwardPlan(scale, left, right, deterministic, mods[0])
 
     monkeypatch.setattr(_checks, "check_devices", lambda names, named_infos: None)
     monkeypatch.setattr(_api, "_plan_forward", plan_forward)
@@ -128,6 +143,56 @@ def reference_kernels(monkeypatch):
     monkeypatch.setattr(_api, "_remember", lambda plans, key, plan: None)
     monkeypatch.setattr(_api, "_current_device", lambda: -1)
     return calls
+
+
+def _modified_grads(dout, q, k, v, cu_q, cu_k, scale, window, softcap, sinks, alibi):
+    """(dq, dk, dv, dsinks or None) in float64 from the closed forms the kernels use with score
+    modifiers (dS through the softcap's slope 1 - tanh^2, dsinks = -sum of P_sink * rowsum(dO * O)),
+    since an op's implementation has no autograd; test_score_modifiers_through_autograd checks
+    them against autograd through the reference."""
+    from cupy_varlen.reference import alibi_distance
+
+    q, k, v, dout = (x.to(torch.float64) for x in (q, k, v, dout))
+    heads = q.shape[1]
+    group, heads_kv = heads // k.shape[1], k.shape[1]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dsinks = None if sinks is None else torch.zeros(heads, dtype=torch.float64)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0:
+            continue
+        qs = q[q0:q1].transpose(0, 1)
+        ks = k[k0:k1].transpose(0, 1).repeat_interleave(group, 0)
+        vs = v[k0:k1].transpose(0, 1).repeat_interleave(group, 0)
+        dos = dout[q0:q1].transpose(0, 1)
+        s = qs @ ks.transpose(1, 2) * scale
+        slope = torch.ones_like(s)
+        if softcap:
+            t = torch.tanh(s / softcap)
+            s, slope = softcap * t, 1 - t * t
+        if alibi is not None:
+            rows = alibi if alibi.dim() == 1 else alibi[b]
+            s = s - rows.double().view(heads, 1, 1) * alibi_distance(q1 - q0, k1 - k0).double()
+        s = s.masked_fill(~allowed_keys_mask(q1 - q0, k1 - k0, False, window), -math.inf)
+        columns = s if sinks is None else torch.cat(
+            [s, sinks.double().view(heads, 1, 1).expand(heads, q1 - q0, 1)], -1)
+        lse = torch.logsumexp(columns, -1, keepdim=True)
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse))
+        delta = (dos * (p @ vs)).sum(-1, keepdim=True)
+        if sinks is not None:
+            p_sink = torch.exp(sinks.double().view(heads, 1, 1) - lse)
+            dsinks -= (p_sink * delta).sum((1, 2))
+        ds = p * (dos @ vs.transpose(1, 2) - delta) * slope
+        dq[q0:q1] = (ds @ ks * scale).transpose(0, 1)
+        n = k1 - k0
+        if n == 0:  # the sink alone: dsinks only
+            continue
+        dk[k0:k1] = (ds.transpose(1, 2) @ qs * scale).reshape(heads_kv, group, n, -1).sum(1) \
+            .transpose(0, 1)
+        dv[k0:k1] = (p.transpose(1, 2) @ dos).reshape(heads_kv, group, n, -1).sum(1) \
+            .transpose(0, 1)
+    return dq, dk, dv, dsinks
 
 
 def cpu_packed(q_lens=(5, 0, 9, 16), k_lens=(7, 3, 0, 16), heads=4, heads_kv=2, head_dim=16,
@@ -157,10 +222,16 @@ def test_fake_ops_on_fake_cuda_tensors():
         assert lse.shape == (8, 37) and lse.dtype == torch.float32 and lse.is_contiguous()
         assert out.device == q.device == lse.device
         dout = torch.empty(37, 2, 8, 64, dtype=torch.bfloat16, device="cuda").select(1, 0)
-        dq, dk, dv = BWD_OP(dout, q, k, v, out, lse, cu, cu, 20, 20, True, 0.125, -1, 0, True)
+        dq, dk, dv, dsinks = BWD_OP(dout, q, k, v, out, lse, cu, cu, 20, 20, True, 0.125, -1, 0,
+                                    True)
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape == (41, 2, 64)
         assert all(g.dtype == torch.bfloat16 and g.device == q.device and g.is_contiguous()
                    for g in (dq, dk, dv))
+        assert dsinks.shape == (0,) and dsinks.dtype == torch.float32  # no sinks: a placeholder
+        sinks = torch.empty(8, dtype=torch.float32, device="cuda")
+        dsinks = BWD_OP(dout, q, k, v, out, lse, cu, cu, 20, 20, True, 0.125, -1, 0, True, 30.0,
+                        sinks)[3]
+        assert dsinks.shape == (8,) and dsinks.dtype == torch.float32
         # The public entry points route fake tensors through the op.
         out2, lse2 = cupy_varlen.varlen_attn(q, k, v, cu, cu, 20, 20, causal=True,
                                              return_lse=True)
@@ -1277,3 +1348,99 @@ def test_opcheck_paged(reference_kernels, counts):
                                                 scale=0.25, seqused_k=used, block_table=table),
         backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Score modifiers through every autograd path (the kernels replaced by the reference; GPU runs of
+# the real kernels are in tests/test_score_mods.py).
+
+
+def _cpu_mods(heads=4, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sinks = torch.randn(heads, generator=g) + 1.0
+    slopes = torch.rand(batch, heads, generator=g) * 0.5
+    return sinks, slopes
+
+
+def test_score_modifiers_through_autograd(reference_kernels, call_path):
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=call_path != "eager")
+    sinks, slopes = _cpu_mods()
+    sinks.requires_grad_(call_path != "eager")
+    out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, causal=True, softcap=3.0,
+                                  sinks=sinks, alibi_slopes=slopes)
+    forward = [c for c in reference_kernels if c["kind"] == "forward"][-1]
+    assert forward["softcap"] == 3.0 and forward["sinks"] is not None
+    assert forward["alibi_slopes"] is slopes
+    expected = varlen_attn_reference(q.detach(), k.detach(), v.detach(), cu_q, cu_k, causal=True,
+                                     softcap=3.0, sinks=sinks.detach(), alibi_slopes=slopes)
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+    if call_path == "eager":
+        return
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, sinks), dout)
+    backward = [c for c in reference_kernels if c["kind"] == "backward"][-1]
+    assert backward["softcap"] == 3.0 and backward["alibi_slopes"] is not None
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, sinks)]
+    ref_out = varlen_attn_reference(*leaves[:3], cu_q, cu_k, causal=True, softcap=3.0,
+                                    sinks=leaves[3], alibi_slopes=slopes)
+    ref = torch.autograd.grad(ref_out, leaves, dout.double())
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got.double(), want, atol=5e-3, rtol=5e-3)
+    assert grads[3].dtype == torch.float32 and grads[3].shape == sinks.shape
+
+
+def test_sinks_alone_make_the_call_differentiable(reference_kernels):
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=False)
+    sinks = torch.nn.Parameter(_cpu_mods()[0])
+    out = cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, sinks=sinks)
+    assert out.requires_grad
+    (dsinks,) = torch.autograd.grad(out.float().square().sum(), (sinks,))
+    leaf = sinks.detach().double().requires_grad_()
+    ref = varlen_attn_reference(q, k, v, cu_q, cu_k, sinks=leaf)
+    (want,) = torch.autograd.grad(ref.square().sum(), (leaf,))
+    torch.testing.assert_close(dsinks.double(), want, atol=5e-3, rtol=5e-3)
+    with torch.no_grad():  # inference with a Parameter: no autograd, same result
+        torch.testing.assert_close(
+            cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, sinks=sinks), out.detach())
+
+
+def test_modifier_plans_are_keyed_by_them():
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=False)
+    sinks, slopes = _cpu_mods()
+    base = (q, k, v, cu_q, cu_k, None, 16, 16, True, None, (-1, -1), False, False, False)
+    keys = [_api._forward_key(*base)[0],
+            _api._forward_key(*base, None, None, None, 3.0)[0],
+            _api._forward_key(*base, None, None, None, 0.0, sinks)[0],
+            _api._forward_key(*base, None, None, None, 0.0, None, slopes)[0],
+            _api._forward_key(*base, None, None, None, 0.0, None, slopes[0])[0]]
+    assert len(set(keys)) == len(keys)
+    assert _api._forward_key(*base, None, None, None, 3)[0] == keys[1]  # an int cap keys as float
+    assert _api._forward_key(*base, None, None, None, True) is None  # checked path: TypeError
+
+
+def test_opcheck_score_modifiers(reference_kernels):
+    """Both ops with the modifiers: schema, fake tensors, dispatch and autograd registration; the
+    backward op's dsinks (an empty placeholder without sinks); torch.compile traces the call."""
+    q, k, v, cu_q, cu_k = cpu_packed(requires_grad=False)
+    sinks, slopes = _cpu_mods()
+    args = (q, k, v, cu_q, cu_k, 16, 16, True, 0.25, -1, 0, False, False, None, None, None, 3.0,
+            sinks, slopes)
+    torch.library.opcheck(FWD_OP, args)
+    out, lse = FWD_OP(*args)
+    dout = torch.randn_like(out)
+    bwd = (dout, q, k, v, out, lse, cu_q, cu_k, 16, 16, True, 0.25, -1, 0, False, 3.0, sinks,
+           slopes)
+    torch.library.opcheck(BWD_OP, bwd)
+    assert BWD_OP(*bwd)[3].shape == sinks.shape
+    assert BWD_OP(*bwd[:15])[3].shape == (0,)
+
+    leaf = sinks.clone().requires_grad_()
+    compiled = torch.compile(
+        lambda q, k, v, s: cupy_varlen.varlen_attn(q, k, v, cu_q, cu_k, 16, 16, causal=True,
+                                                   scale=0.25, softcap=3.0, sinks=s,
+                                                   alibi_slopes=slopes),
+        backend="eager", fullgraph=True)
+    got = compiled(q, k, v, leaf)
+    torch.testing.assert_close(got, out)
+    (dsinks,) = torch.autograd.grad(got, (leaf,), dout)
+    assert dsinks.shape == sinks.shape and torch.isfinite(dsinks).all()
