@@ -894,11 +894,7 @@ def main(argv=None):
     for path in bv.output_paths(out_path, RESULT_NAME):
         print(f"results written to {path}", flush=True)
     if args.plot:
-        try:
-            plot_results(payload, bv.output_paths(Path(out_path).with_suffix(".png"),
-                                                  "bench_mods.png"))
-        except Exception as exc:  # noqa: BLE001 - the numbers are saved already
-            print(f"plot failed: {exc!r}", flush=True)
+        bv.plot_beside(plot_results, payload, out_path, "bench_mods.png")
     if args.check and failed_checks(payload):
         raise SystemExit(3)
 

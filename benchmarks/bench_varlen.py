@@ -1124,6 +1124,15 @@ def plot_results(payload, png_paths):
     save_figure(fig, png_paths)
 
 
+def plot_beside(plot, payload, out_path, name) -> None:
+    """``plot(payload, png_paths)`` into a PNG beside the JSON at ``out_path`` (and $OUT/name): a
+    failed plot is reported, not raised, since the numbers are saved already."""
+    try:
+        plot(payload, output_paths(Path(out_path).with_suffix(".png"), name))
+    except Exception as exc:  # noqa: BLE001
+        print(f"plot failed: {exc!r}", flush=True)
+
+
 def save_figure(fig, png_paths) -> None:
     """Lays out, writes to every path (directories made) and closes a matplotlib figure."""
     import matplotlib.pyplot as plt
@@ -1304,10 +1313,7 @@ def main(argv=None):
     for path in output_paths(out_path, "bench.json"):
         print(f"results written to {path}", flush=True)
     if args.plot:
-        try:
-            plot_results(payload, output_paths(Path(out_path).with_suffix(".png"), "bench.png"))
-        except Exception as exc:  # noqa: BLE001 - the numbers are saved already
-            print(f"plot failed: {exc!r}", flush=True)
+        plot_beside(plot_results, payload, out_path, "bench.png")
 
 
 if __name__ == "__main__":
