@@ -115,6 +115,11 @@ _TILE_TABLES = {
     "sm_89": _TILES_SM86,
     "sm_90a": _TILES_SM90,
 }
+# The sm80 family with ALiBi where the table's tile spills at its 255 registers (sm_90a D128 with a
+# window, paged or with every modifier: 24-56 bytes under ptxas 12.9): QK^T's head-dim loop
+# unrolled by 2, not 4. Spill-free with ALiBi in every mask, layout and modifier set (checked on
+# the CPU, 2026-12-07). On Hopper this family runs the paged calls and CUPY_VARLEN_FWD_KERNEL=sm80.
+_FWD_ALIBI_TILES = {("sm_90a", 128): _T(128, 64, 4, 2, 2, qk_unroll=2)}
 # The sm90 family: 2 consumer warpgroups x 64 query rows; warps counts the producer warpgroup too.
 # block_n is bounded by S's registers (64 per thread at 128 keys) beside O's (head_dim / 2).
 _TILES_WGMMA = {
@@ -375,7 +380,9 @@ def choose_fwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
         table = _TILES_WGMMA_LONG if long_rows and tile in _TILES_WGMMA_LONG else _TILES_WGMMA
         tiles = tile_overrides.get(("sm90", tile)) or table[tile]
     else:
-        tiles = tile_overrides.get((arch, tile)) or _TILE_TABLES[arch][tile]
+        tiles = (tile_overrides.get((arch, tile))
+                 or (_FWD_ALIBI_TILES.get((arch, tile)) if alibi else None)
+                 or _TILE_TABLES[arch][tile])
     return FwdSpec(dtype, tile, tiles, windowed, arch, kernel, paged, **mods)
 
 
@@ -469,6 +476,14 @@ _BWD_TILES["sm_89"] = _BWD_TILES["sm_86"]
 # dK/dV warps 2x4 251 / 247 TFLOP/s (full / causal) against 233 / 224 for the table's 2x4 / 4x2;
 # it spills in deterministic mode and with ALiBi (16 bytes), hence not in the table.
 _BWD_ATOMIC_TILES = {("sm_90a", 128): _B(64, 128, 8, 2, 4, 2, 2, 64)}
+# With ALiBi (the distance and slope beside a register file already full at 255), where the
+# table's warp grid spills 4-16 bytes in the dK/dV kernel under ptxas 12.9: these grids compile
+# spill-free with it in every mode, mask and modifier set (checked on the CPU, 2026-12-07).
+_BWD_ALIBI_TILES = {
+    ("sm_80", 96): _B(64, 128, 8, 2, 4, 4, 4, 64),
+    ("sm_80", 256): _B(32, 64, 8, 2, 4, 2, 2, 32),
+    ("sm_90a", 256): _B(64, 64, 8, 2, 4, 4, 4, 32),
+}
 # The sm90 family (sm_90a only): 128 keys per CTA, 64 per consumer warpgroup; queries per step
 # bounded by S^T and dP^T (block_m / 2 registers each) beside dK and dV (head_dim / 2 each) in a
 # consumer's 240 registers. The warp-grid fields do not apply (0).
@@ -597,6 +612,7 @@ def choose_bwd_spec(dtype: str, head_dim: int, windowed: bool, arch: str,
                  or _BWD_TILES_WGMMA[tile])
     else:
         tiles = (bwd_tile_overrides.get((arch, tile))
+                 or (_BWD_ALIBI_TILES.get((arch, tile)) if alibi else None)
                  or (None if deterministic or alibi else _BWD_ATOMIC_TILES.get((arch, tile)))
                  or _BWD_TILES[arch][tile])
     return BwdSpec(dtype, tile, tiles, windowed, arch, deterministic, kernel, softcap, alibi)

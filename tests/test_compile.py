@@ -6,10 +6,11 @@ By default a representative spec of every kernel family x architecture x head-di
 compiles (about 40 of the 800 without score modifiers; a compile takes seconds), and one with
 every score modifier per kernel family x architecture. ``CUPY_VARLEN_COMPILE_ALL=1``, as CI runs
 it, compiles every spec the dispatcher can choose without modifiers, every one with all of them
-(the variant that holds the most live state), and each modifier alone on the representative set:
-1,678 specs on as many threads as there are cores (NVRTC releases the GIL). Specs with some but
-not all of the modifiers (most of the 4,512 with any) are left out: each modifier's code in them
-is the code compiled in the all-on and the single-modifier specs."""
+(the variant that holds the most live state), and each modifier alone on a representative set of
+the specs the dispatcher returns with it: 1,678 specs on as many threads as there are cores (NVRTC
+releases the GIL). Specs with some but not all of the modifiers (most of the 4,512 with any) are
+left out: each modifier's code in them is the code compiled in the all-on and the single-modifier
+specs."""
 
 from __future__ import annotations
 
@@ -27,12 +28,6 @@ from cupy_varlen import _build, _spec
 SPECS = _spec.all_fwd_specs()
 BWD_SPECS = _spec.all_bwd_specs()
 COMPILE_ALL = os.environ.get("CUPY_VARLEN_COMPILE_ALL", "") not in ("", "0")
-
-
-def with_mods(spec, names):
-    """``spec`` with the score modifiers ``names`` on (those its kind has)."""
-    kinds = _spec.FWD_MODS if isinstance(spec, _spec.FwdSpec) else _spec.BWD_MODS
-    return dataclasses.replace(spec, **{m: True for m in names if m in kinds})
 
 
 def _tile_class(spec) -> str:
@@ -64,19 +59,26 @@ def _every_mod_spec():
             + _spec.all_bwd_specs(mods=(_spec.BWD_MODS,)))
 
 
+def single_modifier_specs(name) -> list:
+    """The specs the dispatcher returns with the modifier ``name`` alone (its tiles may differ from
+    the same call's without it)."""
+    specs = _spec.all_fwd_specs(mods=((name,),))
+    return specs + (_spec.all_bwd_specs(mods=((name,),)) if name in _spec.BWD_MODS else [])
+
+
 def modifier_specs(compile_all: bool) -> list:
-    """The modifier specs compiled: all-on for every spec and each modifier alone on the
-    representative set (compile_all), or all-on once per (kind, family, architecture)."""
+    """The modifier specs compiled: all-on for every spec and each modifier alone on a
+    representative set of its own specs (compile_all), or all-on once per (kind, family,
+    architecture)."""
     if not compile_all:
         groups = {}
         for spec in _every_mod_spec():
             groups.setdefault((type(spec).__name__, spec.kernel, spec.arch), []).append(spec)
         return [members[(n * 5) % len(members)] for n, members in enumerate(groups.values())]
     chosen = _every_mod_spec()
-    for spec in representative_specs(SPECS + BWD_SPECS):
-        for name in _spec.FWD_MODS:
-            single = with_mods(spec, (name,))
-            if single != spec and single not in chosen:
+    for name in _spec.FWD_MODS:
+        for single in representative_specs(single_modifier_specs(name)):
+            if single not in chosen:
                 chosen.append(single)
     return chosen
 
@@ -127,10 +129,19 @@ def test_modifier_specs_cover_every_modifier_family_and_arch():
             assert any(getattr(s, name, False) for s in chosen), name
     every = modifier_specs(True)
     assert len(set(every)) == len(every) and set(_every_mod_spec()) <= set(every)
-    for name in _spec.FWD_MODS:  # each alone, on every representative spec that has it
-        alone = {s for s in every if sum(getattr(s, m, False) for m in _spec.FWD_MODS) == 1
-                 and getattr(s, name, False)}
-        assert len(alone) >= len(representative_specs(SPECS + BWD_SPECS)) // 2, name
+    for name in _spec.FWD_MODS:  # each alone, on every (kind, family, arch, tile class) it has
+        singles = single_modifier_specs(name)
+        mine = [s for s in every if s in singles]
+        assert {(type(s), s.kernel, s.arch, _tile_class(s)) for s in singles} == {
+            (type(s), s.kernel, s.arch, _tile_class(s)) for s in mine}, name
+
+
+def test_compiled_specs_are_ones_the_dispatcher_returns():
+    """A spec built by hand (a modifier switched on over another call's tiles) would check code
+    that never runs and miss the tiles that do."""
+    sets = _spec.mod_sets(_spec.FWD_MODS)
+    dispatched = set(_spec.all_fwd_specs(mods=sets)) | set(_spec.all_bwd_specs(mods=sets))
+    assert set(COMPILED_SPECS) <= dispatched
 
 
 @pytest.mark.parametrize("spec", COMPILED_SPECS, ids=str)
