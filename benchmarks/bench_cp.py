@@ -13,13 +13,17 @@ The batch: ``--tokens`` (256k) tokens of documents with lengths drawn uniformly 
 
 Timed, CUDA events around each call, medians over ``--runs`` after ``--warmup`` (each timed call
 preceded by a barrier, so a rank's time is the whole step's):
-  step        varlen_attn_cp forward + backward on every rank (the slowest rank's median counts);
-  comm        its collectives alone on the same sizes: the K/V all-gather and the gradient
-              reduce-scatter (share = comm / step: an upper bound on what is not overlapped, as
+  step        varlen_attn_cp forward + backward on every rank (the slowest rank's median counts),
+              once per ``--schemes`` entry (default both: "allgather" and "ring");
+  comm        the all-gather scheme's collectives alone on the same sizes: the K/V all-gather
+              and the gradient reduce-scatter (share = comm / step: what is not overlapped, as
               this scheme issues them before and after the attention);
+  ring hops   the ring scheme's point-to-point hops alone on the same sizes (world - 1 K/V hops
+              forward, as many again backward plus world hops of the dK/dV accumulator): what
+              the ring has to hide behind its attention steps;
   one_gpu     rank 0 alone: cupy_varlen.varlen_attn forward + backward on the whole batch (the
               other ranks wait at a barrier); skipped with ``--no-baseline``.
-Throughput ratio = one_gpu / step (2 GPUs: the bar is 1.8).
+Throughput ratio = one_gpu / step, per scheme (2 GPUs: the bar is 1.8).
 
 ``--smoke`` runs two CPU processes with gloo, a small batch in float64 and the float64 reference
 as the kernel: the harness end to end without a GPU (the test suite runs it). Results go to
@@ -44,6 +48,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+SCHEMES = ("allgather", "ring")  # cupy_varlen.distributed.SCHEMES, without importing torch
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,6 +64,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-GPU run")
+    ap.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES),
+                    help="varlen_attn_cp's K/V exchange schemes to time")
     ap.add_argument("--smoke", action="store_true",
                     help="2 CPU processes, gloo, a small float64 batch, the reference kernel")
     ap.add_argument("--out", type=Path)
@@ -111,7 +119,7 @@ def run(args):
     import torch
     import torch.distributed as dist
 
-    from cupy_varlen.distributed import _GatherTokens, shard_plan, varlen_attn_cp
+    from cupy_varlen.distributed import _GatherTokens, _pass_on, shard_plan, varlen_attn_cp
 
     cuda = not args.smoke
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -130,13 +138,16 @@ def run(args):
     q, dout = randn(plan.local_tokens, args.heads), randn(plan.local_tokens, args.heads)
     k, v = randn(plan.local_tokens, args.heads_kv), randn(plan.local_tokens, args.heads_kv)
     leaves = [x.requires_grad_() for x in (q, k, v)]
-    attn_fn = None
+    kernels = {}
     if args.smoke:
-        from cupy_varlen.reference import varlen_attn_reference as attn_fn
+        from cupy_varlen.reference import varlen_attn_backward_reference, varlen_attn_reference
+
+        kernels = dict(attn_fn=varlen_attn_reference,
+                       attn_backward_fn=varlen_attn_backward_reference)
     causal = not args.full
 
-    def step():
-        out = varlen_attn_cp(*leaves, cu, causal=causal, attn_fn=attn_fn)
+    def step(scheme):
+        out = varlen_attn_cp(*leaves, cu, causal=causal, scheme=scheme, **kernels)
         torch.autograd.grad(out, leaves, dout)
 
     kv = torch.cat([k, v], dim=1).detach().requires_grad_()
@@ -145,21 +156,40 @@ def run(args):
         gathered = _GatherTokens.apply(kv, plan, None)
         torch.autograd.grad(gathered, kv, torch.ones_like(gathered))
 
+    shard = torch.zeros((plan.max_local_tokens,) + tuple(kv.shape[1:]), device=device,
+                        dtype=dtype)
+    accumulator = shard.float()
+
+    def hops():
+        for tensor, count, tag in ((shard, 2 * (world - 1), 0), (accumulator, world, 1)):
+            for _ in range(count):
+                for request in _pass_on([tensor], plan, None, tag)[1]:
+                    request.wait()
+
     barrier = dist.barrier
-    step_ms = _median_time(step, args.runs, args.warmup, cuda, barrier)
-    comm_ms = _median_time(comm, args.runs, args.warmup, cuda, barrier)
-    mine = torch.tensor([step_ms, comm_ms], dtype=torch.float64, device=device)
+    times = [_median_time(lambda: step(s), args.runs, args.warmup, cuda, barrier)
+             for s in args.schemes]
+    times.append(_median_time(comm, args.runs, args.warmup, cuda, barrier))
+    times.append(_median_time(hops, args.runs, args.warmup, cuda, barrier) if world > 1 else 0.0)
+    mine = torch.tensor(times, dtype=torch.float64, device=device)
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     one_gpu_ms = None
     if not args.no_baseline and world > 1:
         if rank == 0:
-            one_gpu_ms = _one_gpu(args, cu, lengths, device, dtype, causal, attn_fn, cuda)
+            one_gpu_ms = _one_gpu(args, cu, lengths, device, dtype, causal,
+                                  kernels.get("attn_fn"), cuda)
         dist.barrier()
     if rank != 0:
         return None
-    steps = [float(t[0]) for t in every]
-    comms = [float(t[1]) for t in every]
+    per_rank = [[float(t[i]) for t in every] for i in range(len(times))]
+    schemes = {}
+    for scheme, steps in zip(args.schemes, per_rank):
+        schemes[scheme] = {"step_ms_per_rank": steps, "step_ms": max(steps),
+                           "throughput_ratio": None if one_gpu_ms is None
+                           else one_gpu_ms / max(steps)}
+    comms, ring_hops = per_rank[-2], per_rank[-1]
+    gather_step = schemes.get("allgather", next(iter(schemes.values())))["step_ms"]
     return {
         "benchmark": "bench_cp",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -170,12 +200,11 @@ def run(args):
                   "heads": args.heads, "heads_kv": args.heads_kv, "head_dim": args.head_dim,
                   "causal": causal, "dtype": str(dtype).replace("torch.", "")},
         "local_tokens": [shard_plan(cu, world, r).local_tokens for r in range(world)],
-        "step_ms_per_rank": steps,
+        "schemes": schemes,
         "comm_ms_per_rank": comms,
-        "step_ms": max(steps),
-        "comm_share": max(comms) / max(steps),
+        "comm_share": max(comms) / gather_step,
+        "ring_hops_ms_per_rank": ring_hops,
         "one_gpu_ms": one_gpu_ms,
-        "throughput_ratio": None if one_gpu_ms is None else one_gpu_ms / max(steps),
         "timing": "median of CUDA event pairs (CPU: perf_counter) per call, a barrier before each",
     }
 
@@ -222,9 +251,11 @@ def _write(result, args):
     Path(out).write_text(text)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_cp.json").write_text(text)
-    print(f"world {result['world']}: step {result['step_ms']:.3f} ms, comm share "
-          f"{result['comm_share']:.2f}, one GPU {result['one_gpu_ms']}, throughput ratio "
-          f"{result['throughput_ratio']}; wrote {out}")
+    steps = ", ".join(f"{name} step {r['step_ms']:.3f} ms (throughput ratio "
+                      f"{r['throughput_ratio']})" for name, r in result["schemes"].items())
+    print(f"world {result['world']}: {steps}; all-gather comm share {result['comm_share']:.2f}, "
+          f"ring hops {max(result['ring_hops_ms_per_rank']):.3f} ms, one GPU "
+          f"{result['one_gpu_ms']}; wrote {out}")
 
 
 def _worker(rank, world, init_file, argv):

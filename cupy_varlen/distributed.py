@@ -19,6 +19,11 @@ is autograd's: the kernel's gradients for the key prefixes are summed into the g
 those are summed over ranks back to the rank that owns each token (reduce-scatter with NCCL, an
 all-reduce with backends that lack it, such as gloo).
 
+The ring scheme (``scheme="ring"``) holds two K/V shards instead of the whole batch's: shards hop
+from rank to rank, each hop overlapped with the attention on the shard in hand, the partial
+outputs merged by lse; in the backward a float32 dK/dV accumulator hops with each shard and ends
+on its owner.
+
 The plan is made on the host from ``cu_seqlens`` given on the host (a list or a CPU tensor: data
 preparation knows the documents' lengths; a CUDA tensor would cost a device synchronization and
 is refused) and cached, so a training step with the same document lengths reuses it.
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["ShardPlan", "shard_plan", "varlen_attn_cp"]
+__all__ = ["SCHEMES", "ShardPlan", "shard_plan", "varlen_attn_cp"]
 
 
 @dataclass(frozen=True)
@@ -268,8 +273,184 @@ def _calls(plan, causal, window, device):
     return cached
 
 
+def _piece(chunk, p0, p1, causal, window):
+    """A chunk's queries against the keys [p0, p1) of its document (another chunk's): (q0, q1,
+    p0, p1, effective window), in document positions, narrowed to the queries that see any of
+    those keys and the keys any of them sees; None when none does. As in _key_span, the window
+    bottom-right aligned to the narrowed ranges allows each query what the true window allows;
+    a side that reaches past every key becomes -1, so that calls group by fewer windows."""
+    left, right = window
+    if causal:
+        right = 0
+    first, end, _ = _key_span(chunk, causal, window)
+    p0, p1 = max(p0, first), min(p1, end)
+    if p0 >= p1:
+        return None
+    q0 = chunk.start if right < 0 else max(chunk.start, p0 - right)
+    q1 = chunk.end if left < 0 else min(chunk.end, p1 + left)
+    if q0 >= q1:
+        return None
+    shift = p1 - q1
+    eff_left = -1 if left < 0 or left + shift >= p1 - p0 - 1 else left + shift
+    eff_right = -1 if right < 0 or right - shift >= q1 - q0 - 1 else right - shift
+    return q0, q1, p0, p1, (eff_left, eff_right)
+
+
+def _ring_calls(plan, src, causal, window, device):
+    """The varlen calls of this rank's chunks against rank ``src``'s K/V shard (rows in src's
+    local order). A document's query chunk meets up to two of src's chunks; each of them goes to
+    its own call (grouped by window and by which of the two), so no call holds a query twice."""
+    key = ("ring", src, causal, window, device)
+    cached = plan._device_cache.get(key)
+    if cached is not None:
+        return cached
+    theirs = shard_plan(plan.cu_seqlens, plan.world, src)
+    groups = {}
+    for i, chunk in enumerate(plan.chunks):
+        if chunk.end == chunk.start:
+            continue
+        for j in (2 * chunk.doc, 2 * chunk.doc + 1):
+            other = theirs.chunks[j]
+            piece = _piece(chunk, other.start, other.end, causal, window)
+            if piece is None:
+                continue
+            q0, q1, p0, p1, eff = piece
+            mine, at = plan.local_cu_seqlens[i] - chunk.start, theirs.local_cu_seqlens[j]
+            groups.setdefault((eff, j % 2), []).append(
+                (range(mine + q0, mine + q1), range(at + p0 - other.start, at + p1 - other.start)))
+    calls = [_make_call(eff, members, device) for (eff, _), members in groups.items()]
+    plan._device_cache[key] = calls
+    return calls
+
+
+def _make_call(eff, members, device):
+    """A _Call from its sequences' (query rows, key rows) ranges and their effective window."""
+    q_rows, k_rows, cu_q, cu_k = [], [], [0], [0]
+    for queries, keys in members:
+        q_rows.extend(queries)
+        k_rows.extend(keys)
+        cu_q.append(len(q_rows))
+        cu_k.append(len(k_rows))
+    longs = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    ints = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    # (-1, 0) is the causal mask: the kernels' causal form, not their windowed one.
+    is_causal = eff == (-1, 0)
+    return _Call(is_causal, (-1, -1) if is_causal else eff, longs(q_rows), longs(k_rows),
+                 ints(cu_q), ints(cu_k), max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                 max(b - a for a, b in zip(cu_k, cu_k[1:])))
+
+
+def _peer(group, rank):
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _pass_on(tensors, plan, group, tag):
+    """Sends ``tensors`` to the next rank of the ring and receives as many from the previous one,
+    asynchronously: (the received buffers, the requests to wait on). ``tag`` keeps two hops in
+    flight at once (K/V and the gradient accumulator) apart where the backend matches by tag."""
+    nxt = _peer(group, (plan.rank + 1) % plan.world)
+    prev = _peer(group, (plan.rank - 1) % plan.world)
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t, nxt, group, tag) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, prev, group, tag) for r in received]
+    return received, dist.batch_isend_irecv(ops)
+
+
+def _padded(x, rows):
+    pad = rows - x.shape[0]
+    return torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))]) if pad else x.contiguous()
+
+
+def _merge(out, lse, rows, part, part_lse):
+    """Folds one call's (out, lse) for local ``rows`` into the running (out, lse), float32 (float64
+    for float64 inputs)."""
+    old = lse[:, rows]
+    part_lse = part_lse.to(lse.dtype)
+    new = torch.logaddexp(old, part_lse)
+    finite = torch.isfinite(new)
+    keep = torch.where(finite, torch.exp(old - new), torch.zeros_like(new))
+    take = torch.where(finite, torch.exp(part_lse - new), torch.zeros_like(new))
+    out[rows] = out[rows] * keep.t().unsqueeze(-1) + part.to(out.dtype) * take.t().unsqueeze(-1)
+    lse[:, rows] = new
+
+
+class _RingAttention(torch.autograd.Function):
+    """The ring scheme: K/V shards pass around the ring, one hop per step, each hop overlapped
+    with the attention on the shard in hand; partial outputs merge by lse. The backward passes
+    the shards around again, with a float32 dK/dV accumulator that follows each shard and
+    reaches its owner after the last hop; each step's gradients come from the kernel's backward
+    on the final out and lse, which give every block its share of the whole row's softmax."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, group, causal, window, scale, attn_fn, backward_fn):
+        heads_kv = k.shape[1]
+        kv = _padded(torch.cat([k, v], dim=1), plan.max_local_tokens)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        out = q.new_zeros(q.shape, dtype=acc)
+        lse = q.new_full((q.shape[1], q.shape[0]), -float("inf"), dtype=acc)
+        for step in range(plan.world):
+            src = (plan.rank - step) % plan.world
+            hop = _pass_on([kv], plan, group, 0) if step < plan.world - 1 else None
+            for call in _ring_calls(plan, src, causal, window, q.device):
+                kv_call = kv.index_select(0, call.kv_rows)
+                part, part_lse = attn_fn(q.index_select(0, call.q_rows), kv_call[:, :heads_kv],
+                                         kv_call[:, heads_kv:], call.cu_q, call.cu_k, call.max_q,
+                                         call.max_k, causal=call.causal, scale=scale,
+                                         window_size=call.window, return_lse=True)
+                _merge(out, lse, call.q_rows, part.detach(), part_lse.detach())
+            if hop is not None:
+                (kv,), requests = hop
+                for request in requests:
+                    request.wait()
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.setup = (plan, group, causal, window, scale, backward_fn)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, group, causal, window, scale, backward_fn = ctx.setup
+        heads_kv = k.shape[1]
+        dout = dout.contiguous()
+        kv = _padded(torch.cat([k, v], dim=1), plan.max_local_tokens)
+        acc = lse.dtype
+        dq = q.new_zeros(q.shape, dtype=acc)
+        dkv = kv.new_zeros(kv.shape, dtype=acc)  # the accumulator of the shard in hand
+        for step in range(plan.world):
+            src = (plan.rank - step) % plan.world
+            hop = _pass_on([kv], plan, group, 0) if step < plan.world - 1 else None
+            for call in _ring_calls(plan, src, causal, window, q.device):
+                kv_call = kv.index_select(0, call.kv_rows)
+                rows = call.q_rows
+                dq_call, dk_call, dv_call = backward_fn(
+                    dout.index_select(0, rows), q.index_select(0, rows), kv_call[:, :heads_kv],
+                    kv_call[:, heads_kv:], out.index_select(0, rows), lse[:, rows].contiguous(),
+                    call.cu_q, call.cu_k, call.max_q, call.max_k, causal=call.causal,
+                    scale=scale, window_size=call.window)[:3]
+                dq.index_add_(0, rows, dq_call.to(acc))
+                dkv.index_add_(0, call.kv_rows, torch.cat([dk_call, dv_call], dim=1).to(acc))
+            # Every step ends with a hop of the accumulator, the last one home to its owner.
+            requests = []
+            if plan.world > 1:
+                (dkv,), requests = _pass_on([dkv], plan, group, 1)
+            if hop is not None:
+                (kv,), more = hop
+                requests = list(requests) + list(more)
+            for request in requests:
+                request.wait()
+        dkv = dkv[:k.shape[0]].to(k.dtype)
+        return (dq.to(q.dtype), dkv[:, :heads_kv], dkv[:, heads_kv:], None, None, None, None,
+                None, None, None)
+
+
+SCHEMES = ("allgather", "ring")
+
+
 def varlen_attn_cp(q, k, v, cu_seqlens, max_seqlen=None, *, group=None, causal=False,
-                   window_size=(-1, -1), scale=None, return_lse=False, attn_fn=None):
+                   window_size=(-1, -1), scale=None, return_lse=False, scheme="allgather",
+                   attn_fn=None, attn_backward_fn=None):
     """Attention over a packed batch sharded by :func:`shard_plan` across ``group``'s ranks.
 
     ``q`` (local tokens, H, D), ``k`` and ``v`` (local tokens, H_kv, D) are this rank's shards
@@ -284,9 +465,23 @@ def varlen_attn_cp(q, k, v, cu_seqlens, max_seqlen=None, *, group=None, causal=F
     the tests pass the float64 reference): it is called as ``attn_fn(q, k, v, cu_q, cu_k, max_q,
     max_k, causal=..., scale=scale, window_size=..., return_lse=return_lse)`` once per distinct
     effective window of this rank's chunks (once for causal or full attention).
+
+    ``scheme``: ``"allgather"`` (the default: one all-gather of K/V before the attention, one
+    reduce-scatter of dK/dV after the backward) or ``"ring"`` (K/V shards passed rank to rank,
+    each hop overlapped with the attention on the shard in hand, partial outputs merged by lse;
+    a shard's dK/dV accumulator travels the same ring back to its owner; memory for two shards
+    instead of the whole batch's K/V). The ring calls ``attn_fn`` per step and per window group
+    with ``return_lse=True``, and in the backward ``attn_backward_fn`` (default
+    :func:`cupy_varlen.varlen_attn_backward`) as ``attn_backward_fn(dout, q, k, v, out, lse,
+    cu_q, cu_k, max_q, max_k, causal=..., scale=scale, window_size=...)`` with the final out and
+    lse of the call's rows; the first three results are dq, dk, dv.
     """
+    if scheme not in SCHEMES:
+        raise ValueError(f"varlen_attn_cp: scheme must be one of {SCHEMES}, got {scheme!r}")
     if attn_fn is None:
         from . import varlen_attn as attn_fn
+    if attn_backward_fn is None:
+        from . import varlen_attn_backward as attn_backward_fn
     world = dist.get_world_size(group)
     plan = shard_plan(cu_seqlens, world, dist.get_rank(group))
     longest = max((b - a for a, b in zip(plan.cu_seqlens, plan.cu_seqlens[1:])), default=0)
@@ -304,6 +499,10 @@ def varlen_attn_cp(q, k, v, cu_seqlens, max_seqlen=None, *, group=None, causal=F
     window = tuple(int(w) for w in window_size)
     if len(window) != 2:
         raise ValueError(f"varlen_attn_cp: window_size must be (left, right), got {window_size}")
+    if scheme == "ring":
+        out, lse = _RingAttention.apply(q, k, v, plan, group, bool(causal), window, scale,
+                                        attn_fn, attn_backward_fn)
+        return (out, lse.float()) if return_lse else out
     # K and V travel as one tensor: one collective each way, in the same order on every rank;
     # each call then takes its key rows (K and V together) straight from the gathered buffer.
     kv = _GatherTokens.apply(torch.cat([k, v], dim=1), plan, group)

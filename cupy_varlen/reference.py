@@ -11,7 +11,8 @@ import numbers
 
 import torch
 
-__all__ = ["varlen_attn_reference", "allowed_keys_mask", "alibi_distance", "gather_paged_keys"]
+__all__ = ["varlen_attn_reference", "varlen_attn_backward_reference", "allowed_keys_mask",
+           "alibi_distance", "gather_paged_keys"]
 
 
 def _as_torch(x):
@@ -200,3 +201,44 @@ def varlen_attn_reference(
         out[q0:q1] = torch.matmul(probs, vs).transpose(0, 1)
         lse[:, q0:q1] = row_lse
     return (out, lse) if return_lse else out
+
+
+def varlen_attn_backward_reference(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                   max_seqlen_q=None, max_seqlen_k=None, *, causal: bool = False,
+                                   scale=None, window_size=(-1, -1),
+                                   compute_dtype=torch.float64):
+    """Reference of :func:`cupy_varlen.varlen_attn_backward` (no score modifiers): (dq, dk, dv)
+    in ``compute_dtype``, from the ``out`` and ``lse`` given, as the kernels take them, not from a
+    softmax recomputed here. With a forward's own out and lse that is autograd's gradient of
+    :func:`varlen_attn_reference`; with the out and lse of a whole row of which these keys are a
+    part (ring attention's blocks), it is the block's share of that row's gradient:
+    ``P = exp(scale q.k - lse)``, ``dS = P (dout V^T - rowsum(dout * out))``."""
+    dout, q, k, v, out, lse = (_as_torch(x).to(compute_dtype) for x in (dout, q, k, v, out, lse))
+    cu_q = _as_torch(cu_seqlens_q).tolist()
+    cu_k = _as_torch(cu_seqlens_k).tolist()
+    heads, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    group = heads // heads_kv
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        q_len, k_len = q1 - q0, k1 - k0
+        if q_len <= 0 or k_len <= 0:
+            continue
+        qs, dos, os_ = (x[q0:q1].transpose(0, 1) for x in (q, dout, out))  # (H, Lq, D)
+        ks = k[k0:k1].transpose(0, 1).repeat_interleave(group, dim=0)  # (H, Lk, D)
+        vs = v[k0:k1].transpose(0, 1).repeat_interleave(group, dim=0)
+        row_lse = lse[:, q0:q1].unsqueeze(-1)  # (H, Lq, 1)
+        allowed = allowed_keys_mask(q_len, k_len, causal, window_size, q.device)
+        probs = torch.exp(torch.matmul(qs, ks.transpose(1, 2)) * scale - row_lse)
+        # A row with lse -inf has no allowed key: P is 0 there, not exp(+inf).
+        probs = probs.masked_fill(~allowed | torch.isinf(row_lse), 0.0)
+        delta = (dos * os_).sum(-1, keepdim=True)
+        ds = probs * (torch.matmul(dos, vs.transpose(1, 2)) - delta)
+        dq[q0:q1] = (torch.matmul(ds, ks) * scale).transpose(0, 1)
+        dk_h = torch.matmul(ds.transpose(1, 2), qs) * scale  # (H, Lk, D)
+        dv_h = torch.matmul(probs.transpose(1, 2), dos)
+        dk[k0:k1] = dk_h.view(heads_kv, group, k_len, head_dim).sum(1).transpose(0, 1)
+        dv[k0:k1] = dv_h.view(heads_kv, group, k_len, v.shape[2]).sum(1).transpose(0, 1)
+    return dq, dk, dv

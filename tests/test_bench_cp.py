@@ -12,10 +12,12 @@ from conftest import REPOSITORY
 sys.path.insert(0, str(REPOSITORY / "benchmarks"))
 
 import bench_cp  # noqa: E402
+from cupy_varlen.distributed import SCHEMES  # noqa: E402
 
 
 def test_defaults_are_the_issue_batch():
     args = bench_cp.parse_args([])
+    assert tuple(args.schemes) == bench_cp.SCHEMES == SCHEMES
     assert (args.tokens, args.min_doc, args.max_doc) == (256 * 1024, 1024, 64 * 1024)
     assert (args.heads, args.heads_kv, args.head_dim, args.full) == (32, 8, 128, False)
 
@@ -40,6 +42,10 @@ def test_smoke_run_writes_every_field(tmp_path):
     result = json.loads(out.read_text())
     assert result["world"] == 2 and sum(result["local_tokens"]) == result["batch"]["tokens"]
     assert sum(result["batch"]["lengths"]) == result["batch"]["tokens"]
-    assert result["step_ms"] == max(result["step_ms_per_rank"]) > 0
+    assert set(result["schemes"]) == {"allgather", "ring"}
+    for scheme in result["schemes"].values():
+        assert scheme["step_ms"] == max(scheme["step_ms_per_rank"]) > 0
+        assert scheme["throughput_ratio"] == pytest.approx(result["one_gpu_ms"] /
+                                                           scheme["step_ms"])
     assert 0 < result["comm_share"] and result["one_gpu_ms"] > 0
-    assert result["throughput_ratio"] == pytest.approx(result["one_gpu_ms"] / result["step_ms"])
+    assert len(result["ring_hops_ms_per_rank"]) == 2 and min(result["ring_hops_ms_per_rank"]) > 0

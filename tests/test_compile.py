@@ -15,7 +15,6 @@ specs."""
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import functools
 import os
 import stat

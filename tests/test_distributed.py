@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import MIN_BOUND, make_packed, reference_grads, rel_error, requires_gpu
-from cupy_varlen.distributed import _key_span, shard_plan, varlen_attn_cp
-from cupy_varlen.reference import allowed_keys_mask, varlen_attn_reference
+from cupy_varlen.distributed import SCHEMES, _key_span, _piece, shard_plan, varlen_attn_cp
+from cupy_varlen.reference import (allowed_keys_mask, varlen_attn_backward_reference,
+                                   varlen_attn_reference)
 
 
 def offsets(lengths):
@@ -112,6 +113,37 @@ def test_any_batch_shards_and_windows_like_one_gpu(lengths, world, causal, left,
     assert sorted(seen) == list(range(cu[-1]))
 
 
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=4), st.integers(1, 4),
+       st.booleans(), st.integers(-1, 9), st.integers(-1, 9))
+def test_ring_pieces_allow_what_the_window_allows(lengths, world, causal, left, right):
+    """The ring's calls: a chunk's queries against another rank's chunk of the same document,
+    narrowed to [q0, q1) x [p0, p1) with the effective window, allow each query exactly what
+    one-GPU attention allows it; what the narrowing leaves out is not allowed (brute force)."""
+    cu = offsets(lengths)
+    plans = [shard_plan(cu, world, r) for r in range(world)]
+    for mine in plans:
+        for chunk in mine.chunks:
+            if chunk.end == chunk.start:
+                continue
+            full = allowed_keys_mask(chunk.doc_len, chunk.doc_len, causal, (left, right))
+            for theirs in plans:
+                for other in theirs.chunks[2 * chunk.doc:2 * chunk.doc + 2]:
+                    block = full[chunk.start:chunk.end, other.start:other.end]
+                    piece = _piece(chunk, other.start, other.end, causal, (left, right))
+                    if piece is None:
+                        assert not block.any()
+                        continue
+                    q0, q1, p0, p1, eff = piece
+                    assert all(w == -1 or w >= 0 for w in eff)  # -1 is the only "unbounded"
+                    got = allowed_keys_mask(q1 - q0, p1 - p0, False, eff)
+                    assert torch.equal(got, full[q0:q1, p0:p1])
+                    inside = torch.zeros_like(block)
+                    rows, cols = q0 - chunk.start, p0 - other.start
+                    inside[rows:rows + q1 - q0, cols:cols + p1 - p0] = True
+                    assert not (block & ~inside).any()
+
+
 # With processes: gloo on CPU, the float64 reference as the kernel.
 
 SCENARIOS = [
@@ -132,16 +164,16 @@ def _gloo_group(init_file, rank, world):
                             world_size=world)
 
 
-def _rank_main(rank, world, init_file, scenarios):
+def _rank_main(rank, world, init_file, scenarios, scheme):
     _gloo_group(init_file, rank, world)
     try:
         for lengths, heads, heads_kv, causal, window in scenarios:
-            _check_scenario(rank, world, lengths, heads, heads_kv, causal, window)
+            _check_scenario(rank, world, lengths, heads, heads_kv, causal, window, scheme)
     finally:
         dist.destroy_process_group()
 
 
-def _check_scenario(rank, world, lengths, heads, heads_kv, causal, window):
+def _check_scenario(rank, world, lengths, heads, heads_kv, causal, window, scheme):
     g = torch.Generator().manual_seed(len(lengths) * 100 + heads)  # the same batch on every rank
     cu = offsets(lengths)
     total, dim = cu[-1], 8
@@ -156,7 +188,8 @@ def _check_scenario(rank, world, lengths, heads, heads_kv, causal, window):
     plan = shard_plan(cu, world, rank)
     local = [plan.shard(x).requires_grad_() for x in (q, k, v)]
     out, lse = varlen_attn_cp(*local, cu, max(lengths), causal=causal, window_size=window,
-                              return_lse=True, attn_fn=varlen_attn_reference)
+                              return_lse=True, scheme=scheme, attn_fn=varlen_attn_reference,
+                              attn_backward_fn=varlen_attn_backward_reference)
     torch.testing.assert_close(out, plan.shard(expect.detach()))
     torch.testing.assert_close(lse, plan.shard(expect_lse.detach().t()).t().float())
     (out * plan.shard(dout)).sum().backward()
@@ -165,11 +198,12 @@ def _check_scenario(rank, world, lengths, heads, heads_kv, causal, window):
     torch.testing.assert_close(plan.unshard(out.detach()), expect.detach())
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("world", [2, 3])
-def test_cp_forward_and_backward_equal_one_process(world):
+def test_cp_forward_and_backward_equal_one_process(world, scheme):
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_rank_main, args=(world, init_file, SCENARIOS), nprocs=world, join=True)
+        mp.spawn(_rank_main, args=(world, init_file, SCENARIOS, scheme), nprocs=world, join=True)
 
 
 def test_cp_checks_its_shards():
@@ -183,6 +217,8 @@ def test_cp_checks_its_shards():
                 varlen_attn_cp(q, q, q, [0, 4], 3, attn_fn=varlen_attn_reference)
             with pytest.raises(ValueError, match="k and v must have one shape"):
                 varlen_attn_cp(q, q, q[:, :1], [0, 4], attn_fn=varlen_attn_reference)
+            with pytest.raises(ValueError, match="scheme must be one of"):
+                varlen_attn_cp(q, q, q, [0, 4], scheme="p2p", attn_fn=varlen_attn_reference)
         finally:
             dist.destroy_process_group()
 
@@ -192,8 +228,9 @@ def test_cp_checks_its_shards():
 
 
 @requires_gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (False, (96, 40))])
-def test_cp_of_one_rank_on_the_gpu(causal, window):
+def test_cp_of_one_rank_on_the_gpu(causal, window, scheme):
     import cupy_varlen
 
     lengths = [1000, 7, 0, 300, 2048]
@@ -207,7 +244,7 @@ def test_cp_of_one_rank_on_the_gpu(causal, window):
         try:
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
             out, lse = varlen_attn_cp(*leaves, cu.cpu(), causal=causal, window_size=window,
-                                      return_lse=True)
+                                      return_lse=True, scheme=scheme)
             grads = torch.autograd.grad(out, leaves, dout)
         finally:
             dist.destroy_process_group()

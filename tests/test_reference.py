@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cupy_varlen.reference import allowed_keys_mask, varlen_attn_reference
+from cupy_varlen.reference import (allowed_keys_mask, varlen_attn_backward_reference,
+                                   varlen_attn_reference)
 
 
 def packed(q_lens, k_lens, heads=4, heads_kv=None, head_dim=32, seed=0):
@@ -311,3 +313,41 @@ def test_modifier_arguments_are_checked(kwargs, error, match):
     q, k, v, cu_q, cu_k = packed([3, 2], [3, 2])
     with pytest.raises(error, match=match):
         varlen_attn_reference(q, k, v, cu_q, cu_k, **kwargs)
+
+
+@pytest.mark.parametrize("causal,window,heads_kv", [(False, (-1, -1), 4), (True, (-1, -1), 2),
+                                                    (False, (3, 5), 1), (True, (6, -1), 4)])
+def test_backward_reference_is_autograd_of_the_reference(causal, window, heads_kv):
+    """From the forward's own out and lse, the explicit backward is autograd's gradient of the
+    reference, Lq != Lk, an empty query sequence and rows with no allowed key included; from a
+    whole row's out and lse, the gradients of two halves of the keys sum to the whole's."""
+    g = torch.Generator().manual_seed(5)
+    cu_q = torch.tensor([0, 7, 7, 20], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 12, 25], dtype=torch.int32)
+    q = torch.randn(20, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(25, heads_kv, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(20, 4, 8, generator=g, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = varlen_attn_reference(*leaves, cu_q, cu_k, causal=causal, window_size=window,
+                                     return_lse=True)
+    expect = torch.autograd.grad(out, leaves, dout)
+    got = varlen_attn_backward_reference(dout, q, k, v, out.detach(), lse.detach(), cu_q, cu_k,
+                                         causal=causal, window_size=window)
+    for name, a, b in zip("qkv", got, expect):
+        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+    if causal or window != (-1, -1):
+        return
+    # Unmasked: each sequence's keys split in two blocks, each run with the whole row's out/lse.
+    cuts = ([(0, 4), (9, 10), (12, 18)], [(4, 9), (10, 12), (18, 25)])
+    dq_sum, dk_sum, dv_sum = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for spans in cuts:
+        rows = torch.cat([torch.arange(a, b) for a, b in spans])
+        cu_part = torch.tensor([0, *itertools.accumulate(b - a for a, b in spans)],
+                               dtype=torch.int32)
+        dq, dk, dv = varlen_attn_backward_reference(dout, q, k[rows], v[rows], out.detach(),
+                                                    lse.detach(), cu_q, cu_part)
+        dq_sum += dq
+        dk_sum.index_add_(0, rows, dk)
+        dv_sum.index_add_(0, rows, dv)
+    for name, a, b in zip("qkv", (dq_sum, dk_sum, dv_sum), expect):
+        torch.testing.assert_close(a, b, msg=lambda m: f"d{name} by blocks: {m}")
