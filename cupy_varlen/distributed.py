@@ -249,22 +249,13 @@ def _calls(plan, causal, window, device):
     gathered = plan.gathered_rows()
     calls, rows = [], []  # rows: every call's q_rows in order, kept on the host
     for eff, members in groups.items():
-        q_rows, k_rows, cu_q, cu_k = [], [], [0], [0]
+        ranges = []
         for i, first, end in members:
             chunk = plan.chunks[i]
-            q_rows.extend(range(plan.local_cu_seqlens[i], plan.local_cu_seqlens[i + 1]))
-            k_rows.extend(gathered[chunk.doc_start + first:chunk.doc_start + end])
-            cu_q.append(len(q_rows))
-            cu_k.append(len(k_rows))
-        longs = functools.partial(torch.tensor, dtype=torch.long, device=device)
-        ints = functools.partial(torch.tensor, dtype=torch.int32, device=device)
-        # (-1, 0) is the causal mask: the kernels' causal form, not their windowed one.
-        is_causal = eff == (-1, 0)
-        calls.append(_Call(is_causal, (-1, -1) if is_causal else eff, longs(q_rows),
-                           longs(k_rows), ints(cu_q), ints(cu_k),
-                           max(b - a for a, b in zip(cu_q, cu_q[1:])),
-                           max(b - a for a, b in zip(cu_k, cu_k[1:]))))
-        rows.extend(q_rows)
+            ranges.append((range(plan.local_cu_seqlens[i], plan.local_cu_seqlens[i + 1]),
+                           gathered[chunk.doc_start + first:chunk.doc_start + end]))
+            rows.extend(ranges[-1][0])
+        calls.append(_make_call(eff, ranges, device))
     # From the host list: reading the device copies back would synchronize with the device.
     inverse = torch.empty(len(rows), dtype=torch.long)
     inverse[torch.tensor(rows, dtype=torch.long)] = torch.arange(len(rows))
