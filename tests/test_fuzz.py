@@ -9,6 +9,10 @@
   varlen_attn's, lse); and the backward on the same kind of batches, both dQ modes, checked like
   every backward test (dq, dk, dv against float64 autograd, exact zeros where nothing attends,
   NaN-poisoned preallocated gradients, deterministic results bitwise equal to autograd's).
+- GPU, score modifiers: forward and backward on the same kind of batches (head dims 64 and 128)
+  with a drawn modifier set (softcap with large logits, sinks, ALiBi per head or per sequence,
+  all three), checked like test_score_mods' cases (the reference with the same modifiers, twice
+  the unmodified call's error at most, dead rows, dsinks).
 
 Budget: a fixed, derandomized number of examples (seconds on the H100). For a longer search set
 CUPY_VARLEN_FUZZ_EXAMPLES (e.g. 2000) and run ``pytest tests/test_fuzz.py``.
@@ -163,3 +167,43 @@ def test_backward_on_random_batches(case, dtype, kernel, packed_view, determinis
         check_backward(q, k, v, cu_seqlens(case["lens_q"]), cu_seqlens(case["lens_k"]),
                        causal=case["causal"], window_size=case["window"],
                        deterministic=deterministic, seed=seed)
+
+
+_MODIFIERS = st.sampled_from(["softcap", "sinks", "alibi", "alibi_per_seq", "all"])
+
+
+def _modified_inputs(case, dtype, kind, seed):
+    from test_score_mods import logit_scale, make_modifiers
+
+    q, k, v = _random_inputs(case, dtype, False, seed)
+    mods = make_modifiers(kind, case["heads"], len(case["lens_q"]), seed)
+    return q * logit_scale(kind), k, v, mods
+
+
+@requires_gpu
+@_budget(40)
+@given(_batches(head_dims=(64, 128)), st.sampled_from(["bf16", "fp16"]),
+       st.sampled_from(["sm80", "sm90"]), _MODIFIERS)
+def test_modified_forward_on_random_batches(case, dtype, kernel, kind):
+    from test_score_mods import check_modified_forward
+
+    q, k, v, mods = _modified_inputs(case, dtype, kind, sum(case["lens_q"]) * 41 + 3)
+    with _KernelFamily(kernel):
+        check_modified_forward(q, k, v, cu_seqlens(case["lens_q"]), cu_seqlens(case["lens_k"]),
+                               mods, causal=case["causal"], window_size=case["window"],
+                               material=False)
+
+
+@requires_gpu
+@_budget(20)
+@given(_batches(max_batch=4, head_dims=(64, 128)), st.sampled_from(["bf16", "fp16"]),
+       st.sampled_from(["sm80", "sm90"]), _MODIFIERS, st.booleans())
+def test_modified_backward_on_random_batches(case, dtype, kernel, kind, deterministic):
+    from test_score_mods import check_modified_backward
+
+    seed = sum(case["lens_k"]) * 43 + 5
+    q, k, v, mods = _modified_inputs(case, dtype, kind, seed)
+    with _KernelFamily(kernel):
+        check_modified_backward(q, k, v, cu_seqlens(case["lens_q"]), cu_seqlens(case["lens_k"]),
+                                mods, causal=case["causal"], window_size=case["window"],
+                                deterministic=deterministic, seed=seed, material=False)
