@@ -352,6 +352,12 @@ def _padded(x, rows):
     return torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))]) if pad else x.contiguous()
 
 
+def _call_kv(kv, call, heads_kv):
+    """(k, v) of one call: its key rows of a K/V buffer (K and V side by side in the heads)."""
+    rows = kv.index_select(0, call.kv_rows)
+    return rows[:, :heads_kv], rows[:, heads_kv:]
+
+
 def _merge(out, lse, rows, part, part_lse):
     """Folds one call's (out, lse) for local ``rows`` into the running (out, lse), float32 (float64
     for float64 inputs)."""
@@ -383,12 +389,11 @@ class _RingAttention(torch.autograd.Function):
             src = (plan.rank - step) % plan.world
             hop = _pass_on([kv], plan, group, 0) if step < plan.world - 1 else None
             for call in _ring_calls(plan, src, causal, window, q.device):
-                kv_call = kv.index_select(0, call.kv_rows)
-                part, part_lse = attn_fn(q.index_select(0, call.q_rows), kv_call[:, :heads_kv],
-                                         kv_call[:, heads_kv:], call.cu_q, call.cu_k, call.max_q,
-                                         call.max_k, causal=call.causal, scale=scale,
+                part, part_lse = attn_fn(q.index_select(0, call.q_rows),
+                                         *_call_kv(kv, call, heads_kv), call.cu_q, call.cu_k,
+                                         call.max_q, call.max_k, causal=call.causal, scale=scale,
                                          window_size=call.window, return_lse=True)
-                _merge(out, lse, call.q_rows, part.detach(), part_lse.detach())
+                _merge(out, lse, call.q_rows, part, part_lse)
             if hop is not None:
                 (kv,), requests = hop
                 for request in requests:
@@ -413,11 +418,10 @@ class _RingAttention(torch.autograd.Function):
             src = (plan.rank - step) % plan.world
             hop = _pass_on([kv], plan, group, 0) if step < plan.world - 1 else None
             for call in _ring_calls(plan, src, causal, window, q.device):
-                kv_call = kv.index_select(0, call.kv_rows)
                 rows = call.q_rows
                 dq_call, dk_call, dv_call = backward_fn(
-                    dout.index_select(0, rows), q.index_select(0, rows), kv_call[:, :heads_kv],
-                    kv_call[:, heads_kv:], out.index_select(0, rows), lse[:, rows].contiguous(),
+                    dout.index_select(0, rows), q.index_select(0, rows),
+                    *_call_kv(kv, call, heads_kv), out.index_select(0, rows), lse[:, rows],
                     call.cu_q, call.cu_k, call.max_q, call.max_k, causal=call.causal,
                     scale=scale, window_size=call.window)[:3]
                 dq.index_add_(0, rows, dq_call.to(acc))
@@ -506,11 +510,9 @@ def varlen_attn_cp(q, k, v, cu_seqlens, max_seqlen=None, *, group=None, causal=F
         return (out, q.new_empty((q.shape[1], 0), dtype=torch.float32)) if return_lse else out
     results = []
     for call in calls:
-        kv_call = kv.index_select(0, call.kv_rows)
-        results.append(attn_fn(q.index_select(0, call.q_rows), kv_call[:, :heads_kv],
-                               kv_call[:, heads_kv:], call.cu_q, call.cu_k, call.max_q,
-                               call.max_k, causal=call.causal, scale=scale,
-                               window_size=call.window, return_lse=return_lse))
+        results.append(attn_fn(q.index_select(0, call.q_rows), *_call_kv(kv, call, heads_kv),
+                               call.cu_q, call.cu_k, call.max_q, call.max_k, causal=call.causal,
+                               scale=scale, window_size=call.window, return_lse=return_lse))
     if not return_lse:
         return torch.cat(results).index_select(0, inverse)
     out = torch.cat([o for o, _ in results]).index_select(0, inverse)
